@@ -1,0 +1,221 @@
+"""Masked-diffusion training math: EOS tail padding, answer masking, and a loss that normalizes globally.
+
+Forward process (absorbing state, LLaDA §2.1 / MDLM): a clean token is replaced by the mask id with
+probability t; the model predicts the clean token at every masked position. Only answer tokens are ever
+masked: the prompt is the condition and stays clean (SFT, LLaDA §2.3).
+
+Two masking schemes, chosen by `scheme`:
+
+- "per_token" (Omni-Diffusion, the default): every answer position draws its own t ~ U(eps, 1) and is
+  masked with probability t; EOS-tail positions with probability `tail_factor * t`. The loss is the plain
+  mean cross-entropy over masked positions, with no 1/t weight.
+- "per_sequence" (LLaDA SFT): one t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps for every answer
+  position; the loss is sum(CE / p_mask) over masked positions divided by the sequence's answer length,
+  averaged over sequences.
+
+Normalizing across data-parallel ranks and gradient accumulation
+---------------------------------------------------------------
+A mean computed per micro-batch and per rank weighs a token in a short micro-batch more than one in a long
+one. Instead the loss functions here return a SUM and a COUNT, and the caller divides by the count summed
+over every micro-batch of the optimizer step on every rank. The count depends only on the masks, so it is
+known before any forward pass:
+
+    micro = [mask_answer_tokens(b.ids, b.answer_mask, b.tail_mask, gen, mask_id=vocab.mask_id) for b in batches]
+    weights = [loss_weights(m.is_masked, b.answer_mask, m.t, scheme=scheme) for m, b in zip(micro, batches)]
+    count = global_count(sum(rc.sum() for _, rc in weights))       # all-reduced over ranks (SUM)
+    for b, m, (w, rc) in zip(batches, micro, weights):
+        terms = masked_diffusion_loss(model(m.noisy_ids, b.segment_ids), b.ids, m.is_masked,
+                                      weights=w, row_count=rc)
+        (terms.loss_sum * world_size / count).backward()
+
+`* world_size` because DDP and FSDP2 AVERAGE gradients over ranks; with it, the summed gradient is exactly the
+gradient of (sum of every rank's loss_sum) / count, i.e. of the full global batch's loss
+(tests/unit/test_diffusion.py checks this with 2 micro-batches x 2 fake ranks).
+"""
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+Scheme = Literal["per_token", "per_sequence"]
+SCHEMES = ("per_token", "per_sequence")
+
+
+# ---- EOS tail padding (collate time, one sample, numpy) ----------------------------------------------------
+
+class TailPadded(NamedTuple):
+    ids: np.ndarray             # (L',) int64
+    answer_mask: np.ndarray     # (L',) bool: answer tokens, the new tail included
+    tail_mask: np.ndarray       # (L',) bool: the EOS tokens added here
+    segment_ids: np.ndarray | None  # (L',) int64, or None when none were given
+
+
+def append_eos_tail(ids: np.ndarray, answer_mask: np.ndarray, segment_ids: np.ndarray | None = None, *,
+                    eos_id: int, generator: np.random.Generator, max_tail: int = 16) -> TailPadded:
+    """Insert 1..max_tail EOS tokens after every answer span of ONE sample that does not already end in EOS.
+
+    Why: at inference the canvas is longer than the answer and the model must fill the rest with EOS, so it
+    must learn to emit EOS after an answer ("attenuated tail padding" of the reference Omni-Diffusion / Dream
+    SFT). The tail tokens are answer targets flagged in `tail_mask`, which `mask_answer_tokens` masks less
+    often (`tail_factor`), so a handful of easy EOS targets does not dominate the loss.
+
+    Runs in the data collator on a single un-padded sample (numpy in, numpy out, no per-token Python loop):
+    the tail is INSERTED, so the sample grows by the tail lengths; pad/truncate/pack after calling this.
+    `generator` is a numpy Generator owned by the collator (seeded per worker for reproducibility).
+
+    ids, answer_mask, segment_ids: (L,) arrays. An answer span is a maximal run of answer positions inside one
+    segment; the tail takes the span's segment id.
+    """
+    ids = np.asarray(ids, dtype=np.int64)
+    answer_mask = np.asarray(answer_mask, dtype=bool)
+    if ids.ndim != 1 or answer_mask.shape != ids.shape:
+        raise ValueError(f"append_eos_tail works on one sample: ids and answer_mask must be equal-length 1-D arrays, "
+                         f"got {ids.shape} and {answer_mask.shape} (call it per sample in the collator)")
+    if max_tail < 1:
+        raise ValueError(f"max_tail={max_tail} must be >= 1")
+    seg = None if segment_ids is None else np.asarray(segment_ids, dtype=np.int64)
+    if seg is not None and seg.shape != ids.shape:
+        raise ValueError(f"segment_ids shape {seg.shape} != ids shape {ids.shape}")
+
+    # Last position of each answer span: the next position is not an answer or lies in another segment.
+    next_answer = np.append(answer_mask[1:], False)
+    if seg is not None:
+        next_answer &= np.append(seg[1:] == seg[:-1], False)
+    span_end = answer_mask & ~next_answer & (ids != eos_id)
+
+    tail_len = np.zeros(ids.size, dtype=np.int64)
+    tail_len[span_end] = generator.integers(1, max_tail + 1, size=int(span_end.sum()))
+
+    # Every source position i becomes 1 + tail_len[i] output positions: itself, then its tail copies.
+    repeats = 1 + tail_len
+    src = np.repeat(np.arange(ids.size), repeats)                     # (L',) source position of each output
+    first_out = np.cumsum(repeats) - repeats                          # (L,) output index of each source token
+    is_tail = np.arange(src.size) - np.repeat(first_out, repeats) > 0  # (L',) copies after the first
+
+    out_ids = np.where(is_tail, eos_id, ids[src])
+    return TailPadded(out_ids, answer_mask[src], is_tail, None if seg is None else seg[src])
+
+
+# ---- forward process ----------------------------------------------------------------------------------------
+
+class Masked(NamedTuple):
+    noisy_ids: torch.Tensor   # (B, L) int64: ids with masked positions replaced by the mask id
+    is_masked: torch.Tensor   # (B, L) bool
+    t: torch.Tensor           # (B, L) float32: probability with which each position was masked (0 off-answer)
+
+
+def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    # Draw on the generator's device (torch requires it), then move: results do not depend on `device`.
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.rand(shape, generator=generator, device=gen_device).to(device)
+
+
+def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: torch.Tensor | None,
+                       generator: torch.Generator | None, *, mask_id: int, eps: float = 1e-3,
+                       tail_factor: float = 0.6, scheme: Scheme = "per_token") -> Masked:
+    """Mask answer tokens for one training step. Prompt (non-answer) positions are never masked.
+
+    ids, answer_mask, tail_mask: (B, L); tail_mask may be None (no EOS tail).
+    scheme="per_token": t ~ U(eps, 1) per answer position; masked when a second uniform < t, or
+        < tail_factor * t on EOS-tail positions (attenuated tail padding, as in the reference).
+        Expected masking rate (1 + eps) / 2 on answer tokens, tail_factor times that on the tail.
+    scheme="per_sequence": t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps on every answer position
+        (LLaDA SFT; the tail gets no discount).
+    Returns (noisy_ids, is_masked, t) with t the per-position masking probability, broadcast to (B, L), which
+    `loss_weights(scheme="per_sequence")` turns into the 1 / p_mask weight.
+    """
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown masking scheme {scheme!r}; expected one of {SCHEMES}")
+    if ids.shape != answer_mask.shape or (tail_mask is not None and tail_mask.shape != ids.shape):
+        raise ValueError(f"ids {tuple(ids.shape)}, answer_mask {tuple(answer_mask.shape)} and tail_mask "
+                         f"{None if tail_mask is None else tuple(tail_mask.shape)} must have the same (B, L) shape")
+    B, L = ids.shape
+    answer_mask = answer_mask.bool()
+    if scheme == "per_token":
+        t = eps + (1.0 - eps) * _uniform((B, L), generator, ids.device)
+        if tail_mask is not None:
+            t = torch.where(tail_mask.bool(), t * tail_factor, t)
+    else:
+        t_seq = _uniform((B, 1), generator, ids.device)
+        t = ((1.0 - eps) * t_seq + eps).expand(B, L)  # (B, L)
+    t = torch.where(answer_mask, t, torch.zeros_like(t))
+    is_masked = answer_mask & (_uniform((B, L), generator, ids.device) < t)
+    return Masked(torch.where(is_masked, torch.full_like(ids, mask_id), ids), is_masked, t)
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+
+class LossTerms(NamedTuple):
+    loss_sum: torch.Tensor            # () float32, differentiable: sum of (weighted) CE over masked positions
+    count: torch.Tensor               # () float32, no grad: this micro-batch's share of the normalizer
+    task_sum: torch.Tensor | None     # (num_tasks,) detached loss sums per task, for logging
+    task_count: torch.Tensor | None   # (num_tasks,) normalizer per task
+
+
+def loss_weights(is_masked: torch.Tensor, answer_mask: torch.Tensor, t: torch.Tensor, *,
+                 scheme: Scheme = "per_token") -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Per-position CE weights and per-row normalizer contributions of a scheme -> (weights (B, L) | None,
+    row_count (B,) float32).
+
+    per_token: no weight; each row contributes its number of masked positions (loss = mean CE over masked).
+    per_sequence: weight 1 / (p_mask * answer_length) and each row with an answer contributes 1, so
+        loss = mean over sequences of sum(CE / p_mask) / answer_length (LLaDA SFT).
+    row_count is known before the forward pass: sum it over micro-batches and ranks (`global_count`)."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown loss scheme {scheme!r}; expected one of {SCHEMES}")
+    if scheme == "per_token":
+        return None, is_masked.sum(1).float()
+    answer_mask = answer_mask.bool()
+    answer_len = answer_mask.sum(1, keepdim=True).float()  # (B, 1)
+    denom = (t * answer_len).clamp(min=torch.finfo(torch.float32).tiny)
+    weights = torch.where(answer_mask, 1.0 / denom, torch.zeros_like(denom))
+    return weights, (answer_len.squeeze(1) > 0).float()
+
+
+def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, is_masked: torch.Tensor, *,
+                          weights: torch.Tensor | None = None, row_count: torch.Tensor | None = None,
+                          task_ids: torch.Tensor | None = None, num_tasks: int = 0) -> LossTerms:
+    """Cross-entropy SUMMED over masked positions, plus the normalizer count: divide by a global count.
+
+    logits: (B, L, V) aligned (position i predicts token i); targets: (B, L) clean ids; is_masked: (B, L).
+    weights: optional (B, L) per-position multipliers (see `loss_weights`).
+    row_count: (B,) normalizer contribution per row; default the number of masked positions of each row.
+    task_ids: optional (B,) int task index per row -> per-task detached sums and counts in [0, num_tasks).
+    CE is computed in float32 on the masked positions only (a (N_masked, V) slice, not (B, L, V)).
+    """
+    if logits.shape[:2] != targets.shape or is_masked.shape != targets.shape:
+        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and is_masked "
+                         f"{tuple(is_masked.shape)} disagree on (B, L)")
+    rows, cols = is_masked.nonzero(as_tuple=True)
+    ce = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")  # (N_masked,)
+    if weights is not None:
+        ce = ce * weights[rows, cols].float()
+    if row_count is None:
+        row_count = is_masked.sum(1).float()
+    row_count = row_count.detach().float()
+
+    task_sum = task_count = None
+    if task_ids is not None:
+        if num_tasks <= 0:
+            raise ValueError("masked_diffusion_loss: task_ids given but num_tasks <= 0; pass the number of tasks")
+        B = targets.shape[0]
+        row_loss = torch.zeros(B, device=ce.device).index_add_(0, rows, ce.detach())  # (B,)
+        task_ids = task_ids.to(ce.device).long()
+        task_sum = torch.zeros(num_tasks, device=ce.device).index_add_(0, task_ids, row_loss)
+        task_count = torch.zeros(num_tasks, device=ce.device).index_add_(0, task_ids, row_count.to(ce.device))
+    return LossTerms(ce.sum(), row_count.sum(), task_sum, task_count)
+
+
+def global_count(count: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `count` over the ranks of `group` when torch.distributed is initialized, clamped to >= 1.
+
+    Call it with the count of ALL micro-batches of the optimizer step (before any backward), on every rank:
+    it is a collective. The clamp keeps a step with no masked token at loss 0 instead of NaN."""
+    total = count.detach().float().clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+    return total.clamp(min=1.0)

@@ -1,0 +1,153 @@
+"""Conversations -> token ids + answer mask, and the named task templates.
+
+One layout for training samples, sampling prompts and evaluation, so a prompt at inference time is token for
+token what the model saw as the prompt part of a training sample:
+
+    <im_start><role> content... <im_end>        for each turn (system, user, assistant ...)
+
+Content is text with media placeholders (`<|image|>`, `<|audio|>`, as in the Omni-Diffusion messages JSONL)
+filled in order from the sample's media lists; an image becomes `<boi> codes <eoi>`, audio `<boa> codes <eoa>`.
+The answer is the content of assistant turns plus their closing `<im_end>`: those are the only positions the
+diffusion objective may mask. `<im_start><assistant>` itself stays in the prompt, so the model is told which
+turn it writes.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+
+from model.tokenizers.base import BadInput, TextTokenizer
+from model.vocab import Modality, Vocab
+
+IMAGE_PLACEHOLDER = "<|image|>"
+AUDIO_PLACEHOLDER = "<|audio|>"
+_PLACEHOLDER_RE = re.compile(r"(<\|image\|>|<\|audio\|>)")
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Encoded:
+    input_ids: np.ndarray    # (L,) int32
+    answer_mask: np.ndarray  # (L,) bool: positions the model learns to generate
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+def count_placeholders(messages: Sequence[dict]) -> tuple[int, int]:
+    n_img = sum(m.get("content", "").count(IMAGE_PLACEHOLDER) for m in messages)
+    n_aud = sum(m.get("content", "").count(AUDIO_PLACEHOLDER) for m in messages)
+    return n_img, n_aud
+
+
+def _content_ids(content: str, images: list[np.ndarray], audios: list[np.ndarray], vocab: Vocab,
+                 text_tok: TextTokenizer) -> list[int]:
+    """Text with placeholders -> ids; consumes `images`/`audios` from the front (they are lists of codes)."""
+    out: list[int] = []
+    for piece in _PLACEHOLDER_RE.split(content):
+        if piece == IMAGE_PLACEHOLDER:
+            out += [vocab.boi_id, *vocab.image_ids(images.pop(0)).tolist(), vocab.eoi_id]
+        elif piece == AUDIO_PLACEHOLDER:
+            out += [vocab.boa_id, *vocab.audio_ids(audios.pop(0)).tolist(), vocab.eoa_id]
+        elif piece:
+            out += text_tok.encode(piece)
+    return out
+
+
+def encode_messages(messages: Sequence[dict], vocab: Vocab, text_tok: TextTokenizer, *,
+                    images: Sequence[np.ndarray] = (), audios: Sequence[np.ndarray] = (),
+                    add_generation_prompt: bool = False) -> Encoded:
+    """Encode a chat. `images[i]` are image codes (N,), `audios[i]` speech codes (n_q, T), matched in order
+    to the placeholders. With `add_generation_prompt`, `<im_start><assistant>` is appended (for sampling)."""
+    n_img, n_aud = count_placeholders(messages)
+    if n_img != len(images) or n_aud != len(audios):
+        raise BadInput("placeholder_mismatch",
+                       f"{n_img} {IMAGE_PLACEHOLDER} / {n_aud} {AUDIO_PLACEHOLDER} placeholders but "
+                       f"{len(images)} images / {len(audios)} audios")
+    imgs, auds = list(images), list(audios)
+    ids: list[int] = []
+    answer: list[bool] = []
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise BadInput("bad_role", f"message {i} has role {role!r}; expected one of {ROLES}")
+        if not isinstance(content, str):
+            raise BadInput("bad_content", f"message {i} content must be a string, got {type(content).__name__}")
+        body = _content_ids(content, imgs, auds, vocab, text_tok) + [vocab.im_end_id]
+        head = [vocab.im_start_id, vocab.role_id(role)]
+        ids += head + body
+        answer += [False] * len(head) + [role == "assistant"] * len(body)
+    if add_generation_prompt:
+        ids += [vocab.im_start_id, vocab.role_id("assistant")]
+        answer += [False, False]
+    return Encoded(np.asarray(ids, dtype=np.int32), np.asarray(answer, dtype=bool))
+
+
+# ---- task templates ----------------------------------------------------------------------------------------
+
+TaskName = Literal["t2i", "i2t", "vqa", "asr", "tts", "s2i", "svqa", "text"]
+
+
+@dataclass
+class TaskTemplate:
+    """How a task's user turn reads and what the answer is. `user` may use {text} and the placeholders."""
+    user: str
+    answer: Literal["text", "image", "audio"]
+    system: str = ""
+
+
+@dataclass
+class TaskTemplates:
+    """Prompt wording per task; configurable in job configs as `templates.<task>.user=...`."""
+    t2i: TaskTemplate = field(default_factory=lambda: TaskTemplate("Generate an image of {text}.", "image"))
+    i2t: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{IMAGE_PLACEHOLDER}\nDescribe the image.", "text"))
+    vqa: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{IMAGE_PLACEHOLDER}\n{{text}}", "text"))
+    asr: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{AUDIO_PLACEHOLDER}\nTranscribe the speech.", "text"))
+    tts: TaskTemplate = field(default_factory=lambda: TaskTemplate("Read this aloud: {text}", "audio"))
+    s2i: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{AUDIO_PLACEHOLDER}\nGenerate an image of what is said.", "image"))
+    svqa: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{IMAGE_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}", "text"))
+    text: TaskTemplate = field(default_factory=lambda: TaskTemplate("{text}", "text"))
+
+    def get(self, task: str) -> TaskTemplate:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+        return getattr(self, task)
+
+
+TASKS: tuple[str, ...] = ("t2i", "i2t", "vqa", "asr", "tts", "s2i", "svqa", "text")
+ANSWER_MODALITY = {"text": Modality.TEXT, "image": Modality.IMAGE, "audio": Modality.AUDIO}
+
+
+def task_messages(template: TaskTemplate, *, text: str = "", answer: str | None = None) -> list[dict]:
+    """Messages for one task instance; `answer` (text, or a placeholder for media answers) is omitted when
+    building a generation prompt."""
+    msgs = []
+    if template.system:
+        msgs.append({"role": "system", "content": template.system})
+    msgs.append({"role": "user", "content": template.user.replace("{text}", text)})
+    if answer is not None:
+        msgs.append({"role": "assistant", "content": answer})
+    return msgs
+
+
+def infer_task(messages: Sequence[dict]) -> str:
+    """Name the task of a messages sample from what the prompt holds and what the last answer is (used when
+    a messages JSONL line carries no explicit "task")."""
+    prompt = " ".join(m.get("content", "") for m in messages if m.get("role") != "assistant")
+    answers = [m.get("content", "") for m in messages if m.get("role") == "assistant"]
+    last = answers[-1] if answers else ""
+    has_img, has_aud = IMAGE_PLACEHOLDER in prompt, AUDIO_PLACEHOLDER in prompt
+    if IMAGE_PLACEHOLDER in last:
+        return "s2i" if has_aud else "t2i"
+    if AUDIO_PLACEHOLDER in last:
+        return "tts"
+    if has_img and has_aud:
+        return "svqa"
+    if has_img:
+        return "i2t"
+    if has_aud:
+        return "asr"
+    return "text"

@@ -1,0 +1,303 @@
+"""Reverse process: fill a fully masked canvas after the prompt in `steps` model calls (LLaDA / Dream sampler).
+
+One batched function, `generate`, whose keyword arguments are its configuration, and a few small helpers
+(the unmask schedule, confidence scores, adaptive output lengths). No per-row Python loop: every row of a batch
+shares the canvas layout, so each step unmasks the same number of positions per row.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from model.vocab import Modality, Vocab
+
+Alg = Literal["entropy", "maskgit_plus", "topk_margin", "random"]
+ALGS = ("entropy", "maskgit_plus", "topk_margin", "random")
+
+
+# ---- schedule and lengths -----------------------------------------------------------------------------------
+
+def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
+    """Linear schedule: how many masked positions to unmask at each step so all are filled after `steps`.
+
+    mask_count: (B,) int masked positions per row -> (B, steps) int64; base = n // steps per step, the
+    remainder n % steps spread one each over the first steps (LLaDA's schedule). Rows sum to mask_count."""
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be >= 1")
+    mask_count = mask_count.long()
+    base = mask_count // steps
+    rem = mask_count % steps
+    extra = torch.arange(steps, device=mask_count.device)[None, :] < rem[:, None]  # (B, steps)
+    return base[:, None] + extra.long()
+
+
+def asr_length(n_speech_tokens: int, ratio: float = 0.2, multiple: int = 1) -> int:
+    """Canvas length for a transcript of `n_speech_tokens` speech ids (text is ~5x shorter than EnCodec ids),
+    rounded up to `multiple` (e.g. the block length)."""
+    return _round_up(max(1, math.ceil(n_speech_tokens * ratio)), multiple)
+
+
+def tts_length(n_text_tokens: int, ratio: float = 3.5, multiple: int = 1) -> int:
+    """Canvas length for speech from `n_text_tokens` text ids, rounded up to `multiple` (use n_q so the canvas
+    holds whole frames, or the block length)."""
+    return _round_up(max(1, math.ceil(n_text_tokens * ratio)), multiple)
+
+
+def default_steps(length: int, tokens_per_step: int = 2) -> int:
+    """Steps for a canvas of `length`: `length // 2` by default (two tokens per model call)."""
+    return max(1, length // tokens_per_step)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    if multiple < 1:
+        raise ValueError(f"multiple={multiple} must be >= 1")
+    return -(-n // multiple) * multiple
+
+
+# ---- per-step pieces ----------------------------------------------------------------------------------------
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter on the last dim: keep the smallest set of ids whose probability reaches top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p   # mass BEFORE this id already reaches top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def confidence(probs: torch.Tensor, x0: torch.Tensor, alg: Alg,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Confidence of each position's prediction (higher = unmask earlier). probs (B, N, V), x0 (B, N) -> (B, N).
+
+    entropy: negative entropy sum p log p (<= 0); maskgit_plus: probability of the chosen token;
+    topk_margin: top-1 minus top-2 probability; random: uniform noise (ignores the model)."""
+    if alg == "entropy":
+        return torch.special.xlogy(probs, probs).sum(-1)  # xlogy: 0 * log 0 = 0 where an id is forbidden
+    if alg == "maskgit_plus":
+        return probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    if alg == "topk_margin":
+        top2 = probs.topk(2, dim=-1).values  # (B, N, 2)
+        return top2[..., 0] - top2[..., 1]
+    if alg == "random":
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.rand(x0.shape, generator=generator, device=gen_device).to(probs.device)
+    raise ValueError(f"unknown confidence alg {alg!r}; expected one of {ALGS}")
+
+
+def position_penalty_factor(is_masked: torch.Tensor, penalty: float, start: int = 100) -> torch.Tensor:
+    """Raster-order bias for image canvases (reference Omni-Diffusion `max_position_penalty`).
+
+    is_masked: (B, G) masked positions of the whole canvas -> (B, G) factor >= 1 (for penalty >= 1): 1 for the
+    first `start` masked positions of each row, then rising linearly towards `penalty` over the remaining
+    masked positions, so positions far down the canvas wait until earlier ones are filled."""
+    rank = is_masked.long().cumsum(1) - 1                          # (B, G) index among the row's masked positions
+    n = is_masked.sum(1, keepdim=True)                             # (B, 1)
+    ramp = (rank - start).clamp(min=0).float() / (n - start).clamp(min=1).float()
+    return 1.0 + (penalty - 1.0) * ramp
+
+
+# ---- the sampler --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    *,
+    vocab: Vocab,
+    gen_length: int,
+    steps: int,
+    block_length: int | None = None,
+    alg: Alg = "entropy",
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    cfg_scale: float = 0.0,
+    uncond_prompt_ids: torch.Tensor | None = None,
+    uncond_prompt_mask: torch.Tensor | None = None,
+    position_penalty: float = 1.0,
+    penalty_start: int = 100,
+    pre_infill: Sequence[tuple[int, float]] | None = None,
+    repetition_penalty: float = 1.0,
+    modality: Modality | torch.Tensor | None = None,
+    prompt_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_history: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """Generate `gen_length` tokens after each prompt by iterative unmasking; returns the canvas (B, gen_length).
+
+    model: called as `model(input_ids (B, L), segment_ids (B, L) | None) -> logits (B, L, V)`, aligned (position i
+        predicts token i). Segment 0 marks padding; the prompt and canvas of a row are segment 1.
+    prompt_ids: (B, P) int64 prompts, LEFT-padded when their lengths differ (the canvas then starts at column P
+        for every row).
+    vocab: the vocabulary; supplies the mask id and the modality id ranges. Ids >= vocab.size (embedding
+        padding rows) and the mask id are never emitted.
+    gen_length: canvas length G; it starts as G mask tokens.
+    steps: model calls in total; every step unmasks `num_transfer_tokens(masked, steps_per_block)` positions so
+        the canvas is full after exactly `steps` steps (fewer calls when a step has nothing to unmask).
+    block_length: semi-autoregressive decoding (LLaDA §2.4): the canvas is cut into G / block_length blocks
+        filled left to right, each with steps / num_blocks steps. None = one block. Both must divide evenly.
+    alg: which masked positions to fill first, by confidence — "entropy" (negative entropy, default),
+        "maskgit_plus" (probability of the sampled token), "topk_margin" (top-1 minus top-2 probability),
+        "random". Only masked positions of the current block compete.
+    temperature: 0 = argmax (deterministic); > 0 = sample from softmax(logits / temperature) with `generator`.
+    top_p: nucleus sampling threshold, applied after temperature; None = off.
+    cfg_scale: classifier-free guidance, logits = u + (cfg_scale + 1) (c - u) where u comes from the
+        unconditional input. The conditional and unconditional rows run as ONE forward (batch 2B). 0 = off
+        (no unconditional forward at all, so the output equals the plain conditional path exactly).
+    uncond_prompt_ids, uncond_prompt_mask: the unconditional prompt (B, P') (left-padded, mask True = real
+        token); default: the prompt with every real token replaced by the mask id (Dream / LLaDA).
+    position_penalty: raster-order bias (images, reference Omni-Diffusion): after the first `penalty_start`
+        masked positions of the canvas, confidence is divided (if >= 0) or multiplied (if < 0) by a factor
+        ramping from 1 to position_penalty, which lowers it either way (entropy confidences are negative, so
+        multiplying by a factor > 1 makes them more negative). The reference scales logits instead; scaling
+        the confidence gives the same ordering bias for every `alg`. 1.0 = off.
+    penalty_start: number of leading masked positions exempt from the position penalty.
+    pre_infill: [(token_id, fraction), ...] tokens fixed at canvas position int(fraction * gen_length) before
+        decoding (e.g. begin-of-audio at 0.2 for spoken answers); they are never re-sampled.
+    repetition_penalty: CTRL-style, > 1 discourages repeats: logits of ids already decoded in the row's canvas
+        (pre-infilled tokens excluded) are divided by it when positive and multiplied when negative. 1.0 = off.
+    modality: None (any non-mask id), a `Modality` for the whole canvas, or a (gen_length,) tensor of Modality
+        values per position; ids outside `vocab.allowed_ids(modality)` get -inf logits.
+    prompt_mask: (B, P) bool, True at real prompt tokens, False at left padding; None = no padding.
+    generator: torch.Generator on the model's device for sampling and "random" confidence.
+    return_history: also return the list of canvases (B, G) after every step (for tests and visualisation).
+    """
+    if alg not in ALGS:
+        raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
+    if prompt_ids.dim() != 2:
+        raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
+    G = gen_length
+    block_length = block_length or G
+    if G < 1 or G % block_length:
+        raise ValueError(f"gen_length={G} must be a positive multiple of block_length={block_length}")
+    num_blocks = G // block_length
+    if steps < 1 or steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
+                         f"gen_length/block_length = {num_blocks}; change steps or block_length")
+    steps_per_block = steps // num_blocks
+    mask_id = vocab.mask_id
+    device = prompt_ids.device
+    B = prompt_ids.shape[0]
+    if prompt_mask is None:
+        prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
+    prompt_mask = prompt_mask.bool()
+
+    use_cfg = cfg_scale != 0.0
+    if use_cfg:
+        if uncond_prompt_ids is None:
+            uncond_prompt_ids = prompt_ids.masked_fill(prompt_mask, mask_id)
+            uncond_prompt_mask = prompt_mask
+        elif uncond_prompt_mask is None:
+            uncond_prompt_mask = torch.ones_like(uncond_prompt_ids, dtype=torch.bool)
+        if uncond_prompt_ids.shape[0] != B:
+            raise ValueError(f"uncond_prompt_ids has {uncond_prompt_ids.shape[0]} rows, prompt_ids has {B}")
+        # Left-pad both prompts to one length so the canvas sits at the same columns in all 2B rows.
+        P = max(prompt_ids.shape[1], uncond_prompt_ids.shape[1])
+        prompt_ids, prompt_mask = _left_pad(prompt_ids, prompt_mask, P, vocab.pad_id)
+        uncond_prompt_ids, uncond_prompt_mask = _left_pad(uncond_prompt_ids, uncond_prompt_mask.bool(), P,
+                                                          vocab.pad_id)
+    P = prompt_ids.shape[1]
+
+    # Canvas, with pre-infilled tokens fixed in place.
+    canvas = torch.full((B, G), mask_id, dtype=torch.long, device=device)
+    fixed = torch.zeros(G, dtype=torch.bool, device=device)
+    for token_id, fraction in pre_infill or ():
+        pos = int(fraction * G)
+        if not 0 <= pos < G or token_id == mask_id:
+            raise ValueError(f"pre_infill ({token_id}, {fraction}): position {pos} outside the canvas [0, {G}) "
+                             f"or token is the mask id")
+        canvas[:, pos] = token_id
+        fixed[pos] = True
+
+    # Segment ids: 0 = left padding, 1 = prompt + canvas. None when there is no padding (lets the model skip
+    # building an attention mask).
+    any_padding = not bool(prompt_mask.all()) or (use_cfg and not bool(uncond_prompt_mask.all()))
+    ones = torch.ones(B, G, dtype=torch.long, device=device)
+    segments = torch.cat([prompt_mask.long(), ones], dim=1)  # (B, P + G)
+    if use_cfg:
+        segments = torch.cat([segments, torch.cat([uncond_prompt_mask.long(), ones], dim=1)], dim=0)  # (2B, P + G)
+    segments = segments if any_padding else None
+
+    allowed = None  # (V,) or (G, V) bool, built at the first forward once V is known
+    history: list[torch.Tensor] = []
+    for block in range(num_blocks):
+        lo, hi = block * block_length, (block + 1) * block_length
+        schedule = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), steps_per_block)  # (B, S)
+        for step in range(steps_per_block):
+            k = schedule[:, step]  # (B,)
+            k_max = int(k.max())
+            if k_max == 0:
+                if return_history:
+                    history.append(canvas.clone())
+                continue
+            x = torch.cat([prompt_ids, canvas], dim=1)  # (B, P + G)
+            if use_cfg:
+                x = torch.cat([x, torch.cat([uncond_prompt_ids, canvas], dim=1)], dim=0)  # (2B, P + G)
+            logits = model(x, segments)[:, P + lo:P + hi].float()  # (B or 2B, Lb, V)
+            if use_cfg:
+                cond, uncond = logits[:B], logits[B:]
+                logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
+            V = logits.shape[-1]
+            if allowed is None:
+                allowed = _allowed_ids(vocab, modality, V, G, device)
+
+            if repetition_penalty != 1.0:
+                decoded = (canvas != mask_id) & ~fixed                               # (B, G)
+                # Still-masked slots write to a spare column V, dropped after the scatter.
+                seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
+                seen = seen.scatter_(1, torch.where(decoded, canvas, V), True)[:, :V]  # (B, V)
+                penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+                logits = torch.where(seen[:, None, :], penalized, logits)
+            logits = logits.masked_fill(~(allowed if allowed.dim() == 1 else allowed[lo:hi]), float("-inf"))
+
+            if temperature > 0:
+                logits = logits / temperature
+                if top_p is not None and top_p < 1.0:
+                    logits = top_p_filter(logits, top_p)
+                probs = logits.softmax(-1)  # (B, Lb, V)
+                x0 = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, -1)  # (B, Lb)
+            else:
+                probs = logits.softmax(-1)
+                x0 = probs.argmax(-1)
+            conf = confidence(probs, x0, alg, generator)  # (B, Lb)
+
+            still_masked = canvas == mask_id  # (B, G)
+            if position_penalty != 1.0:
+                factor = position_penalty_factor(still_masked, position_penalty, penalty_start)[:, lo:hi]
+                conf = torch.where(conf >= 0, conf / factor, conf * factor)
+            candidates = still_masked[:, lo:hi]
+            conf = conf.masked_fill(~candidates, float("-inf"))
+
+            # Top-k per row with a per-row k: take the k_max best, keep the first k of each row.
+            top = conf.topk(k_max, dim=-1).indices                                   # (B, k_max)
+            keep = torch.arange(k_max, device=device)[None, :] < k[:, None]          # (B, k_max)
+            transfer = torch.zeros_like(candidates).scatter_(1, top, keep) & candidates
+            canvas[:, lo:hi] = torch.where(transfer, x0, canvas[:, lo:hi])
+            if return_history:
+                history.append(canvas.clone())
+    return (canvas, history) if return_history else canvas
+
+
+def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    extra = length - ids.shape[1]
+    if extra == 0:
+        return ids, mask
+    return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0), value=False)
+
+
+def _allowed_ids(vocab: Vocab, modality: Modality | torch.Tensor | None, V: int, G: int,
+                 device: torch.device) -> torch.Tensor:
+    """(V,) or (G, V) bool of ids the sampler may emit."""
+    if modality is None:
+        allowed = torch.zeros(V, dtype=torch.bool)
+        allowed[: vocab.size] = True      # never the embedding's padding rows
+        allowed[vocab.mask_id] = False    # a sampled mask would leave the position masked for ever
+        return allowed.to(device)
+    if isinstance(modality, torch.Tensor):
+        if modality.shape != (G,):
+            raise ValueError(f"per-position modality must be (gen_length={G},), got {tuple(modality.shape)}")
+        table = torch.stack([vocab.allowed_ids(m, vocab_rows=V) for m in Modality]).to(device)  # (4, V)
+        return table[modality.to(device).long()]  # (G, V)
+    return vocab.allowed_ids(Modality(modality), vocab_rows=V).to(device)

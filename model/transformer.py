@@ -1,0 +1,220 @@
+"""The bidirectional transformer: one backbone for text, speech and image tokens, written for a single device.
+
+Architecture (Llama / Qwen2 family, without the causal mask): token embedding -> n_layers x Block ->
+RMSNorm -> output head. A Block is pre-norm grouped-query attention with RoPE, then a pre-norm SwiGLU MLP.
+RoPE uses the rotate-half convention of HF Llama/Qwen2 (and LLaDA), so their checkpoints load unchanged
+(model/weights.py maps the key names). Parallelism is applied from outside (model/parallelize.py).
+
+Packed sequences. `segment_ids` (B, L) int: ids >= 1 mark real segments, 0 marks padding. A token attends only
+to tokens of its own segment (padding attends only to padding, so no attention row is empty), and RoPE
+positions restart at 0 at the first token of every segment, so a segment packed anywhere in a row sees exactly
+what it would see alone. Segments must be contiguous runs within a row.
+
+Logit convention. `forward` always returns *aligned* logits: position i holds the prediction for token i.
+ - cfg.logits == "aligned" (LLaDA): the network's output at i predicts token i; returned as is.
+ - cfg.logits == "shifted" (Dream): the backbone kept its autoregressive habit, its raw output at i predicts
+   token i+1. We re-align as Dream's own `generate` does: out[i] = raw[i-1], and out at the first token of a
+   sequence (of every segment when packed) = raw there. The loss and the sampler therefore never need to know
+   which backbone they talk to.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+from model.configlib import ConfigError
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 and scale in the input dtype, as HF Llama/Qwen2 do, so bf16 outputs match theirs.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions (B, L) int -> cos, sin (B, 1, L, head_dim) fp32, in the rotate-half layout (both halves of
+    the head share frequency j at indices j and j + head_dim/2)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32)
+                                / head_dim))                          # (D/2,)
+    angles = positions.float()[..., None] * inv_freq                 # (B, L, D/2)
+    angles = torch.cat([angles, angles], dim=-1)[:, None]            # (B, 1, L, D)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, L, D); rotate-half RoPE: x*cos + rotate_half(x)*sin with rotate_half(x) = [-x2, x1]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def positions_and_mask(segment_ids: torch.Tensor | None, B: int, L: int, device: torch.device
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """-> positions (B, L) int64, attention mask (B, 1, L, L) bool or None, segment starts (B, L) bool or None.
+
+    Positions restart at every segment start: index minus the index of the run's first token, found with a
+    running max over start indices (vectorised over rows)."""
+    idx = torch.arange(L, device=device).expand(B, L)                # (B, L)
+    if segment_ids is None:
+        return idx, None, None
+    if segment_ids.shape != (B, L):
+        raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected input_ids' {(B, L)}")
+    starts = torch.ones(B, L, dtype=torch.bool, device=device)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    run_start = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    positions = idx - run_start
+    mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # (B, 1, L, L)
+    return positions, mask, starts
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, _ = x.shape
+        q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, L, D)
+        k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.n_heads // self.n_kv_heads
+        if mask is None:
+            # No mask: flash attention takes grouped K/V directly.
+            out = F.scaled_dot_product_attention(q, k, v, enable_gqa=rep > 1)
+        else:
+            # With a mask, repeat K/V to all heads so the memory-efficient kernel (which takes masks) applies
+            # on every backend instead of the L x L math fallback.
+            if rep > 1:
+                k = k.repeat_interleave(rep, dim=1)                                   # (B, H, L, D)
+                v = v.repeat_interleave(rep, dim=1)                                   # (B, H, L, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)        # (B, L, H * D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 = gate, w3 = up, w2 = down."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None) -> None:
+        super().__init__()
+        if cfg.vocab_size:
+            # The config's row count wins; it may exceed the vocabulary (unused padding rows), never fall short.
+            if vocab_size and vocab_size > cfg.vocab_size:
+                raise ConfigError(
+                    f"model.vocab_size={cfg.vocab_size} rows cannot hold the vocabulary's {vocab_size} ids; set "
+                    f"model.vocab_size=0 to take the vocabulary's size, or a value >= {vocab_size}")
+            vocab_size = cfg.vocab_size
+        if not vocab_size:
+            raise ConfigError("model.vocab_size is 0 and no vocab_size was given: pass the vocabulary's size "
+                              "(Vocab.size) to Transformer(cfg, vocab_size=...) or set model.vocab_size")
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # Tied models reuse tok_embeddings.weight as the head, so there is no `output` module to shard or save.
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, vocab_size, bias=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """normal(0, init_std) everywhere; the projections that write into the residual stream (attn.wo,
+        mlp.w2) get init_std / sqrt(2 * n_layers) so the residual's variance does not grow with depth
+        (GPT-2 / nanoGPT). Biases 0, norms 1. Works on meta, real and sharded (DTensor) parameters."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        nn.init.normal_(self.tok_embeddings.weight, std=std)
+        for block in self.layers:
+            for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.mlp.w1, block.mlp.w3):
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.normal_(block.attn.wo.weight, std=out_std)
+            nn.init.normal_(block.mlp.w2.weight, std=out_std)
+            block.attn_norm.reset_parameters()
+            block.mlp_norm.reset_parameters()
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, std=std)
+
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, L) int64, segment_ids (B, L) int or None -> aligned logits (B, L, V) float32.
+        See the module docstring for the segment and logit conventions."""
+        B, L = input_ids.shape
+        positions, mask, starts = positions_and_mask(segment_ids, B, L, input_ids.device)
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.tok_embeddings(input_ids)                                  # (B, L, dim)
+        for block in self.layers:
+            h = block(h, cos, sin, mask)
+        h = self.norm(h)
+        head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        raw = F.linear(h, head).float()                                     # (B, L, V)
+        if self.cfg.logits == "aligned":
+            return raw
+        shifted = torch.cat([raw[:, :1], raw[:, :-1]], dim=1)               # (B, L, V): out[i] = raw[i-1]
+        if starts is None:
+            return shifted
+        # Within a packed row, a segment's first token must not read the previous segment's last output.
+        return torch.where(starts[..., None], raw, shifted)
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        """Parameter count; exclude_embedding drops the input embedding table (a lookup, not a matmul).
+        Counts the logical (unsharded) size, also on the meta device and under FSDP."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embedding and self.output is not None:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Model FLOPs per token (the PaLM appendix B / nanoGPT MFU estimate): 2N per token forward for the
+        matmul parameters N (all but the embedding lookup) plus the attention scores and values,
+        2 * 2 * n_layers * dim * seq_len forward; training (forward + backward) is 3x forward, i.e.
+        6N + 12 * n_layers * dim * seq_len. Attention is bidirectional, so the full L x L is counted."""
+        L = self.cfg.seq_len if seq_len is None else seq_len
+        forward = 2 * self.num_params(exclude_embedding=True) + 4 * self.cfg.n_layers * self.cfg.dim * L
+        return float(3 * forward if training else forward)

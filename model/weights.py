@@ -1,0 +1,266 @@
+"""Weights on disk: pretrained HF-layout safetensors checkpoints in, our own single-file export in and out.
+
+Two pretrained key layouts map onto the native names of model/transformer.py:
+
+  native                     "dream" (Qwen2 / HF)                              "llada" (LLaDA-8B, OLMo-derived)
+  tok_embeddings.weight      model.embed_tokens.weight                         model.transformer.wte.weight
+  layers.{i}.attn_norm       model.layers.{i}.input_layernorm                  model.transformer.blocks.{i}.attn_norm
+  layers.{i}.attn.wq/wk/wv   model.layers.{i}.self_attn.{q,k,v}_proj (+bias)   model.transformer.blocks.{i}.{q,k,v}_proj
+  layers.{i}.attn.wo         model.layers.{i}.self_attn.o_proj                 model.transformer.blocks.{i}.attn_out
+  layers.{i}.mlp_norm        model.layers.{i}.post_attention_layernorm         model.transformer.blocks.{i}.ff_norm
+  layers.{i}.mlp.w1 (gate)   model.layers.{i}.mlp.gate_proj                    model.transformer.blocks.{i}.ff_proj
+  layers.{i}.mlp.w3 (up)     model.layers.{i}.mlp.up_proj                      model.transformer.blocks.{i}.up_proj
+  layers.{i}.mlp.w2 (down)   model.layers.{i}.mlp.down_proj                    model.transformer.blocks.{i}.ff_out
+  norm.weight                model.norm.weight                                 model.transformer.ln_f.weight
+  output.weight              lm_head.weight                                    model.transformer.ff_out.weight
+
+In LLaDA's block `ff_proj` is the SiLU-activated branch (our gate w1) and `up_proj` the linear one (w3); its
+final head is `transformer.ff_out` (not tied). Both layouts use the rotate-half RoPE that our model uses, so
+q/k weights need no permutation.
+
+Only safetensors is read here: no pickle, so a checkpoint cannot run code when loaded.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from model.config import ModelConfig
+
+Layout = Literal["dream", "llada"]
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Rows whose count may grow when the vocabulary is extended (new modalities' codes).
+VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")
+# Prefixes added by wrappers (activation checkpointing, torch.compile) that are not part of the model's names.
+_WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint does not match the model: the message names the file, the keys and the shapes."""
+
+
+# ---- key maps ---------------------------------------------------------------------------------------------
+
+def _layer_names(layout: Layout, qkv_bias: bool) -> dict[str, str]:
+    """native suffix under layers.{i}. -> HF suffix under the layout's block prefix."""
+    if layout == "dream":
+        names = {
+            "attn_norm.weight": "input_layernorm.weight",
+            "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
+            "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
+            "mlp_norm.weight": "post_attention_layernorm.weight",
+            "mlp.w1.weight": "mlp.gate_proj.weight", "mlp.w3.weight": "mlp.up_proj.weight",
+            "mlp.w2.weight": "mlp.down_proj.weight",
+        }
+        if qkv_bias:
+            names.update({"attn.wq.bias": "self_attn.q_proj.bias", "attn.wk.bias": "self_attn.k_proj.bias",
+                          "attn.wv.bias": "self_attn.v_proj.bias"})
+        return names
+    if layout == "llada":
+        if qkv_bias:
+            raise CheckpointError("layout 'llada' has no q/k/v biases but model.qkv_bias is true; "
+                                  "use the llada-8b preset or set model.qkv_bias=false")
+        return {
+            "attn_norm.weight": "attn_norm.weight",
+            "attn.wq.weight": "q_proj.weight", "attn.wk.weight": "k_proj.weight",
+            "attn.wv.weight": "v_proj.weight", "attn.wo.weight": "attn_out.weight",
+            "mlp_norm.weight": "ff_norm.weight",
+            "mlp.w1.weight": "ff_proj.weight", "mlp.w3.weight": "up_proj.weight",
+            "mlp.w2.weight": "ff_out.weight",
+        }
+    raise CheckpointError(f"unknown weights layout {layout!r}; expected 'dream' or 'llada'")
+
+
+def key_map(cfg: ModelConfig, layout: Layout) -> dict[str, str]:
+    """native key -> HF key for every tensor of a model built from `cfg`."""
+    per_layer = _layer_names(layout, cfg.qkv_bias)
+    if layout == "dream":
+        block, top = "model.layers.{i}.", {"tok_embeddings.weight": "model.embed_tokens.weight",
+                                           "norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+    else:
+        block, top = "model.transformer.blocks.{i}.", {
+            "tok_embeddings.weight": "model.transformer.wte.weight", "norm.weight": "model.transformer.ln_f.weight",
+            "output.weight": "model.transformer.ff_out.weight"}
+    if cfg.tie_embeddings:
+        del top["output.weight"]
+    out = dict(top)
+    for i in range(cfg.n_layers):
+        for native, hf in per_layer.items():
+            out[f"layers.{i}.{native}"] = block.format(i=i) + hf
+    return out
+
+
+def _ignorable(hf_key: str, cfg: ModelConfig, layout: Layout) -> bool:
+    # Tied checkpoints sometimes still store the head; it is the embedding, so it is safe to skip.
+    return cfg.tie_embeddings and hf_key in ("lm_head.weight", "model.transformer.ff_out.weight")
+
+
+def _check_keys(have: set[str], want: set[str], source: str, what: str) -> None:
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if not missing and not unexpected:
+        return
+    parts = [f"{source}: keys do not match {what}."]
+    if missing:
+        parts.append(f"{len(missing)} missing, e.g. {missing[:20]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[:20]}")
+    parts.append("Check the weights layout ('dream' or 'llada') and the model preset (n_layers, qkv_bias, "
+                 "tie_embeddings) against the checkpoint's config.json.")
+    raise CheckpointError(" ".join(parts))
+
+
+def hf_to_native(state: dict[str, torch.Tensor], cfg: ModelConfig, layout: Layout,
+                 source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Rename an HF-layout state dict to native keys; strict: every key must be known and present."""
+    kmap = key_map(cfg, layout)
+    state = {k: v for k, v in state.items() if not _ignorable(k, cfg, layout)}
+    _check_keys(set(state), set(kmap.values()), source, f"layout {layout!r} for a {cfg.n_layers}-layer model")
+    return {native: state[hf] for native, hf in kmap.items()}
+
+
+def native_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig, layout: Layout) -> dict[str, torch.Tensor]:
+    """Native state dict -> HF layout (export, and tests that write checkpoints with the real key names)."""
+    kmap = key_map(cfg, layout)
+    state = strip_wrapper_prefixes(state)
+    _check_keys(set(state), set(kmap), "native state dict", f"a {cfg.n_layers}-layer model")
+    return {hf: state[native] for native, hf in kmap.items()}
+
+
+def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in state.items():
+        for p in _WRAPPER_PREFIXES:
+            k = k.replace(p, "")
+        out[k] = v
+    return out
+
+
+# ---- reading HF checkpoints -------------------------------------------------------------------------------
+
+def checkpoint_files(path: str | Path) -> dict[str, Path]:
+    """HF key -> file holding it, for a dir with `model.safetensors` or a sharded index, or one .safetensors."""
+    path = Path(path)
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            return {k: path for k in f.keys()}
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
+        files = {k: path / name for k, name in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise CheckpointError(f"{index} lists shard {f.name}, which is not in {path}")
+        return files
+    single = path / SINGLE_FILE
+    if single.is_file():
+        return checkpoint_files(single)
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are "
+                          f"read; convert .bin checkpoints with the safetensors tools first)")
+
+
+def extend_rows(old: torch.Tensor, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Grow a (rows_old, dim) embedding/head matrix to `rows` rows.
+
+    Old rows are kept exactly. New rows start at the mean of the old rows plus small per-dimension noise,
+    N(0, (0.02 * std_d)^2) with std_d the old rows' std in dimension d. Starting at the mean (the "mean
+    resizing" practice, Hewitt 2021; HF `resize_token_embeddings(mean_resizing=True)`) keeps the new tokens'
+    logits close to the average logit, so they do not swamp the pretrained distribution; the noise breaks the
+    symmetry between the new rows. A diagonal covariance keeps this cheap for 150k x 4k matrices."""
+    old32 = old.float()
+    mean, std = old32.mean(dim=0), old32.std(dim=0)                   # (dim,), (dim,)
+    noise = torch.randn(rows - old.shape[0], old.shape[1], generator=generator)  # (new, dim)
+    new = mean + noise * (0.02 * std)
+    return torch.cat([old32, new]).to(old.dtype)                      # (rows, dim)
+
+
+@torch.no_grad()
+def load_pretrained(model: nn.Module, path: str | Path, layout: Layout,
+                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0) -> None:
+    """Load an HF-layout safetensors checkpoint (single file or sharded index) into `model` in place.
+
+    Strict: every model tensor must come from the checkpoint and every checkpoint tensor must be used.
+    vocab_extension: "mean" grows embedding/head rows when the checkpoint has fewer rows than the model (see
+    `extend_rows`, seeded by `seed`); "error" refuses. Tensors are read one at a time, cast to the model's
+    dtype, so a 7B checkpoint never sits in memory twice. Call before `parallelize`."""
+    cfg: ModelConfig = model.cfg
+    files = checkpoint_files(path)
+    kmap = key_map(cfg, layout)
+    have = {k for k in files if not _ignorable(k, cfg, layout)}
+    _check_keys(have, set(kmap.values()), str(path), f"layout {layout!r} for a {cfg.n_layers}-layer model")
+    params = strip_wrapper_prefixes(dict(model.state_dict(keep_vars=True)))
+    _check_keys(set(params), set(kmap), "model", "the key map (model and config disagree)")
+    generator = torch.Generator().manual_seed(seed)
+    by_file: dict[Path, list[str]] = {}
+    for native, hf in kmap.items():
+        by_file.setdefault(files[hf], []).append(native)
+    for file, natives in sorted(by_file.items()):
+        with safe_open(str(file), framework="pt") as f:
+            for native in natives:
+                hf = kmap[native]
+                tensor = f.get_tensor(hf)
+                target = params[native]
+                if tensor.shape != target.shape:
+                    tensor = _fit_vocab_rows(tensor, target, native, hf, file, vocab_extension, generator)
+                target.copy_(tensor)
+
+
+def _fit_vocab_rows(tensor: torch.Tensor, target: torch.Tensor, native: str, hf: str, file: Path,
+                    vocab_extension: str, generator: torch.Generator) -> torch.Tensor:
+    grows = (native in VOCAB_KEYS and tensor.ndim == 2 and tensor.shape[1] == target.shape[1]
+             and tensor.shape[0] < target.shape[0])
+    if not grows:
+        raise CheckpointError(f"{file}: {hf} has shape {tuple(tensor.shape)} but the model's {native} has "
+                              f"{tuple(target.shape)}; check the model preset against the checkpoint's config.json")
+    if vocab_extension != "mean":
+        raise CheckpointError(f"{file}: {hf} has {tensor.shape[0]} rows, the model {target.shape[0]}; pass "
+                              f"vocab_extension='mean' to initialise the new rows, or build the model with "
+                              f"model.vocab_size={tensor.shape[0]}")
+    return extend_rows(tensor, target.shape[0], generator)
+
+
+# ---- our own export ---------------------------------------------------------------------------------------
+
+def save_safetensors(model_or_state: nn.Module | dict[str, torch.Tensor], path: str | Path,
+                     metadata: dict[str, str] | None = None) -> None:
+    """One-file export of plain tensors (the trainer gathers FSDP DTensors with full_tensor() first).
+    `metadata` (str -> str, e.g. the model config and vocabulary JSON) is stored in the file header."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    state = {k: v.detach().contiguous().cpu() for k, v in strip_wrapper_prefixes(state).items()}
+    bad = [k for k, v in state.items() if type(v) is not torch.Tensor]
+    if bad:
+        raise CheckpointError(f"cannot save {path}: {bad[:5]} are not plain tensors (gather FSDP DTensors "
+                              f"with .full_tensor() first)")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata=metadata)
+
+
+def load_native(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """-> (state dict, metadata) of a file written by `save_safetensors`."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """`model.load_state_dict(state)` with errors that name the source, missing/unexpected keys and shapes."""
+    own = strip_wrapper_prefixes(dict(model.state_dict(keep_vars=True)))
+    state = strip_wrapper_prefixes(state)
+    _check_keys(set(state), set(own), source, "the model")
+    with torch.no_grad():
+        for k, v in state.items():
+            if v.shape != own[k].shape:
+                raise CheckpointError(f"{source}: {k} has shape {tuple(v.shape)} but the model's has "
+                                      f"{tuple(own[k].shape)}")
+            own[k].copy_(v)

@@ -1,0 +1,43 @@
+"""`omnidiff <command> ...`: one entry point that hands the rest of the command line to the module that owns it.
+
+Each command is also `python -m <module> ...` (what `ray job submit -- python -m ...` runs on a cluster).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "plan": ("model.plan", "memory and FLOP plan of a model preset on N GPUs (meta device, no weights)"),
+    "tokenize": ("tokenize_jobs.run", "Ray Data job: raw corpus -> token shards (local or s3://)"),
+    "train": ("pipelines.train", "Ray Train FSDP2 training from token shards, tracked in MLflow"),
+    "sample": ("pipelines.sample", "any-to-any sampling from an exported checkpoint"),
+    "generate": ("pipelines.generate", "batch inference over a prompts JSONL on Ray Data"),
+    "eval": ("pipelines.evaluate", "per-task evaluation (WER, accuracy, classifier accuracy)"),
+    "bench": ("pipelines.bench", "benchmarks: each stage against its bare floor"),
+    "demo": ("pipelines.demo", "the whole pipeline on the built-in digit corpus (what `make demo` runs)"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: omnidiff <command> [options]   (omnidiff <command> --help for each)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"omnidiff: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
