@@ -214,7 +214,8 @@ def global_count(count: torch.Tensor, group: dist.ProcessGroup | None = None) ->
     """Sum `count` over the ranks of `group` when torch.distributed is initialized, clamped to >= 1.
 
     Call it with the count of ALL micro-batches of the optimizer step (before any backward), on every rank:
-    it is a collective. The clamp keeps a step with no masked token at loss 0 instead of NaN."""
+    it is a collective, so `count` must live on the group's device (CUDA for NCCL). The clamp keeps a step
+    with no masked token at loss 0 instead of NaN."""
     total = count.detach().float().clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)

@@ -121,6 +121,7 @@ def generate(
     pre_infill: Sequence[tuple[int, float]] | None = None,
     repetition_penalty: float = 1.0,
     modality: Modality | torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
     prompt_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_history: bool = False,
@@ -160,6 +161,11 @@ def generate(
         (pre-infilled tokens excluded) are divided by it when positive and multiplied when negative. 1.0 = off.
     modality: None (any non-mask id), a `Modality` for the whole canvas, or a (gen_length,) tensor of Modality
         values per position; ids outside `vocab.allowed_ids(modality)` get -inf logits.
+    allowed: an explicit bool mask instead of `modality`, (V',) for the whole canvas or (gen_length, V') per
+        position, V' <= the model's rows (missing columns = not allowed). For canvases whose positions admit ids
+        of several modalities, e.g. a speech answer where codes, `<eoa>`, `<im_end>` and EOS may all appear
+        (pipelines/inference.py). The mask id and ids >= vocab.size are always forbidden; every position must
+        allow at least one id.
     prompt_mask: (B, P) bool, True at real prompt tokens, False at left padding; None = no padding.
     generator: torch.Generator on the model's device for sampling and "random" confidence.
     return_history: also return the list of canvases (B, G) after every step (for tests and visualisation).
@@ -220,7 +226,9 @@ def generate(
         segments = torch.cat([segments, torch.cat([uncond_prompt_mask.long(), ones], dim=1)], dim=0)  # (2B, P + G)
     segments = segments if any_padding else None
 
-    allowed = None  # (V,) or (G, V) bool, built at the first forward once V is known
+    if allowed is not None and modality is not None:
+        raise ValueError("pass either modality or allowed to generate, not both")
+    allowed_mask = None  # (V,) or (G, V) bool, built (or checked) at the first forward once V is known
     history: list[torch.Tensor] = []
     for block in range(num_blocks):
         lo, hi = block * block_length, (block + 1) * block_length
@@ -240,8 +248,9 @@ def generate(
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
             V = logits.shape[-1]
-            if allowed is None:
-                allowed = _allowed_ids(vocab, modality, V, G, device)
+            if allowed_mask is None:
+                allowed_mask = (_allowed_ids(vocab, modality, V, G, device) if allowed is None
+                                else _explicit_allowed(allowed, vocab, V, G, device))
 
             if repetition_penalty != 1.0:
                 decoded = (canvas != mask_id) & ~fixed                               # (B, G)
@@ -250,7 +259,8 @@ def generate(
                 seen = seen.scatter_(1, torch.where(decoded, canvas, V), True)[:, :V]  # (B, V)
                 penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
                 logits = torch.where(seen[:, None, :], penalized, logits)
-            logits = logits.masked_fill(~(allowed if allowed.dim() == 1 else allowed[lo:hi]), float("-inf"))
+            logits = logits.masked_fill(~(allowed_mask if allowed_mask.dim() == 1 else allowed_mask[lo:hi]),
+                                        float("-inf"))
 
             if temperature > 0:
                 logits = logits / temperature
@@ -301,3 +311,17 @@ def _allowed_ids(vocab: Vocab, modality: Modality | torch.Tensor | None, V: int,
         table = torch.stack([vocab.allowed_ids(m, vocab_rows=V) for m in Modality]).to(device)  # (4, V)
         return table[modality.to(device).long()]  # (G, V)
     return vocab.allowed_ids(Modality(modality), vocab_rows=V).to(device)
+
+
+def _explicit_allowed(allowed: torch.Tensor, vocab: Vocab, V: int, G: int, device: torch.device) -> torch.Tensor:
+    """Check a caller's (V',) / (G, V') bool mask and widen it to the model's V rows."""
+    if allowed.dim() not in (1, 2) or (allowed.dim() == 2 and allowed.shape[0] != G):
+        raise ValueError(f"allowed must be (V,) or (gen_length={G}, V) bool, got {tuple(allowed.shape)}")
+    if allowed.shape[-1] > V:
+        raise ValueError(f"allowed has {allowed.shape[-1]} columns but the model emits {V} logits")
+    out = F.pad(allowed.to(device=device, dtype=torch.bool), (0, V - allowed.shape[-1]), value=False)
+    out[..., vocab.mask_id] = False
+    out[..., vocab.size:] = False
+    if not bool(out.any(-1).all()):
+        raise ValueError("allowed forbids every id at some canvas position; each position needs at least one id")
+    return out

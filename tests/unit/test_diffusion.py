@@ -1,0 +1,208 @@
+"""Masking statistics, the loss on hand-computed cases, and exact global normalization (model/diffusion.py)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from model.diffusion import (append_eos_tail, global_count, loss_weights, mask_answer_tokens,
+                             masked_diffusion_loss)
+from model.vocab import Vocab
+
+VOCAB = Vocab(text_size=300, n_q=2, image_codebook_size=17)
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- append_eos_tail ------------------------------------------------------------------------------------------
+
+def test_eos_tail_inserted_after_each_answer_span():
+    eos = VOCAB.eos_id
+    #        prompt----  answer----  prompt  answer(ends in eos)
+    ids = np.array([1, 2, 3, 10, 11, 12, 4, 5, 20, eos])
+    ans = np.array([0, 0, 0, 1, 1, 1, 0, 0, 1, 1], dtype=bool)
+    seg = np.ones_like(ids)
+    out = append_eos_tail(ids, ans, seg, eos_id=eos, generator=np.random.default_rng(0), max_tail=16)
+    n = int(out.tail_mask.sum())
+    assert 1 <= n <= 16 and out.ids.size == ids.size + n
+    # The tail sits right after the first answer span; the span ending in EOS gets none.
+    np.testing.assert_array_equal(out.ids[:6], ids[:6])
+    assert (out.ids[6:6 + n] == eos).all() and out.tail_mask[6:6 + n].all()
+    np.testing.assert_array_equal(out.ids[6 + n:], ids[6:])
+    assert out.answer_mask[6:6 + n].all() and out.answer_mask.sum() == ans.sum() + n
+    assert not out.tail_mask[6 + n:].any()
+    np.testing.assert_array_equal(out.segment_ids, np.ones(ids.size + n))
+
+
+def test_eos_tail_length_range_and_segment_boundaries():
+    eos = VOCAB.eos_id
+    # Two packed segments, each an answer that runs to its segment's end: one tail each, with its segment id.
+    ids = np.array([1, 10, 11, 2, 12])
+    ans = np.array([0, 1, 1, 0, 1], dtype=bool)
+    seg = np.array([1, 1, 1, 2, 2])
+    rng = np.random.default_rng(1)
+    lengths = []
+    for _ in range(400):
+        out = append_eos_tail(ids, ans, seg, eos_id=eos, generator=rng, max_tail=4)
+        first = int(np.argmax(out.segment_ids == 2))
+        n1, n2 = int(out.tail_mask[:first].sum()), int(out.tail_mask[first:].sum())
+        assert out.ids[first] == 2 and (out.ids[3:first] == eos).all()
+        lengths += [n1, n2]
+    assert set(lengths) == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="one sample"):
+        append_eos_tail(ids[None], ans[None], eos_id=eos, generator=rng)
+
+
+# ---- mask_answer_tokens -----------------------------------------------------------------------------------------
+
+def _batch(B=64, L=64):
+    ids = torch.randint(0, VOCAB.text_size, (B, L), generator=_gen(1))
+    answer = torch.zeros(B, L, dtype=torch.bool)
+    answer[:, 16:] = True
+    tail = torch.zeros(B, L, dtype=torch.bool)
+    tail[:, 48:] = True
+    return ids, answer, tail
+
+
+def test_per_token_masking_rates():
+    ids, answer, tail = _batch(B=256)
+    noisy, is_masked, t = mask_answer_tokens(ids, answer, tail, _gen(0), mask_id=VOCAB.mask_id)
+    assert not is_masked[~answer].any(), "prompt positions must never be masked"
+    assert (noisy[~answer] == ids[~answer]).all()
+    assert (noisy[is_masked] == VOCAB.mask_id).all() and (noisy[~is_masked] == ids[~is_masked]).all()
+    body = answer & ~tail
+    rate_body = is_masked[body].float().mean().item()
+    rate_tail = is_masked[tail].float().mean().item()
+    assert abs(rate_body - 0.5) < 0.02, rate_body
+    assert abs(rate_tail / rate_body - 0.6) < 0.05, (rate_tail, rate_body)
+    # t is a per-position probability: different across positions of one row, 0 off the answer.
+    assert (t[~answer] == 0).all() and t[0, 16:48].unique().numel() > 1
+
+
+def test_per_sequence_masking():
+    ids, answer, tail = _batch(B=512)
+    eps = 0.1
+    _, is_masked, t = mask_answer_tokens(ids, answer, tail, _gen(0), mask_id=VOCAB.mask_id, eps=eps,
+                                         scheme="per_sequence")
+    assert not is_masked[~answer].any()
+    p = t[:, 16]
+    assert (t[:, 16:] == p[:, None]).all(), "one p_mask per sequence, tail included"
+    assert p.min() >= eps and p.max() <= 1.0
+    # Masked fraction of each row follows its own p_mask.
+    frac = is_masked[:, 16:].float().mean(1)
+    assert torch.corrcoef(torch.stack([frac, p]))[0, 1] > 0.95
+
+
+def test_masking_is_reproducible_and_rejects_unknown_scheme():
+    ids, answer, tail = _batch(B=4)
+    a = mask_answer_tokens(ids, answer, tail, _gen(5), mask_id=VOCAB.mask_id)
+    b = mask_answer_tokens(ids, answer, tail, _gen(5), mask_id=VOCAB.mask_id)
+    assert torch.equal(a.is_masked, b.is_masked)
+    with pytest.raises(ValueError, match="per_sequence"):
+        mask_answer_tokens(ids, answer, tail, _gen(5), mask_id=VOCAB.mask_id, scheme="linear")
+
+
+# ---- loss ----------------------------------------------------------------------------------------------------
+
+def test_llada_loss_matches_hand_computation():
+    V = 3
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]],
+                           [[1.0, 1.0, 0.0], [0.0, 0.0, 3.0], [0.5, 0.0, 0.0]]])  # (2, 3, 3)
+    targets = torch.tensor([[0, 1, 2], [1, 2, 0]])
+    answer = torch.tensor([[False, True, True], [True, True, True]])
+    is_masked = torch.tensor([[False, True, True], [True, False, True]])
+    t = torch.tensor([[0.0, 0.5, 0.5], [0.25, 0.25, 0.25]])
+
+    def ce(row, col):
+        z = logits[row, col].tolist()
+        return math.log(sum(math.exp(v) for v in z)) - z[targets[row, col]]
+
+    # LLaDA: per sequence sum(CE / p_mask) / answer_length, averaged over sequences.
+    seq0 = (ce(0, 1) / 0.5 + ce(0, 2) / 0.5) / 2
+    seq1 = (ce(1, 0) / 0.25 + ce(1, 2) / 0.25) / 3
+    expected = (seq0 + seq1) / 2
+    weights, row_count = loss_weights(is_masked, answer, t, scheme="per_sequence")
+    terms = masked_diffusion_loss(logits, targets, is_masked, weights=weights, row_count=row_count)
+    assert terms.count.item() == 2
+    assert (terms.loss_sum / global_count(terms.count)).item() == pytest.approx(expected, rel=1e-6)
+
+    # Omni: plain mean over the 4 masked positions, no 1/t.
+    w, rc = loss_weights(is_masked, answer, t, scheme="per_token")
+    terms = masked_diffusion_loss(logits, targets, is_masked, weights=w, row_count=rc)
+    expected = (ce(0, 1) + ce(0, 2) + ce(1, 0) + ce(1, 2)) / 4
+    assert w is None and terms.count.item() == 4
+    assert (terms.loss_sum / terms.count).item() == pytest.approx(expected, rel=1e-6)
+    assert V == logits.shape[-1]
+
+
+def test_per_task_breakdown():
+    B, L, V = 4, 5, 7
+    logits = torch.randn(B, L, V, generator=_gen(2))
+    targets = torch.randint(0, V, (B, L), generator=_gen(3))
+    is_masked = torch.rand(B, L, generator=_gen(4)) < 0.6
+    tasks = torch.tensor([0, 2, 0, 2])
+    terms = masked_diffusion_loss(logits, targets, is_masked, task_ids=tasks, num_tasks=3)
+    full = torch.nn.functional.cross_entropy(logits.view(-1, V), targets.view(-1), reduction="none").view(B, L)
+    full = full * is_masked
+    expected_sum = torch.stack([full[[0, 2]].sum(), torch.tensor(0.0), full[[1, 3]].sum()])
+    expected_count = torch.tensor([is_masked[[0, 2]].sum(), 0, is_masked[[1, 3]].sum()]).float()
+    torch.testing.assert_close(terms.task_sum, expected_sum)
+    torch.testing.assert_close(terms.task_count, expected_count)
+    torch.testing.assert_close(terms.task_sum.sum(), terms.loss_sum.detach())
+
+
+@pytest.mark.parametrize("scheme", ["per_token", "per_sequence"])
+def test_global_normalization_over_micro_batches_and_ranks(scheme):
+    """4 rows split as 2 fake ranks x 2 micro-batches: sum/global-count (x world size, as DDP/FSDP average
+    gradients) gives the full-batch loss and gradient."""
+    torch.manual_seed(0)
+    B, L, V, D = 4, 12, 11, 8
+    model = torch.nn.Sequential(torch.nn.Embedding(V + 1, D), torch.nn.Linear(D, V)).double()
+    ids = torch.randint(0, V, (B, L), generator=_gen(6))
+    answer = torch.zeros(B, L, dtype=torch.bool)
+    answer[:, 3:] = True
+    answer[1, 3:8] = False  # rows with different answer lengths and masked counts
+    m = mask_answer_tokens(ids, answer, None, _gen(7), mask_id=V, scheme=scheme)
+
+    def terms(rows):
+        w, rc = loss_weights(m.is_masked[rows], answer[rows], m.t[rows], scheme=scheme)
+        return masked_diffusion_loss(model(m.noisy_ids[rows]), ids[rows], m.is_masked[rows], weights=w, row_count=rc)
+
+    def grads():
+        g = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        return g
+
+    full = terms(slice(0, 4))
+    full_loss = full.loss_sum / full.count
+    full_loss.backward()
+    g_full = grads()
+
+    world = 2
+    shards = {0: [[0], [1]], 1: [[2], [3]]}  # rank -> micro-batches (row lists)
+    count = sum(loss_weights(m.is_masked[r], answer[r], m.t[r], scheme=scheme)[1].sum()
+                for mbs in shards.values() for r in mbs)  # what all_reduce(SUM) gives every rank
+    count = global_count(count)
+    total_loss, rank_grads = 0.0, []
+    for rank, mbs in shards.items():
+        for rows in mbs:
+            t = terms(rows)
+            (t.loss_sum * world / count).backward()
+            total_loss += (t.loss_sum / count).item()
+        rank_grads.append(grads())
+    averaged = [(a + b) / world for a, b in zip(*rank_grads)]  # what DDP / FSDP's reduce does
+    assert total_loss == pytest.approx(full_loss.item(), rel=1e-12)
+    for a, b in zip(averaged, g_full):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_empty_mask_still_backpropagates():
+    logits = torch.randn(2, 3, 5, requires_grad=True)
+    terms = masked_diffusion_loss(logits, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool))
+    loss = terms.loss_sum / global_count(terms.count)
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None and (logits.grad == 0).all()
