@@ -220,7 +220,8 @@ class Vocab:
         elif modality == Modality.IMAGE:
             allowed[self.image_offset: self.size] = True
         else:
-            allowed[self.special_offset: self.audio_offset] = True
+            # the special ids themselves: reused ones live in the text range, not in our own special range
+            allowed[list(self.special_ids().values())] = True
         allowed[self.mask_id] = False
         return allowed
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from safetensors import safe_open
@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from model.config import ModelConfig
+from model.transformer import Transformer
 
 Layout = Literal["dream", "llada"]
 INDEX_FILE = "model.safetensors.index.json"
@@ -183,22 +184,20 @@ def extend_rows(old: torch.Tensor, rows: int, generator: torch.Generator) -> tor
     return torch.cat([old32, new]).to(old.dtype)                      # (rows, dim)
 
 
-@torch.no_grad()
-def load_pretrained(model: nn.Module, path: str | Path, layout: Layout,
-                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0) -> None:
-    """Load an HF-layout safetensors checkpoint (single file or sharded index) into `model` in place.
+def iter_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, shapes: dict[str, torch.Size],
+                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0
+                    ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (native key, tensor) for every tensor of an HF-layout safetensors checkpoint (single file or
+    sharded index), one at a time, fitted to `shapes` (native key -> the model's shape).
 
     Strict: every model tensor must come from the checkpoint and every checkpoint tensor must be used.
     vocab_extension: "mean" grows embedding/head rows when the checkpoint has fewer rows than the model (see
-    `extend_rows`, seeded by `seed`); "error" refuses. Tensors are read one at a time, cast to the model's
-    dtype, so a 7B checkpoint never sits in memory twice. Call before `parallelize`."""
-    cfg: ModelConfig = model.cfg
+    `extend_rows`, seeded by `seed`); "error" refuses. Tensors keep the checkpoint's dtype."""
     files = checkpoint_files(path)
     kmap = key_map(cfg, layout)
     have = {k for k in files if not _ignorable(k, cfg, layout)}
     _check_keys(have, set(kmap.values()), str(path), f"layout {layout!r} for a {cfg.n_layers}-layer model")
-    params = strip_wrapper_prefixes(dict(model.state_dict(keep_vars=True)))
-    _check_keys(set(params), set(kmap), "model", "the key map (model and config disagree)")
+    _check_keys(set(shapes), set(kmap), "model", "the key map (model and config disagree)")
     generator = torch.Generator().manual_seed(seed)
     by_file: dict[Path, list[str]] = {}
     for native, hf in kmap.items():
@@ -206,26 +205,50 @@ def load_pretrained(model: nn.Module, path: str | Path, layout: Layout,
     for file, natives in sorted(by_file.items()):
         with safe_open(str(file), framework="pt") as f:
             for native in natives:
-                hf = kmap[native]
-                tensor = f.get_tensor(hf)
-                target = params[native]
-                if tensor.shape != target.shape:
-                    tensor = _fit_vocab_rows(tensor, target, native, hf, file, vocab_extension, generator)
-                target.copy_(tensor)
+                tensor = f.get_tensor(kmap[native])
+                if tensor.shape != shapes[native]:
+                    tensor = _fit_vocab_rows(tensor, shapes[native], native, kmap[native], file, vocab_extension,
+                                             generator)
+                yield native, tensor
 
 
-def _fit_vocab_rows(tensor: torch.Tensor, target: torch.Tensor, native: str, hf: str, file: Path,
+@torch.no_grad()
+def load_pretrained(model: nn.Module, path: str | Path, layout: Layout,
+                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0) -> None:
+    """Load an HF-layout safetensors checkpoint into `model` (plain tensors) in place; see `iter_pretrained`.
+    Tensors are read one at a time and cast to the model's dtype, so a 7B checkpoint never sits in memory
+    twice. Call before `parallelize`; for a model built on the meta device and sharded, build the full state
+    on rank 0 with `read_pretrained` and broadcast it with torch.distributed.checkpoint.state_dict's
+    `set_model_state_dict(..., StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))`."""
+    params = strip_wrapper_prefixes(dict(model.state_dict(keep_vars=True)))
+    shapes = {k: v.shape for k, v in params.items()}
+    for native, tensor in iter_pretrained(path, model.cfg, layout, shapes, vocab_extension, seed):
+        params[native].copy_(tensor)
+
+
+def read_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, vocab_rows: int,
+                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0,
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Full native state dict of an HF checkpoint for a model of `cfg` with `vocab_rows` embedding rows,
+    without building the model (e.g. on rank 0, to broadcast into a sharded model)."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(cfg, vocab_size=vocab_rows).state_dict().items()}
+    return {k: (t if dtype is None else t.to(dtype))
+            for k, t in iter_pretrained(path, cfg, layout, shapes, vocab_extension, seed)}
+
+
+def _fit_vocab_rows(tensor: torch.Tensor, shape: torch.Size, native: str, hf: str, file: Path,
                     vocab_extension: str, generator: torch.Generator) -> torch.Tensor:
-    grows = (native in VOCAB_KEYS and tensor.ndim == 2 and tensor.shape[1] == target.shape[1]
-             and tensor.shape[0] < target.shape[0])
+    grows = (native in VOCAB_KEYS and tensor.ndim == 2 and len(shape) == 2 and tensor.shape[1] == shape[1]
+             and tensor.shape[0] < shape[0])
     if not grows:
         raise CheckpointError(f"{file}: {hf} has shape {tuple(tensor.shape)} but the model's {native} has "
-                              f"{tuple(target.shape)}; check the model preset against the checkpoint's config.json")
+                              f"{tuple(shape)}; check the model preset against the checkpoint's config.json")
     if vocab_extension != "mean":
-        raise CheckpointError(f"{file}: {hf} has {tensor.shape[0]} rows, the model {target.shape[0]}; pass "
+        raise CheckpointError(f"{file}: {hf} has {tensor.shape[0]} rows, the model {shape[0]}; pass "
                               f"vocab_extension='mean' to initialise the new rows, or build the model with "
                               f"model.vocab_size={tensor.shape[0]}")
-    return extend_rows(tensor, target.shape[0], generator)
+    return extend_rows(tensor, shape[0], generator)
 
 
 # ---- our own export ---------------------------------------------------------------------------------------
