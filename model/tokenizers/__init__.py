@@ -1,0 +1,312 @@
+"""The tokenizer set: one text, one image and one speech tokenizer, their configs, and the vocabulary they imply.
+
+The tokenize job calls `TokenizerSet.prepare(cfg, "<out>/tokenizers", texts=..., wavs=...)` once: it fits what
+must be fitted on the corpus (a byte-level BPE, EnCodec's codebooks when no published weights are used) and saves
+the result beside the shards. Every later step (tokenize actors, training, sampling, evaluation) calls
+`TokenizerSet.load("<out>/tokenizers")` and so tokenizes and detokenizes exactly as the shards were made.
+
+Artifacts dir (local or s3://):
+    tokenizers.json       resolved config, tokenizer names and fingerprints (written last: marks a complete set)
+    vocab.json            the Vocab (model/vocab.py) built from the three tokenizers
+    text.json             HF tokenizers file (the trained BPE, or a copy of the backbone's tokenizer.json)
+    encodec.safetensors   EnCodec state fitted on the corpus (speech.weights=offline only)
+Pixel images need no file; MAGVIT-v2 and published EnCodec weights are referenced by their config.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Literal
+
+import numpy as np
+
+from model import configlib, storage
+from model.configlib import ConfigError
+from model.tokenizers.base import BadInput, ImageTokenizer, SpeechTokenizer, TextTokenizer
+from model.vocab import Vocab
+
+FORMAT_VERSION = 1
+SET_FILE = "tokenizers.json"
+VOCAB_FILE = "vocab.json"
+TEXT_FILE = "text.json"
+ENCODEC_FILE = "encodec.safetensors"
+
+# Input guards: they decide which inputs are rejected, never which codes an accepted input gets, so a saved set
+# may be reused with other values.
+_GUARD_KEYS = ("image.max_pixels", "speech.max_seconds")
+
+
+@dataclass
+class TextTokenizerConfig:
+    kind: Literal["bpe", "hf"] = "bpe"
+    path: str = ""              # kind=hf: the backbone's tokenizer.json (local or s3://)
+    vocab_size: int = 512       # kind=bpe: upper bound of the trained vocabulary (256 bytes + merges)
+    text_size: int = 0          # text rows the vocabulary reserves (the backbone's embedding rows); 0 = tokenizer size
+
+    def __post_init__(self) -> None:
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("text.path: text.kind=hf needs the path of the backbone's tokenizer.json")
+        if self.kind == "bpe" and self.vocab_size <= 256:
+            raise ConfigError(f"text.vocab_size={self.vocab_size}: a byte-level BPE needs more than 256 ids")
+        if self.text_size < 0:
+            raise ConfigError(f"text.text_size={self.text_size} must be >= 0")
+
+
+@dataclass
+class ImageTokenizerConfig:
+    kind: Literal["pixel", "magvit2"] = "pixel"
+    size: int = 8               # square side in pixels
+    channels: int = 1           # 1 = grayscale, 3 = RGB
+    levels: int = 17            # pixel: quantization levels per channel (17 = sklearn digits' 0..16)
+    magvit2_preset: str = "public"
+    weights: str = ""           # magvit2: path or s3:// of the weights
+    random_init: bool = False   # magvit2: random weights (tests only)
+    max_pixels: int = 50_000_000  # decompression-bomb guard, checked on the header before decoding
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"image.size={self.size} must be >= 1")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"image.channels={self.channels} must be 1 or 3")
+        if self.kind == "pixel" and not 2 <= self.levels <= 256:
+            raise ConfigError(f"image.levels={self.levels} must be in [2, 256]")
+        if self.max_pixels < 1:
+            raise ConfigError(f"image.max_pixels={self.max_pixels} must be >= 1")
+
+
+@dataclass
+class SpeechTokenizerConfig:
+    kind: Literal["encodec"] = "encodec"
+    bandwidth: float = 1.5      # kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks
+    # "offline" = random EnCodec + k-means codebooks fitted on the corpus (saved beside the shards);
+    # "pretrained" = published weights from the torch hub cache; or a local/s3:// path to encodec_24khz-d7cc33bc.th
+    weights: str = "offline"
+    kmeans_iters: int = 1       # offline: EnCodec k-means iterations per codebook
+    fit_samples: int = 64       # offline: waveforms the codebooks are fitted on
+    max_seconds: float = 30.0   # longer audio is rejected (checked on the header before decoding)
+
+    def __post_init__(self) -> None:
+        from model.tokenizers.speech import BANDWIDTHS
+
+        if self.bandwidth not in BANDWIDTHS:
+            raise ConfigError(f"speech.bandwidth={self.bandwidth} must be one of {list(BANDWIDTHS)} (kbps)")
+        if not self.weights:
+            raise ConfigError("speech.weights is empty: use offline, pretrained, or a path to "
+                              "encodec_24khz-d7cc33bc.th")
+        if self.kmeans_iters < 1 or self.fit_samples < 1:
+            raise ConfigError(f"speech.kmeans_iters={self.kmeans_iters} and speech.fit_samples={self.fit_samples} "
+                              "must be >= 1")
+        if self.max_seconds <= 0:
+            raise ConfigError(f"speech.max_seconds={self.max_seconds} must be > 0")
+
+
+@dataclass
+class TokenizerConfig:
+    text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
+    image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
+    speech: SpeechTokenizerConfig = field(default_factory=SpeechTokenizerConfig)
+
+    @classmethod
+    def preset(cls, name: str) -> "TokenizerConfig":
+        if name != "demo":
+            raise ConfigError(f"unknown tokenizers preset {name!r}; presets: ['demo']")
+        return default_tokenizer_config()
+
+
+def default_tokenizer_config() -> TokenizerConfig:
+    """The embedded CPU demo: a small BPE learned from the captions (512 is an upper bound; a digit corpus
+    stops far below it), exact 8x8 grayscale pixels with sklearn digits' 17 levels, EnCodec at 1.5 kbps
+    (2 codebooks) with codebooks fitted on the corpus, so nothing is downloaded."""
+    return TokenizerConfig(
+        text=TextTokenizerConfig(kind="bpe", vocab_size=512),
+        image=ImageTokenizerConfig(kind="pixel", size=8, channels=1, levels=17),
+        speech=SpeechTokenizerConfig(kind="encodec", bandwidth=1.5, weights="offline"),
+    )
+
+
+class TokenizerMismatch(ValueError):
+    """A saved tokenizer set differs from what was asked for (config) or from what was recorded (fingerprints)."""
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_diff(saved: TokenizerConfig, requested: TokenizerConfig) -> list[str]:
+    """`key: saved X, requested Y` for each setting that changes the tokens (input guards excluded)."""
+    a, b = _flatten(configlib.to_dict(saved)), _flatten(configlib.to_dict(requested))
+    return [f"{k}: saved {a.get(k)!r}, requested {b.get(k)!r}"
+            for k in sorted(set(a) | set(b)) if k not in _GUARD_KEYS and a.get(k) != b.get(k)]
+
+
+def _text_name(cfg: TextTokenizerConfig) -> str:
+    return f"bpe{cfg.vocab_size}" if cfg.kind == "bpe" else "hf"
+
+
+def _build_image(cfg: ImageTokenizerConfig) -> ImageTokenizer:
+    if cfg.kind == "magvit2":
+        from model.tokenizers.magvit2 import build_magvit2  # heavy, optional: only when asked for
+
+        return build_magvit2(cfg)
+    from model.tokenizers.pixel import PixelTokenizer
+
+    return PixelTokenizer.from_config(cfg)
+
+
+class TokenizerSet:
+    """`.text`, `.image`, `.speech`, `.config`, `.vocab`. Build with `prepare` (fit + save) or `load`."""
+
+    def __init__(self, config: TokenizerConfig, text: TextTokenizer, image: ImageTokenizer, speech: SpeechTokenizer):
+        self.config, self.text, self.image, self.speech = config, text, image, speech
+        self.vocab = Vocab(
+            text_size=text.size, text_tokenizer=text.name, text_fingerprint=text.fingerprint(),
+            n_q=speech.n_q, audio_codebook_size=speech.codebook_size,
+            image_codebook_size=image.codebook_size, image_tokenizer=image.name, speech_tokenizer=speech.name)
+
+    def fingerprints(self) -> dict[str, str]:
+        return {"text": self.text.fingerprint(), "image": self.image.fingerprint(),
+                "speech": self.speech.fingerprint()}
+
+    def names(self) -> dict[str, str]:
+        return {"text": self.text.name, "image": self.image.name, "speech": self.speech.name}
+
+    # ---- prepare / save / load ----------------------------------------------------------------------------
+    @classmethod
+    def prepare(cls, cfg: TokenizerConfig, artifacts_dir: str, *, texts: Iterable[str] = (),
+                wavs: Iterable[np.ndarray] = ()) -> "TokenizerSet":
+        """Load the set saved in `artifacts_dir` (checking it was made with `cfg`), or fit and save a new one:
+        BPE on `texts`, EnCodec codebooks on up to `speech.fit_samples` of `wavs` (float32 mono, 24 kHz)."""
+        if storage.exists(storage.join(artifacts_dir, SET_FILE)):
+            saved = cls.read_config(artifacts_dir)
+            diff = config_diff(saved, cfg)
+            if diff:
+                raise TokenizerMismatch(
+                    f"{storage.join(artifacts_dir, SET_FILE)} holds tokenizers prepared with another config ("
+                    + "; ".join(diff) + "). Shards in this output were tokenized with the saved tokenizers: write to "
+                    "a new output location, delete the old one, or set these keys back to the saved values.")
+            return cls._load(artifacts_dir, cfg)
+
+        if cfg.text.kind == "bpe":
+            from model.tokenizers.text import HFTextTokenizer
+
+            text = HFTextTokenizer.train_bpe(texts, cfg.text.vocab_size, text_size=cfg.text.text_size,
+                                             name=_text_name(cfg.text))
+        else:
+            text = _build_text_from_path(cfg.text)
+        image = _build_image(cfg.image)
+        s = cfg.speech
+        if s.weights == "offline":
+            from model.tokenizers.speech import EncodecTokenizer
+
+            speech = EncodecTokenizer.fit_offline(
+                list(itertools.islice(wavs, s.fit_samples)), bandwidth=s.bandwidth, kmeans_iters=s.kmeans_iters,
+                fit_samples=s.fit_samples, max_seconds=s.max_seconds)
+        else:
+            speech = _build_speech(s, artifacts_dir)
+        out = cls(cfg, text, image, speech)
+        out.save(artifacts_dir)
+        return out
+
+    def save(self, artifacts_dir: str) -> None:
+        j = lambda name: storage.join(artifacts_dir, name)  # noqa: E731
+        self.text.save(j(TEXT_FILE))  # type: ignore[attr-defined]  # HFTextTokenizer
+        files = {"text": TEXT_FILE}
+        if self.config.speech.weights == "offline":
+            self.speech.save_offline(j(ENCODEC_FILE))  # type: ignore[attr-defined]  # EncodecTokenizer
+            files["speech"] = ENCODEC_FILE
+        storage.write_text_atomic(j(VOCAB_FILE), self.vocab.to_json())
+        record = {"format_version": FORMAT_VERSION, "config": configlib.to_dict(self.config),
+                  "names": self.names(), "fingerprints": self.fingerprints(), "files": files,
+                  "vocab_fingerprint": self.vocab.fingerprint()}
+        # written last: a reader that finds tokenizers.json finds every file it lists
+        storage.write_text_atomic(j(SET_FILE), json.dumps(record, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, artifacts_dir: str) -> "TokenizerSet":
+        """Restore a saved set; refuses files whose fingerprints differ from the recorded ones."""
+        return cls._load(artifacts_dir, None)
+
+    @staticmethod
+    def read_record(artifacts_dir: str) -> dict[str, Any]:
+        path = storage.join(artifacts_dir, SET_FILE)
+        try:
+            record = json.loads(storage.read_text(path))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no tokenizer set at {artifacts_dir} ({SET_FILE} is missing): run the tokenize "
+                                    "job first (it prepares <output>/tokenizers/), or point at its output") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}): delete the output and tokenize again") from None
+        if record.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format_version {record.get('format_version')!r} is not {FORMAT_VERSION}")
+        return record
+
+    @classmethod
+    def read_config(cls, artifacts_dir: str) -> TokenizerConfig:
+        record = cls.read_record(artifacts_dir)
+        try:
+            return configlib.from_dict(TokenizerConfig, record["config"])
+        except (ConfigError, KeyError) as e:
+            raise ValueError(f"{storage.join(artifacts_dir, SET_FILE)}: bad config section: {e}") from None
+
+    @staticmethod
+    def read_vocab(artifacts_dir: str) -> Vocab:
+        """The saved vocabulary alone (no tokenizer is built): for steps that only need ids."""
+        return Vocab.from_json(storage.read_text(storage.join(artifacts_dir, VOCAB_FILE)))
+
+    @classmethod
+    def _load(cls, artifacts_dir: str, requested: TokenizerConfig | None) -> "TokenizerSet":
+        record = cls.read_record(artifacts_dir)
+        cfg = cls.read_config(artifacts_dir)
+        if requested is not None:  # same tokens (checked by the caller); the requested input guards apply
+            cfg = requested
+        from model.tokenizers.text import HFTextTokenizer
+
+        text = HFTextTokenizer.from_file(storage.join(artifacts_dir, TEXT_FILE), cfg.text.text_size,
+                                         name=_text_name(cfg.text))
+        image = _build_image(cfg.image)
+        speech = _build_speech(cfg.speech, artifacts_dir)
+        out = cls(cfg, text, image, speech)
+        recorded = record.get("fingerprints", {})
+        bad = [f"{k}: recorded {recorded.get(k)!r}, loaded {v!r}"
+               for k, v in out.fingerprints().items() if recorded.get(k) != v]
+        if bad:
+            raise TokenizerMismatch(
+                f"tokenizers loaded from {artifacts_dir} differ from those recorded in {SET_FILE} (" + "; ".join(bad)
+                + "): a file was changed or different weights were found (e.g. another EnCodec checkpoint in the "
+                "hub cache). Restore the original files or tokenize again into a new output.")
+        vocab_path = storage.join(artifacts_dir, VOCAB_FILE)
+        saved_vocab = Vocab.from_json(storage.read_text(vocab_path))
+        saved_vocab.check_same(out.vocab, what=f"saved vocabulary ({vocab_path})", expected="loaded tokenizers")
+        return out
+
+
+def _build_text_from_path(cfg: TextTokenizerConfig) -> TextTokenizer:
+    from model.tokenizers.text import HFTextTokenizer
+
+    return HFTextTokenizer.from_file(cfg.path, cfg.text_size, name=_text_name(cfg))
+
+
+def _build_speech(cfg: SpeechTokenizerConfig, artifacts_dir: str) -> SpeechTokenizer:
+    from model.tokenizers.speech import EncodecTokenizer
+
+    if cfg.weights == "offline":
+        path = storage.join(artifacts_dir, ENCODEC_FILE)
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path} is missing (speech.weights=offline saves the fitted EnCodec there): "
+                                    "tokenize again into a new output")
+        return EncodecTokenizer.load_offline(path, bandwidth=cfg.bandwidth, max_seconds=cfg.max_seconds)
+    return EncodecTokenizer.from_config(cfg)
+
+
+__all__ = [
+    "BadInput", "TextTokenizerConfig", "ImageTokenizerConfig", "SpeechTokenizerConfig", "TokenizerConfig",
+    "TokenizerSet", "TokenizerMismatch", "default_tokenizer_config", "config_diff",
+]
