@@ -1,0 +1,703 @@
+"""Any-to-any inference on a training export: load it once, build prompts, sample, decode every answer.
+
+    load_export(uri)      <export>/ (local or s3://) -> Loaded(model, vocab, tokenizers, model_config, ...)
+    Predictor             holds one Loaded; prepare(Request) -> Prepared (prompt ids + canvas plan);
+                          run([Prepared]) -> [Output] (batched `model.sampling.generate`, then detokenized)
+    SamplerPresets        per-task sampler settings (the reference's, or the CPU demo's), `key=value` overridable
+
+Prompts are built exactly as training built them (model/prompts.py: the task templates and `encode_messages`
+with `add_generation_prompt=True`), and the canvas has the layout of a training answer:
+
+    text answer    <im_start><assistant> | text ... <im_end> <eos> ...           canvas: text ids, im_end, eos
+    image answer   <im_start><assistant><boi> | codes x tokens_per_image <eoi> <im_end>
+    speech answer  <im_start><assistant><boa> | codes ... <eoa> <im_end> <eos> ...
+
+For media answers the opening bracket ends the prompt. An image has a known length, so `<eoi><im_end>` are
+placed at the end of the canvas and never sampled. A speech answer has no known length: every canvas position
+may hold a code of its codebook (position i of the answer is codebook i mod n_q, the vocabulary's frame-major
+layout) or a closing token (`<eoa>`, `<im_end>`, EOS), which `generate(allowed=...)` expresses; the waveform is
+decoded from the codes up to the first non-audio id, trimmed to whole frames.
+
+Spoken VQA whose answer includes speech (`svqa.speech_answer=true`; the reference's spoken answers are text
+followed by speech) pre-infills `<boa>` at 20% of the canvas (`svqa.boa_fraction`): text before it, speech after.
+Our task templates answer spoken questions in text, so this is off by default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import posixpath
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from model import configlib, storage
+from model.config import ModelConfig
+from model.prompts import (ANSWER_MODALITY, TASKS, TaskTemplate, TaskTemplates, count_placeholders,
+                           encode_messages, infer_task, task_messages)
+from model.sampling import Alg, generate
+from model.tokenizers.base import BadInput
+from model.vocab import Modality, Vocab
+
+EXPORT_FILES = ("model.safetensors", "vocab.json")
+# The model config: CONTRACTS.md's config.json ({"model": {...}, "step", "run_name", "mlflow"?}), or the trainer's
+# model_config.json (the ModelConfig alone) with export.json ({"step", "run_name", "mlflow_run_id", ...}).
+CONFIG_FILES = ("config.json", "model_config.json")
+TOKENIZERS_DIR = "tokenizers"
+
+
+# ---- sampler presets ----------------------------------------------------------------------------------------
+
+@dataclass
+class TaskSampler:
+    """How one task's answer canvas is sized and decoded (see `model.sampling.generate` for the sampler keys)."""
+    length: int = 64             # canvas tokens; 0 for image answers = the image tokenizer's tokens_per_image
+    length_ratio: float = 0.0    # > 0: length = ratio x input tokens (asr: prompt speech ids; tts: text to read)
+    min_length: int = 1          # clamp for ratio-derived lengths
+    max_length: int = 0          # 0 = no cap (the model's seq_len still bounds prompt + canvas)
+    steps: int = 64              # model calls; capped at the number of positions to fill
+    steps_ratio: float = 0.0     # > 0: steps = ceil(ratio x length) (asr/tts: length / 2)
+    block_length: int = 0        # semi-autoregressive blocks; 0 = one block
+    alg: Alg = "entropy"
+    temperature: float = 0.0
+    top_p: float = 1.0           # 1.0 = off
+    cfg_scale: float = 0.0
+    position_penalty: float = 1.0
+    penalty_start: int = 100
+    repetition_penalty: float = 1.0
+    speech_answer: bool = False  # svqa only: the answer is text then speech (begin-of-audio pre-infilled)
+    boa_fraction: float = 0.2    # where <boa> is pre-infilled when speech_answer
+
+    def __post_init__(self) -> None:
+        for key in ("length", "min_length", "max_length", "block_length", "penalty_start"):
+            if getattr(self, key) < 0:
+                raise configlib.ConfigError(f"sampler {key}={getattr(self, key)} must be >= 0")
+        if self.steps < 1 and self.steps_ratio <= 0:
+            raise configlib.ConfigError(f"sampler steps={self.steps} must be >= 1 (or set steps_ratio)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise configlib.ConfigError(f"sampler temperature={self.temperature} must be >= 0 and "
+                                        f"top_p={self.top_p} in (0, 1]")
+        if not 0 < self.boa_fraction < 1:
+            raise configlib.ConfigError(f"sampler boa_fraction={self.boa_fraction} must be in (0, 1)")
+
+
+def _image_sampler() -> TaskSampler:
+    # Reference t2i/s2i: 256 MAGVIT-v2 tokens, 256 steps, raster-order position penalty 2.0.
+    return TaskSampler(length=0, steps=256, position_penalty=2.0)
+
+
+@dataclass
+class SamplerPresets:
+    """Per-task sampler settings. Preset "reference" follows the Omni-Diffusion evaluation settings; "demo"
+    sizes speech for the CPU demo's EnCodec at 1.5 kbps (150 ids per second: a spoken digit word of ~0.6 s is
+    ~90 ids for one or two text tokens, far beyond 3.5 ids per text token)."""
+    t2i: TaskSampler = field(default_factory=_image_sampler)
+    s2i: TaskSampler = field(default_factory=_image_sampler)
+    i2t: TaskSampler = field(default_factory=lambda: TaskSampler(length=64, steps=64))
+    vqa: TaskSampler = field(default_factory=lambda: TaskSampler(length=64, steps=64))
+    svqa: TaskSampler = field(default_factory=lambda: TaskSampler(length=128, steps=128))
+    asr: TaskSampler = field(default_factory=lambda: TaskSampler(length_ratio=0.2, steps_ratio=0.5, min_length=4))
+    tts: TaskSampler = field(default_factory=lambda: TaskSampler(length_ratio=3.5, steps_ratio=0.5, min_length=8))
+    text: TaskSampler = field(default_factory=lambda: TaskSampler(length=64, steps=64))
+    batch_size: int = 8          # prompts per generate call (rows sharing one canvas layout)
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str) -> "SamplerPresets":
+        if name == "reference":
+            return cls()
+        if name == "demo":
+            p = cls()
+            p.tts = TaskSampler(length_ratio=75.0, steps_ratio=0.5, min_length=64, max_length=256)
+            p.asr = TaskSampler(length_ratio=0.2, steps_ratio=0.5, min_length=8, max_length=64)
+            p.i2t = TaskSampler(length=16, steps=16)
+            p.svqa = TaskSampler(length=16, steps=16)
+            p.batch_size = 16
+            return p
+        raise configlib.ConfigError(f"unknown sampler preset {name!r}; presets: ['reference', 'demo']")
+
+    def for_task(self, task: str) -> TaskSampler:
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+        return getattr(self, task)
+
+
+SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(TaskSampler))
+
+
+def load_presets(preset: str = "reference", path: str | None = None, overrides: Sequence[str] = (),
+                 tasks: Sequence[str] = TASKS) -> SamplerPresets:
+    """defaults <- preset <- YAML <- overrides. A bare sampler key (`steps=32`) applies to every task in
+    `tasks`; `t2i.steps=32` to one task; `batch_size=4`, `seed=1` are global."""
+    expanded = []
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in SAMPLER_KEYS:
+            expanded += [f"{t}.{item.strip()}" for t in tasks]
+        else:
+            expanded.append(item)
+    try:
+        return configlib.load(SamplerPresets, path, expanded, base={"preset": preset})
+    except configlib.ConfigError as e:
+        raise configlib.ConfigError(f"{e}. Sampler keys (bare, or per task as <task>.<key>): "
+                                    f"{', '.join(SAMPLER_KEYS)}") from None
+
+
+# ---- export loading ---------------------------------------------------------------------------------------
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    vocab: Vocab
+    tokenizers: Any              # model.tokenizers.TokenizerSet
+    model_config: ModelConfig
+    config: dict                 # the export's config.json
+    path: str                    # local folder holding the export
+    device: torch.device
+    source: str = ""             # the export as given (local path or s3:// URI)
+
+    def mlflow_run(self, tracking_uri: str = "") -> tuple[str, str] | None:
+        return mlflow_run(self.config, self.source or self.path, tracking_uri)
+
+
+def mlflow_run(config: dict, export: str, tracking_uri: str = "") -> tuple[str, str] | None:
+    """(tracking_uri, run_id) of the training run, or None when the export names no run. The run id comes from
+    the export config; the tracking URI from `tracking_uri`, the export, $MLFLOW_TRACKING_URI, or the trainer's
+    default store beside a local export (<run-dir>/mlflow.db for <run-dir>/export)."""
+    ml = config.get("mlflow") if isinstance(config.get("mlflow"), dict) else {}
+    run_id = ml.get("run_id") or config.get("mlflow_run_id")
+    if not run_id:
+        return None
+    uri = tracking_uri or ml.get("tracking_uri") or config.get("mlflow_tracking_uri") \
+        or os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri and export and not storage.is_s3(export):
+        db = Path(export).resolve().parent / "mlflow.db"
+        uri = f"sqlite:///{db}" if db.is_file() else ""
+    return (str(uri), str(run_id)) if uri else None
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None / "auto" -> cuda when available, else cpu."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OMNIDIFF_CACHE", Path.home() / ".cache" / "omnidiff")) / "exports"
+
+
+def local_export(uri: str) -> Path:
+    """The export as a local folder: itself when local, else a cached download of the s3:// prefix (fetched
+    again when the remote config.json or weights size changed)."""
+    if not storage.is_s3(uri):
+        path = Path(uri)
+        if not path.is_dir():
+            raise FileNotFoundError(f"checkpoint {uri} is not a folder: give a training export "
+                                    f"(<run-dir>/export, holding {', '.join(EXPORT_FILES)} and tokenizers/)")
+        return path
+    fs = storage.filesystem(uri)
+    base = uri.rstrip("/")
+    try:
+        weights_size = fs.size(posixpath.join(base, "model.safetensors"))
+        remote_config = b"".join(storage.read_bytes(posixpath.join(base, f)) for f in CONFIG_FILES
+                                 if fs.exists(posixpath.join(base, f)))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {uri} has no model.safetensors: give a training export "
+                                f"(<run-dir>/export)") from None
+    stamp = hashlib.sha256(remote_config + str(weights_size).encode()).hexdigest()
+    dest = cache_root() / hashlib.sha256(base.encode()).hexdigest()[:16]
+    marker = dest / ".complete"
+    if marker.is_file() and marker.read_text() == stamp:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
+    try:
+        fs.get(base + "/", str(staging), recursive=True)
+        (staging / ".complete").write_text(stamp)
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(staging, dest)  # concurrent loaders never see a half-downloaded export
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def load_export(uri: str, device: str | torch.device | None = None, dtype: str = "auto") -> Loaded:
+    """Read `<export>/` (local or s3://): weights, model config, vocabulary and tokenizers, checked against each
+    other. `dtype`: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"."""
+    from model.tokenizers import TokenizerSet
+    from model.transformer import Transformer
+    from model.weights import load_native, load_state_strict
+
+    path = local_export(uri)
+    missing = [f for f in (*EXPORT_FILES, TOKENIZERS_DIR) if not (path / f).exists()]
+    if not any((path / f).is_file() for f in CONFIG_FILES):
+        missing.append(" or ".join(CONFIG_FILES))
+    if missing:
+        raise FileNotFoundError(f"checkpoint {uri} lacks {missing}: an export holds {', '.join(EXPORT_FILES)}, "
+                                f"the model config and {TOKENIZERS_DIR}/ (written by `omnidiff train` at the end "
+                                f"of a run)")
+    config = read_export_config(path)
+    model_config = configlib.from_dict(ModelConfig, config["model"], "export model config")
+    vocab = Vocab.from_json((path / "vocab.json").read_text())
+    tokenizers = TokenizerSet.load(str(path / TOKENIZERS_DIR))
+    vocab.check_same(tokenizers.vocab, what="export's tokenizers", expected="export's vocab.json")
+
+    device = resolve_device(device)
+    model = Transformer(model_config, vocab_size=vocab.size)
+    state, _ = load_native(path / "model.safetensors")
+    load_state_strict(model, state, str(path / "model.safetensors"))
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        model = model.to(torch.bfloat16)
+    elif dtype not in ("auto", "fp32"):
+        raise ValueError(f"dtype={dtype!r}: expected auto, bf16 or fp32")
+    model = model.to(device).eval()
+    return Loaded(model, vocab, tokenizers, model_config, config, str(path), device, str(uri))
+
+
+def read_export_config(path: Path) -> dict:
+    """The export's config as CONTRACTS.md's config.json shape: {"model": {...}, "step"?, "run_name"?, ...}."""
+    if (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+            raise ValueError(f"{path / 'config.json'}: expected {{\"model\": {{...}}, \"step\": ...}}")
+        return config
+    model = json.loads((path / "model_config.json").read_text())
+    if not isinstance(model, dict):
+        raise ValueError(f"{path / 'model_config.json'}: expected the model config as a JSON object")
+    extra = json.loads((path / "export.json").read_text()) if (path / "export.json").is_file() else {}
+    return {**(extra if isinstance(extra, dict) else {}), "model": model}
+
+
+# ---- requests ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """One prompt. Either `messages` (prompt turns with `<|image|>` / `<|audio|>` placeholders; no assistant
+    answer), or nothing (the task template filled with `text`), or `prompt_ids` already tokenized (from shards;
+    ending with `<im_start><assistant>`).
+
+    images: each a path / s3:// URI (relative ones resolved against `base_dir`), file bytes, uint8 pixels
+        (H, W, C), or integer codes (tokens_per_image,). audios: each a path / URI, file bytes, a float32 24 kHz
+        waveform (N,), or integer codes (n_q, T)."""
+    task: str
+    text: str = ""
+    messages: list[dict] | None = None
+    images: list[Any] = field(default_factory=list)
+    audios: list[Any] = field(default_factory=list)
+    prompt_ids: np.ndarray | None = None
+    base_dir: str = ""
+    id: Any = None
+
+
+@dataclass
+class Canvas:
+    """The answer canvas of one prompt: rows batch together when their (task, length, steps, fixed) agree."""
+    task: str
+    kind: str                          # "text" | "image" | "audio" | "text+audio"
+    length: int
+    steps: int
+    fixed: tuple[tuple[int, int], ...]  # (canvas position, token id) placed before decoding
+    split: int = 0                     # text+audio: position of the pre-infilled <boa>
+
+    @property
+    def key(self) -> tuple:
+        return self.task, self.kind, self.length, self.steps, self.fixed
+
+
+@dataclass
+class Prepared:
+    request: Request
+    prompt: np.ndarray                 # (P,) int64, ending with <boi>/<boa> for media answers
+    canvas: Canvas
+
+
+@dataclass
+class Output:
+    task: str
+    id: Any
+    canvas: np.ndarray                 # (G,) int64 sampled ids
+    prompt_len: int
+    text: str | None = None
+    image: np.ndarray | None = None    # uint8 (H, W, C)
+    audio_codes: np.ndarray | None = None  # (n_q, T)
+    wav: np.ndarray | None = None      # float32 (N,)
+    sample_rate: int = 0
+
+    def save(self, folder: str, stem: str = "") -> dict[str, str]:
+        """Write answer.txt / image.png / speech.wav (or `<stem>.txt/.png/.wav`) under `folder` (local or
+        s3://); returns {"text"|"image"|"audio": uri}."""
+        names = {"text": f"{stem}.txt" if stem else "answer.txt", "image": f"{stem}.png" if stem else "image.png",
+                 "audio": f"{stem}.wav" if stem else "speech.wav"}
+        written = {}
+        if self.text is not None and not stem:
+            written["text"] = storage.join(folder, names["text"])
+            storage.write_text_atomic(written["text"], self.text + "\n")
+        if self.image is not None:
+            written["image"] = storage.join(folder, names["image"])
+            storage.write_bytes_atomic(written["image"], png_bytes(self.image))
+        if self.wav is not None:
+            written["audio"] = storage.join(folder, names["audio"])
+            storage.write_bytes_atomic(written["audio"], wav_bytes(self.wav, self.sample_rate))
+        return written
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    from PIL import Image
+
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]  # (H, W, 1) -> (H, W): grayscale PNG
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def wav_bytes(wav: np.ndarray, sample_rate: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, np.asarray(wav, dtype=np.float32), sample_rate, format="WAV", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def resolve_media(ref: str, base_dir: str) -> str:
+    """A media path from a prompt: absolute paths and URIs as they are, others relative to `base_dir`."""
+    if storage.is_s3(ref) or os.path.isabs(ref) or not base_dir:
+        return ref
+    return storage.join(base_dir, ref)
+
+
+def read_media(ref: str, base_dir: str, what: str) -> bytes:
+    uri = resolve_media(ref, base_dir)
+    try:
+        return storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise BadInput("missing_file", f"{what} file {uri} does not exist") from None
+    except IsADirectoryError:
+        raise BadInput("missing_file", f"{what} path {uri} is a folder, not a file") from None
+
+
+def spoken_text(template: TaskTemplate, content: str) -> str:
+    """The text to read aloud in a TTS user turn: the `{text}` part of the template when the content matches
+    it, else the whole content."""
+    if "{text}" in template.user:
+        head, tail = template.user.split("{text}", 1)
+        if content.startswith(head) and content.endswith(tail) and len(content) >= len(head) + len(tail):
+            return content[len(head): len(content) - len(tail)]
+    return content
+
+
+def user_text(prompt_ids: np.ndarray, vocab: Vocab, text_tok: Any) -> str:
+    """The text of the last user turn of a tokenized prompt (media spans and specials left out)."""
+    ids = np.asarray(prompt_ids).tolist()
+    starts = [i for i, t in enumerate(ids) if t == vocab.im_start_id]
+    user = [i for i in starts if i + 1 < len(ids) and ids[i + 1] == vocab.role_id("user")]
+    span = ids[user[-1] + 2:] if user else ids
+    end = span.index(vocab.im_end_id) if vocab.im_end_id in span else len(span)
+    return text_tok.decode([t for t in span[:end] if t < vocab.text_size])
+
+
+# ---- the predictor ----------------------------------------------------------------------------------------
+
+class Predictor:
+    """Holds a loaded export; prompts in, detokenized answers out. One instance per process / Ray actor."""
+
+    def __init__(self, loaded: Loaded, presets: SamplerPresets | None = None,
+                 templates: TaskTemplates | None = None):
+        self.loaded = loaded
+        self.vocab = loaded.vocab
+        self.tokenizers = loaded.tokenizers
+        self.presets = presets or SamplerPresets()
+        self.templates = templates or TaskTemplates()
+        self.device = loaded.device
+        self._allowed_cache: dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def from_export(cls, uri: str, device: str | None = None, presets: SamplerPresets | None = None,
+                    dtype: str = "auto") -> "Predictor":
+        return cls(load_export(uri, device, dtype), presets)
+
+    # ---- prompts ------------------------------------------------------------------------------------------
+    def answer_kind(self, task: str) -> str:
+        kind = self.templates.get(task).answer
+        if task == "svqa" and self.presets.svqa.speech_answer:
+            return "text+audio"
+        return kind
+
+    def _image_codes(self, item: Any, base_dir: str) -> np.ndarray:
+        tok = self.tokenizers.image
+        if isinstance(item, np.ndarray) and item.ndim == 1:
+            return item.astype(np.int64)
+        if isinstance(item, np.ndarray) and item.ndim == 3:
+            pixels = item
+        else:
+            name = item if isinstance(item, str) else "<bytes>"
+            data = read_media(item, base_dir, "image") if isinstance(item, str) else bytes(item)
+            pixels = tok.load(data, source=name)
+        return tok.encode(pixels[None])[0]  # (1, H, W, C) -> (tokens_per_image,)
+
+    def _audio_codes(self, item: Any, base_dir: str) -> np.ndarray:
+        tok = self.tokenizers.speech
+        if isinstance(item, np.ndarray) and item.ndim == 2:
+            return item.astype(np.int64)
+        if isinstance(item, np.ndarray) and item.ndim == 1:
+            wav = item.astype(np.float32)
+        else:
+            name = item if isinstance(item, str) else "<bytes>"
+            data = read_media(item, base_dir, "audio") if isinstance(item, str) else bytes(item)
+            wav = tok.load(data, source=name)
+        return tok.encode(wav)
+
+    def prompt_ids(self, req: Request) -> np.ndarray:
+        """Prompt ids as training saw them, up to and including `<im_start><assistant>`."""
+        if req.prompt_ids is not None:
+            return np.asarray(req.prompt_ids, dtype=np.int64)
+        messages = req.messages
+        if messages is None:
+            messages = task_messages(self.templates.get(req.task), text=req.text)
+        n_img, n_aud = count_placeholders(messages)
+        if n_img != len(req.images) or n_aud != len(req.audios):
+            need = {"image": n_img, "audio": n_aud}
+            raise BadInput("missing_input",
+                           f"task {req.task} prompt has {n_img} image / {n_aud} audio placeholders but "
+                           f"{len(req.images)} image / {len(req.audios)} audio inputs were given "
+                           f"(needs {', '.join(f'{v} {k}' for k, v in need.items() if v) or 'no media'})")
+        images = [self._image_codes(x, req.base_dir) for x in req.images]
+        audios = [self._audio_codes(x, req.base_dir) for x in req.audios]
+        enc = encode_messages(messages, self.vocab, self.tokenizers.text, images=images, audios=audios,
+                              add_generation_prompt=True)
+        return enc.input_ids.astype(np.int64)
+
+    def _tts_text_tokens(self, req: Request, prompt: np.ndarray) -> int:
+        template = self.templates.get("tts")
+        if req.prompt_ids is None and req.messages is None:
+            text = req.text
+        elif req.messages is not None:
+            users = [m.get("content", "") for m in req.messages if m.get("role") == "user"]
+            text = spoken_text(template, users[-1] if users else "")
+        else:
+            text = spoken_text(template, user_text(prompt, self.vocab, self.tokenizers.text))
+        return len(self.tokenizers.text.encode(text))
+
+    def plan(self, task: str, prompt: np.ndarray, basis: int = 0) -> Canvas:
+        """Canvas length, steps and fixed tokens for `task` (basis: input tokens for ratio-sized canvases)."""
+        s = self.presets.for_task(task)
+        kind = self.answer_kind(task)
+        v = self.vocab
+        fixed: tuple[tuple[int, int], ...] = ()
+        split = 0
+        if kind == "image":
+            n_codes = s.length or self.tokenizers.image.tokens_per_image
+            if n_codes != self.tokenizers.image.tokens_per_image:
+                raise ValueError(f"{task}.length={s.length}: an image is exactly "
+                                 f"{self.tokenizers.image.tokens_per_image} tokens for {self.tokenizers.image.name}"
+                                 f" (leave length at 0)")
+            length = n_codes + 2
+            fixed = ((n_codes, v.eoi_id), (n_codes + 1, v.im_end_id))
+        else:
+            if s.length_ratio > 0:
+                length = max(1, math.ceil(basis * s.length_ratio))
+            else:
+                length = s.length
+            length = max(length, s.min_length)
+            if s.max_length:
+                length = min(length, s.max_length)
+            if kind == "audio":
+                length = -(-length // v.n_q) * v.n_q   # whole frames
+            if kind == "text+audio":
+                split = int(s.boa_fraction * length)
+                fixed = ((split, v.boa_id),)
+        if s.block_length and kind != "image":
+            length = -(-length // s.block_length) * s.block_length
+        n_free = length - len(fixed)
+        steps = math.ceil(s.steps_ratio * n_free) if s.steps_ratio > 0 else s.steps
+        steps = max(1, min(steps, n_free))
+        if s.block_length and kind != "image":
+            blocks = length // s.block_length
+            steps = max(blocks, steps // blocks * blocks)
+        limit = self.loaded.model_config.seq_len
+        if len(prompt) + length > limit:
+            raise BadInput("too_long", f"prompt of {len(prompt)} tokens + {task} canvas of {length} exceeds the "
+                                       f"model's seq_len={limit}; shorten the input or lower {task}.max_length")
+        return Canvas(task, kind, length, steps, fixed, split)
+
+    def prepare(self, req: Request) -> Prepared:
+        """Tokenize one request and plan its canvas. Raises BadInput (missing file, unreadable media, a task
+        whose required input is absent, too long) or ValueError (unknown task)."""
+        if req.task not in TASKS:
+            raise BadInput("unknown_task", f"task {req.task!r}; tasks: {list(TASKS)}")
+        prompt = self.prompt_ids(req)
+        if req.prompt_ids is None and req.messages is None and "{text}" in self.templates.get(req.task).user \
+                and not req.text.strip():
+            raise BadInput("missing_input", f"task {req.task} needs --text")
+        kind = self.answer_kind(req.task)
+        if kind == "image":
+            prompt = np.append(prompt, self.vocab.boi_id)
+        elif kind == "audio":
+            prompt = np.append(prompt, self.vocab.boa_id)
+        basis = 0
+        if req.task == "asr":
+            lo, hi = self.vocab.audio_range()
+            basis = int(((prompt >= lo) & (prompt < hi)).sum())
+        elif req.task == "tts":
+            basis = self._tts_text_tokens(req, prompt)
+        return Prepared(req, prompt, self.plan(req.task, prompt, basis))
+
+    # ---- sampling -----------------------------------------------------------------------------------------
+    def allowed(self, canvas: Canvas) -> torch.Tensor:
+        """(V,) or (G, V) bool mask of the ids each canvas position may take (see the module docstring)."""
+        if canvas.key in self._allowed_cache:
+            return self._allowed_cache[canvas.key]
+        v = self.vocab
+        if canvas.kind == "text":
+            mask = v.allowed_ids(Modality.TEXT)
+        else:
+            mask = torch.zeros(canvas.length, v.size, dtype=torch.bool)
+            if canvas.kind == "image":
+                mask[:, v.image_offset: v.size] = True
+            else:
+                start = canvas.split + 1 if canvas.kind == "text+audio" else 0
+                if canvas.kind == "text+audio":
+                    mask[:start] = v.allowed_ids(Modality.TEXT)
+                for i in range(start, canvas.length):
+                    lo, hi = v.audio_range((i - start) % v.n_q)
+                    mask[i, lo:hi] = True
+                mask[start:, [v.eoa_id, v.im_end_id, v.eos_id]] = True
+            for pos, tid in canvas.fixed:
+                mask[pos] = False
+                mask[pos, tid] = True
+        self._allowed_cache[canvas.key] = mask
+        return mask
+
+    def run(self, items: Sequence[Prepared], *, decode_audio: bool = True) -> list[Output]:
+        """Sample every prepared prompt: rows sharing a canvas layout run as one batched `generate` call (at most
+        `batch_size` rows), prompts left-padded. Returns outputs in the order of `items`."""
+        outputs: list[Output | None] = [None] * len(items)
+        groups: dict[tuple, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(item.canvas.key, []).append(i)
+        bs = max(1, self.presets.batch_size)
+        for idx in groups.values():
+            for start in range(0, len(idx), bs):
+                chunk = idx[start:start + bs]
+                canvases = self._generate([items[i] for i in chunk])
+                for i, row in zip(chunk, canvases):
+                    outputs[i] = self.decode(items[i], row, decode_audio=decode_audio)
+        return outputs  # type: ignore[return-value]
+
+    def _generate(self, rows: Sequence[Prepared]) -> np.ndarray:
+        canvas = rows[0].canvas
+        s = self.presets.for_task(canvas.task)
+        P = max(len(r.prompt) for r in rows)
+        ids = torch.full((len(rows), P), self.vocab.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), P), dtype=torch.bool)
+        for i, r in enumerate(rows):  # left padding: the canvas starts at column P in every row
+            ids[i, P - len(r.prompt):] = torch.from_numpy(r.prompt)
+            mask[i, P - len(r.prompt):] = True
+        G = canvas.length
+        # generate places pre-infilled tokens at int(fraction * G): the centre of the cell is exact in floats.
+        pre_infill = [(tid, (pos + 0.5) / G) for pos, tid in canvas.fixed]
+        generator = torch.Generator(device=self.device).manual_seed(self.presets.seed)
+        out = generate(
+            self.loaded.model, ids.to(self.device), vocab=self.vocab, gen_length=G, steps=canvas.steps,
+            block_length=s.block_length or None, alg=s.alg, temperature=s.temperature,
+            top_p=s.top_p if s.top_p < 1.0 else None, cfg_scale=s.cfg_scale,
+            position_penalty=s.position_penalty, penalty_start=s.penalty_start, pre_infill=pre_infill or None,
+            repetition_penalty=s.repetition_penalty, allowed=self.allowed(canvas),
+            prompt_mask=mask.to(self.device), generator=generator)
+        return out.cpu().numpy()
+
+    # ---- detokenizing -------------------------------------------------------------------------------------
+    def decode_text(self, ids: np.ndarray) -> str:
+        """Text ids up to the first `<im_end>` / EOS (any other non-text id is dropped)."""
+        v = self.vocab
+        stops = np.flatnonzero((ids == v.im_end_id) | (ids == v.eos_id))
+        ids = ids[: stops[0]] if stops.size else ids
+        text_ids = [int(t) for t in ids if t < v.text_size and t not in v.reuse_specials.values()]
+        return self.tokenizers.text.decode(text_ids).strip()
+
+    def audio_codes(self, ids: np.ndarray) -> np.ndarray:
+        """Speech codes (n_q, T): the ids up to the first non-audio id, trimmed to whole frames."""
+        lo, hi = self.vocab.audio_range()
+        bad = np.flatnonzero((ids < lo) | (ids >= hi))
+        ids = ids[: bad[0]] if bad.size else ids
+        return self.vocab.audio_codes(ids)
+
+    def decode(self, item: Prepared, row: np.ndarray, *, decode_audio: bool = True) -> Output:
+        c = item.canvas
+        out = Output(task=c.task, id=item.request.id, canvas=row, prompt_len=len(item.prompt))
+        if c.kind == "text":
+            out.text = self.decode_text(row)
+        elif c.kind == "image":
+            n = self.tokenizers.image.tokens_per_image
+            codes = self.vocab.image_codes(row[:n])
+            out.image = self.tokenizers.image.decode(codes[None])[0]  # (1, N) -> (H, W, C)
+        else:
+            start = 0
+            if c.kind == "text+audio":
+                out.text = self.decode_text(row[: c.split])
+                start = c.split + 1
+            out.audio_codes = self.audio_codes(row[start:])
+            out.sample_rate = int(self.tokenizers.speech.sample_rate)
+            if decode_audio:
+                out.wav = self.tokenizers.speech.decode(out.audio_codes)
+        return out
+
+    def predict(self, requests: Sequence[Request], *, decode_audio: bool = True) -> list[Output]:
+        return self.run([self.prepare(r) for r in requests], decode_audio=decode_audio)
+
+
+# ---- messages JSONL lines ---------------------------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """What a messages line says the answer is (for evaluation): text, or media refs of the answer turn."""
+    text: str | None = None
+    images: list[str] = field(default_factory=list)
+    audios: list[str] = field(default_factory=list)
+    label: int | None = None
+    options: list[str] | None = None
+
+
+def request_from_line(line: Any, base_dir: str = "", id: Any = None) -> tuple[Request, Reference]:
+    """A messages-format line (`{"messages": [...], "images": [...], "audios": [...], "task"?, "id"?,
+    "label"?, "options"?}`) -> the prompt (turns before a final assistant answer) and its reference answer.
+    Raises BadInput naming what is wrong."""
+    if not isinstance(line, dict):
+        raise BadInput("bad_line", f"expected a JSON object, got {type(line).__name__}")
+    messages = line.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise BadInput("bad_line", "\"messages\" must be a non-empty list of {\"role\", \"content\"} objects")
+    images, audios = line.get("images", []), line.get("audios", [])
+    if not isinstance(images, list) or not isinstance(audios, list) \
+            or not all(isinstance(x, str) for x in images + audios):
+        raise BadInput("bad_line", "\"images\" and \"audios\" must be lists of paths")
+    task = line.get("task") or infer_task(messages)
+    if task not in TASKS:
+        raise BadInput("unknown_task", f"task {task!r}; tasks: {list(TASKS)}")
+    prompt = list(messages)
+    answer = None
+    if prompt[-1].get("role") == "assistant":
+        answer = prompt.pop()
+    if not prompt:
+        raise BadInput("bad_line", "no prompt turn before the assistant answer")
+    n_img, n_aud = count_placeholders(prompt)
+    ref = Reference(images=images[n_img:], audios=audios[n_aud:], options=line.get("options"))
+    if answer is not None and ANSWER_MODALITY[TaskTemplates().get(task).answer] == Modality.TEXT:
+        ref.text = str(answer.get("content", ""))
+    meta = line.get("meta") if isinstance(line.get("meta"), dict) else {}
+    label = line.get("label", meta.get("label"))
+    ref.label = int(label) if isinstance(label, (int, float, str)) and str(label).lstrip("-").isdigit() else None
+    req = Request(task=task, messages=prompt, images=images[:n_img], audios=audios[:n_aud], base_dir=base_dir,
+                  id=line.get("id", id))
+    return req, ref

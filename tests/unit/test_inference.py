@@ -1,0 +1,322 @@
+"""pipelines/inference.py (export loading, prompts, canvases, decoding), the `sample` CLI and the eval metric
+wiring, on a debug export with random weights (tests/helpers/export.py)."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from model.configlib import ConfigError
+from model.prompts import IMAGE_PLACEHOLDER, TASKS
+from model.tokenizers.base import BadInput
+from model.vocab import Modality, VocabMismatch
+from pipelines import evaluate, sample
+from pipelines.inference import (Predictor, Request, SamplerPresets, load_export, load_presets, mlflow_run,
+                                 request_from_line, spoken_text)
+from tests.helpers.export import demo_lines, write_debug_export, write_media
+
+FAST = ["steps=2", "batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory) -> Path:
+    return write_debug_export(tmp_path_factory.mktemp("export"))
+
+
+@pytest.fixture(scope="module")
+def loaded(export):
+    return load_export(str(export), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> dict[str, Path]:
+    return write_media(tmp_path_factory.mktemp("media"))
+
+
+def predictor(loaded, *overrides: str, preset: str = "reference") -> Predictor:
+    return Predictor(loaded, load_presets(preset, None, [*FAST, *overrides]))
+
+
+# ---- presets ----------------------------------------------------------------------------------------------
+
+def test_presets_overrides_bare_and_per_task():
+    p = load_presets("reference", None, ["steps=7", "tts.length_ratio=60", "seed=3"], tasks=["i2t", "tts"])
+    assert p.i2t.steps == 7 and p.tts.steps == 7 and p.t2i.steps == 256    # bare key: only the listed tasks
+    assert p.tts.length_ratio == 60 and p.seed == 3
+    ref = SamplerPresets()
+    assert (ref.t2i.steps, ref.t2i.position_penalty, ref.vqa.length, ref.svqa.length) == (256, 2.0, 64, 128)
+    assert (ref.asr.length_ratio, ref.asr.steps_ratio, ref.tts.length_ratio) == (0.2, 0.5, 3.5)
+    assert load_presets("demo").tts.length_ratio > 10 * ref.tts.length_ratio
+    with pytest.raises(ConfigError, match="Sampler keys"):
+        load_presets("reference", None, ["stepz=3"])
+    with pytest.raises(ConfigError, match="temperature"):
+        load_presets("reference", None, ["temperature=-1"])
+
+
+# ---- export loading ---------------------------------------------------------------------------------------
+
+def test_load_export_checks_files_and_vocab(export, loaded, tmp_path):
+    assert loaded.vocab == loaded.tokenizers.vocab and loaded.device.type == "cpu"
+    assert loaded.model.vocab_size == loaded.vocab.size and not loaded.model.training
+    with pytest.raises(FileNotFoundError, match="not a folder"):
+        load_export(str(tmp_path / "nope"))
+    broken = tmp_path / "broken"
+    shutil.copytree(export, broken)
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_export(str(broken))
+    other = tmp_path / "other"
+    shutil.copytree(export, other)
+    v = json.loads((other / "vocab.json").read_text())
+    v["n_q"], v["layout"]["size"] = 4, v["layout"]["size"] + 2 * 1024
+    (other / "vocab.json").write_text(json.dumps(v))
+    with pytest.raises(VocabMismatch, match="n_q"):
+        load_export(str(other))
+
+
+def test_trainer_export_layout_and_mlflow_run(tmp_path, export):
+    run_dir = tmp_path / "run"
+    trainer = write_debug_export(run_dir / "export", layout="trainer", mlflow={"run_id": "abc"},
+                                 tokenizers_from=export / "tokenizers")
+    assert (trainer / "model_config.json").is_file() and not (trainer / "config.json").exists()
+    loaded = load_export(str(trainer), device="cpu")
+    assert loaded.model_config.vocab_size == loaded.vocab.size
+    assert loaded.mlflow_run() is None or loaded.mlflow_run()[1] == "abc"  # no store yet unless env names one
+    (run_dir / "mlflow.db").write_bytes(b"")
+    assert mlflow_run(loaded.config, str(trainer)) == (f"sqlite:///{(run_dir / 'mlflow.db').resolve()}", "abc")
+    assert mlflow_run(loaded.config, str(trainer), "http://x") == ("http://x", "abc")
+    assert mlflow_run({"mlflow": {"tracking_uri": "sqlite:///a.db", "run_id": "r"}}, "") == ("sqlite:///a.db", "r")
+    assert mlflow_run({"model": {}}, str(export)) is None
+
+
+# ---- canvases ---------------------------------------------------------------------------------------------
+
+def test_image_canvas_has_training_layout(loaded):
+    req = Request("t2i", text="a handwritten seven")
+    prep = predictor(loaded, "steps=1000").prepare(req)
+    v, n = loaded.vocab, loaded.tokenizers.image.tokens_per_image
+    assert prep.prompt[-1] == v.boi_id and prep.prompt[-3:-1].tolist() == [v.im_start_id, v.role_id("assistant")]
+    assert prep.canvas.length == n + 2 and prep.canvas.fixed == ((n, v.eoi_id), (n + 1, v.im_end_id))
+    assert prep.canvas.steps == n               # capped at the positions to fill
+    out = predictor(loaded, "t2i.temperature=1").predict([req])[0]
+    lo, hi = v.image_range()
+    assert ((out.canvas[:n] >= lo) & (out.canvas[:n] < hi)).all()
+    assert out.canvas[n:].tolist() == [v.eoi_id, v.im_end_id]
+    assert out.image.shape == (8, 8, 1) and out.image.dtype == np.uint8
+
+
+def test_speech_canvas_lengths_and_allowed_ids(loaded):
+    p = predictor(loaded, "tts.length_ratio=5", "tts.min_length=3", "tts.max_length=16", "tts.temperature=1")
+    v = loaded.vocab
+    short = p.prepare(Request("tts", text="seven"))
+    n_text = len(loaded.tokenizers.text.encode("seven"))
+    assert short.canvas.length == max(4, -(-5 * n_text // 2) * 2) and short.canvas.length % v.n_q == 0
+    long = p.prepare(Request("tts", text="seven " * 40))
+    assert long.canvas.length == 16                                          # max_length
+    assert short.canvas.steps == -(-short.canvas.length // 2)                # steps = length / 2
+    allowed = p.allowed(long.canvas)
+    assert allowed.shape == (16, v.size)
+    for i in range(16):
+        lo, hi = v.audio_range(i % v.n_q)
+        row = allowed[i].nonzero().flatten().tolist()
+        assert set(row) == set(range(lo, hi)) | {v.eoa_id, v.im_end_id, v.eos_id}
+    out = p.run([long])[0]
+    assert all(allowed[i, t] for i, t in enumerate(out.canvas.tolist()))
+    assert out.audio_codes.shape[0] == v.n_q and out.wav.shape == (out.audio_codes.shape[1] * 320,)
+
+
+def test_asr_length_follows_speech_tokens(loaded, media):
+    p = predictor(loaded, "asr.length_ratio=0.5", "asr.min_length=1")
+    prep = p.prepare(Request("asr", audios=[str(media["seven.wav"])]))
+    lo, hi = loaded.vocab.audio_range()
+    n_speech = int(((prep.prompt >= lo) & (prep.prompt < hi)).sum())
+    assert n_speech > 0 and prep.canvas.length == -(-n_speech // 2)
+
+
+def test_spoken_vqa_speech_answer_preinfills_boa(loaded, media):
+    p = predictor(loaded, "svqa.speech_answer=true", "svqa.length=40")
+    prep = p.prepare(Request("svqa", images=[str(media["seven.png"])], audios=[str(media["question.wav"])]))
+    v = loaded.vocab
+    assert prep.canvas.kind == "text+audio" and prep.canvas.fixed == ((8, v.boa_id),)
+    out = p.run([prep])[0]
+    assert out.canvas[8] == v.boa_id and isinstance(out.text, str) and out.audio_codes.shape[0] == v.n_q
+    assert v.allowed_ids(Modality.TEXT)[torch.from_numpy(out.canvas[:8])].all()
+
+
+def test_block_length_and_seq_len_limits(loaded):
+    p = predictor(loaded, "text.length=10", "text.block_length=4", "text.steps=5")
+    c = p.prepare(Request("text", text="hi")).canvas
+    assert c.length == 12 and c.steps % 3 == 0                     # rounded to whole blocks
+    with pytest.raises(BadInput, match="seq_len"):
+        predictor(loaded, "text.length=100000").prepare(Request("text", text="hi"))
+
+
+def test_decoders_cut_at_stop_tokens(loaded):
+    p = predictor(loaded)
+    v, tok = loaded.vocab, loaded.tokenizers.text
+    ids = np.array(tok.encode("seven") + [v.im_end_id] + tok.encode("junk") + [v.eos_id], dtype=np.int64)
+    assert p.decode_text(ids) == "seven"
+    codes = np.array([[1, 2, 3], [4, 5, 6]])
+    flat = v.audio_ids(codes)
+    cut = np.concatenate([flat[:5], [v.eoa_id], flat[:2]])               # 5 codes = 2 whole frames + 1
+    assert p.audio_codes(cut).tolist() == [[1, 2], [4, 5]]
+    assert p.audio_codes(np.array([v.eoa_id])).shape == (v.n_q, 0)
+
+
+def test_batched_rows_match_single_rows(loaded, media):
+    """Prompts of different lengths share a batch through left padding; results equal one-at-a-time runs."""
+    p = predictor(loaded, "i2t.length=6", "i2t.steps=3")
+    reqs = [Request("i2t", images=[str(media["seven.png"])]),
+            Request("i2t", messages=[{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nWhat digit is this one?"}],
+                    images=[str(media["three.png"])])]
+    together = p.predict(reqs)
+    alone = [p.predict([r])[0] for r in reqs]
+    for a, b in zip(together, alone):
+        np.testing.assert_array_equal(a.canvas, b.canvas)
+
+
+# ---- requests ---------------------------------------------------------------------------------------------
+
+def test_request_from_line_splits_prompt_and_reference():
+    lines = demo_lines()
+    req, ref = request_from_line(lines[5], "/data", id=9)            # s2i: answer image is the reference
+    assert req.task == "s2i" and req.audios == ["audio/seven.wav"] and req.images == [] and req.id == 9
+    assert ref.images == ["images/seven.png"] and ref.label == 7 and ref.text is None
+    req, ref = request_from_line(lines[2], "")                       # i2t: prompt image, text reference
+    assert req.images == ["images/seven.png"] and ref.text == "seven" and req.messages[-1]["role"] == "user"
+    req, _ = request_from_line({"messages": [{"role": "user", "content": "<|audio|>"}], "audios": ["a.wav"]})
+    assert req.task == "asr"
+    for bad, reason in [([1], "bad_line"), ({"messages": []}, "bad_line"),
+                        ({"messages": [{"role": "user", "content": "x"}], "task": "nope"}, "unknown_task"),
+                        ({"messages": [{"role": "assistant", "content": "x"}]}, "bad_line"),
+                        ({"messages": [{"role": "user", "content": "x"}], "images": [3]}, "bad_line")]:
+        with pytest.raises(BadInput) as e:
+            request_from_line(bad)
+        assert e.value.reason == reason
+
+
+def test_spoken_text_strips_the_template():
+    from model.prompts import TaskTemplates
+
+    t = TaskTemplates().tts
+    assert spoken_text(t, "Read this aloud: seven") == "seven"
+    assert spoken_text(t, "say seven") == "say seven"
+
+
+def test_missing_and_unreadable_inputs(loaded, media, tmp_path):
+    p = predictor(loaded)
+    with pytest.raises(BadInput) as e:
+        p.prepare(Request("i2t"))
+    assert e.value.reason == "missing_input" and "1 image" in str(e.value)
+    with pytest.raises(BadInput) as e:
+        p.prepare(Request("asr", audios=[str(tmp_path / "none.wav")]))
+    assert e.value.reason == "missing_file" and "none.wav" in str(e.value)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(BadInput) as e:
+        p.prepare(Request("i2t", images=[str(tmp_path / "bad.png")]))
+    assert e.value.reason == "corrupt_image"
+
+
+# ---- the sample CLI ---------------------------------------------------------------------------------------
+
+INPUTS = {"t2i": ["--text", "a handwritten seven"], "i2t": ["--image", "{png}"], "vqa": ["--image", "{png}",
+          "--text", "which digit?"], "asr": ["--audio", "{wav}"], "tts": ["--text", "seven"],
+          "s2i": ["--audio", "{wav}"], "svqa": ["--image", "{png}", "--audio", "{wav}"], "text": ["--text", "hi"]}
+FILES = {"t2i": "image.png", "s2i": "image.png", "tts": "speech.wav"}
+
+
+@pytest.fixture
+def cached_sample(monkeypatch, loaded):
+    """The CLI builds its Predictor from the module's loaded export (loading is tested above)."""
+    monkeypatch.setattr(sample.Predictor, "from_export",
+                        classmethod(lambda cls, uri, device=None, presets=None, dtype="auto": cls(loaded, presets)))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_sample_each_task_writes_its_output(task, export, media, tmp_path, capsys, cached_sample):
+    args = [a.format(png=media["seven.png"], wav=media["seven.wav"]) for a in INPUTS[task]]
+    rc = sample.main(["--checkpoint", str(export), "--task", task, *args, "--out", str(tmp_path), "steps=2",
+                      "tts.length_ratio=4"])
+    assert rc == 0
+    name = FILES.get(task, "answer.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    if name == "image.png":
+        assert Image.open(tmp_path / name).size == (8, 8)
+    elif name == "speech.wav":
+        info = sf.info(tmp_path / name)
+        assert info.samplerate == 24_000 and info.frames % 320 == 0
+    else:
+        assert capsys.readouterr().out.strip() == (tmp_path / name).read_text().strip()
+
+
+def test_sample_cli_errors(export, media, tmp_path, capsys, cached_sample):
+    assert sample.main(["--checkpoint", str(export), "--task", "i2t"]) == 2
+    assert "--task i2t needs --image" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", str(export), "--task", "asr", "--audio", str(tmp_path / "x.wav")]) == 2
+    assert "x.wav does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.wav").write_bytes(b"RIFF....nonsense")
+    assert sample.main(["--checkpoint", str(export), "--task", "asr", "--audio", str(tmp_path / "bad.wav")]) == 2
+    assert "corrupt_audio" in capsys.readouterr().err
+    assert sample.main(["--checkpoint", str(export), "--task", "t2i", "--text", "x", "--image",
+                        str(media["seven.png"])]) == 2
+    assert "takes no --image" in capsys.readouterr().err
+
+
+def test_sample_cli_loads_the_export(export, tmp_path, capsys):
+    assert sample.main(["--checkpoint", str(export), "--task", "text", "--text", "hi", "steps=2",
+                        "text.length=4"]) == 0
+    assert sample.main(["--checkpoint", str(tmp_path / "none"), "--task", "text", "--text", "hi"]) == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+# ---- eval metric wiring (hand-made predictions) -----------------------------------------------------------
+
+def test_task_metrics_text_tasks():
+    items = [{"idx": 0, "ref_text": "seven"}, {"idx": 1, "ref_text": "three four"},
+             {"idx": 2, "ref_text": "B", "options": ["cat", "dog"]}]
+    preds = [{"ok": True, "hyp": "Seven."}, {"ok": True, "hyp": "three"}, {"ok": False}]
+    m = evaluate.task_metrics("asr", items, preds)
+    assert m["n"] == 3 and m["n_failed"] == 1
+    assert m["exact_match"] == pytest.approx(1 / 3)
+    assert m["wer"] == pytest.approx(2 / 4)          # one deletion + the failed item's word, of 4 words
+    preds[2] = {"ok": True, "hyp": "b"}
+    m = evaluate.task_metrics("vqa", items, preds)
+    assert m["option_accuracy"] == 0.0               # "b" picks "dog", the reference "B" is no option text
+    items[2]["ref_text"] = "dog"
+    assert evaluate.task_metrics("vqa", items, preds)["option_accuracy"] == 1.0
+    assert "wer" not in m
+
+
+def test_task_metrics_tts_and_images():
+    tts = evaluate.task_metrics("tts", [{"idx": 0, "spoken": "seven"}, {"idx": 1, "spoken": "one two"}],
+                                [{"ok": True, "transcript": "seven"}, {"ok": True, "transcript": "one"}])
+    assert tts["wer"] == pytest.approx(1 / 3) and tts["exact_match"] == 0.5
+
+    class ByMean:   # a stand-in classifier: bright images are class 1
+        def predict(self, x):
+            return (np.asarray(x).reshape(len(x), -1).mean(1) > 127).astype(int)
+
+        def accuracy(self, x, y):
+            return float(np.mean(self.predict(x) == np.asarray(y)))
+
+    white, black = np.full((8, 8, 1), 255, np.uint8), np.zeros((8, 8, 1), np.uint8)
+    items = [{"idx": 0, "label": 1}, {"idx": 1, "label": 0}, {"idx": 2, "label": 0}, {"idx": 3, "label": None}]
+    preds = [{"ok": True, "image": white}, {"ok": True, "image": white}, {"ok": False}, {"ok": True, "image": black}]
+    m = evaluate.task_metrics("t2i", items, preds, classifier=ByMean(), real_images={0: white, 1: black, 2: white})
+    assert m["class_accuracy"] == pytest.approx(1 / 3)   # the failed generation counts as wrong
+    assert m["real_accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(RuntimeError, match="transformers"):
+        evaluate.clip_score([white], ["a"], "/nonexistent")
+
+
+def test_results_table_lists_every_metric():
+    table = evaluate.format_table({"asr": {"n": 2, "wer": 0.5}, "t2i": {"n": 3, "class_accuracy": 1.0}})
+    lines = table.splitlines()
+    assert lines[0].split() == ["task", "n", "class_accuracy", "wer"]
+    assert lines[2].split() == ["asr", "2", "-", "0.5000"] and lines[3].split() == ["t2i", "3", "1.0000", "-"]

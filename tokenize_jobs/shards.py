@@ -1,0 +1,197 @@
+"""Reading tokenized shards safely: the manifest, the vocabulary, the shard list, and the samples.
+
+Training, evaluation and benchmarks read what a tokenize job wrote through these functions:
+
+    read_manifest(out) -> dict            manifest.json (the only list of shards that exist)
+    manifest_vocab(out) -> Vocab          the vocabulary the shards were tokenized with
+    shard_urls(out) -> list[str]          full paths/URIs of the committed shards
+    iter_samples(out | urls)              {key, input_ids (int32), answer_mask (bool), meta (dict)} per sample
+
+A shard is untrusted input (it may come from a bucket someone else can write). `iter_samples` never extracts
+to disk: it reads each tar into memory, checks its size and sha256 against the manifest before parsing a
+single member, and rejects member names that are absolute or contain `..`, members that are not regular files,
+truncated archives, members of one sample that are not contiguous, and arrays that are not what the format
+says. Every error is a `ShardError` naming the shard.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import posixpath
+import tarfile
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from model import storage
+from model.vocab import Vocab
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+SUFFIXES = ("input_ids.npy", "answer_mask.npy", "meta.json")
+
+
+class ShardError(ValueError):
+    """A shard or manifest is malformed, corrupt or unsafe; the message names the file."""
+
+
+def read_manifest(out: str) -> dict[str, Any]:
+    uri = storage.join(out, MANIFEST)
+    try:
+        text = storage.read_text(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no {MANIFEST} in {out}: it is not a tokenized output (or its first run has not committed a shard "
+            f"yet). Run `omnidiff tokenize --kind ... --input ... --output {out}` first.") from None
+    try:
+        manifest = json.loads(text)
+    except ValueError as e:
+        raise ShardError(f"{uri} is not valid JSON ({e}); rerun the tokenize job to rewrite it") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if version != FORMAT_VERSION:
+        raise ShardError(f"{uri}: format_version {version!r} is not {FORMAT_VERSION}; this code reads only "
+                         f"version {FORMAT_VERSION}: re-tokenize the corpus with this version")
+    return manifest
+
+
+def manifest_vocab(out: str) -> Vocab:
+    return Vocab.from_dict(read_manifest(out)["vocab"])
+
+
+def _safe_relpath(rel: str, where: str) -> str:
+    """A path stored in a manifest must stay inside the output folder."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        raise ShardError(f"{where}: shard path {rel!r} is not a relative path")
+    if ".." in rel.split("/") or posixpath.normpath(rel) != rel:
+        raise ShardError(f"{where}: shard path {rel!r} is not a normalized path inside the output")
+    return rel
+
+
+def shard_entries(out: str, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Manifest shard entries with `url` (full path or URI) added."""
+    manifest = manifest if manifest is not None else read_manifest(out)
+    where = storage.join(out, MANIFEST)
+    entries = []
+    for s in manifest.get("shards", []):
+        entries.append({**s, "url": storage.join(out, _safe_relpath(s["path"], where))})
+    return entries
+
+
+def shard_urls(out: str) -> list[str]:
+    return [e["url"] for e in shard_entries(out)]
+
+
+def _member_key(name: str, shard: str) -> tuple[str, str]:
+    """`<key>.<suffix>` -> (key, suffix). Names are checked for path tricks before anything else."""
+    if name.startswith("/") or "\\" in name:
+        raise ShardError(f"{shard}: member {name!r} has an absolute path; refusing the shard")
+    parts = name.split("/")
+    if ".." in parts:
+        raise ShardError(f"{shard}: member {name!r} contains '..'; refusing the shard")
+    base = parts[-1]
+    if "." not in base:
+        raise ShardError(f"{shard}: member {name!r} has no '<key>.<suffix>' form")
+    key, suffix = base.split(".", 1)
+    prefix = "/".join(parts[:-1])
+    return (f"{prefix}/{key}" if prefix else key), suffix
+
+
+def _load_npy(data: bytes, shard: str, name: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise ShardError(f"{shard}: member {name} is not a valid .npy array ({e})") from None
+
+
+def _make_sample(key: str, members: dict[str, bytes], shard: str) -> dict[str, Any]:
+    missing = [s for s in SUFFIXES if s not in members]
+    if missing:
+        raise ShardError(f"{shard}: sample {key!r} lacks member(s) {missing} (or its members are not contiguous)")
+    ids = _load_npy(members["input_ids.npy"], shard, f"{key}.input_ids.npy")
+    mask = _load_npy(members["answer_mask.npy"], shard, f"{key}.answer_mask.npy")
+    if ids.ndim != 1 or ids.dtype != np.int32:
+        raise ShardError(f"{shard}: sample {key!r} input_ids is {ids.dtype} {ids.shape}; expected int32 (L,)")
+    if mask.shape != ids.shape or mask.dtype not in (np.bool_, np.uint8):
+        raise ShardError(f"{shard}: sample {key!r} answer_mask is {mask.dtype} {mask.shape}; expected bool "
+                         f"{ids.shape}")
+    try:
+        meta = json.loads(members["meta.json"].decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ShardError(f"{shard}: sample {key!r} meta.json is not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ShardError(f"{shard}: sample {key!r} meta.json is not an object")
+    return {"key": key, "input_ids": ids, "answer_mask": mask.astype(np.bool_), "meta": meta}
+
+
+def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
+    """Samples of one in-memory tar, checked member by member (never written to disk)."""
+    try:
+        tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except tarfile.TarError as e:
+        raise ShardError(f"{shard}: not a readable tar archive ({e})") from None
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    seen: set[str] = set()
+    end = 0
+    try:
+        for info in tf:
+            k, suffix = _member_key(info.name, shard)
+            if not info.isreg():
+                raise ShardError(f"{shard}: member {info.name!r} is not a regular file "
+                                 f"(type {info.type!r}); refusing the shard")
+            if k != key:
+                if key is not None:
+                    yield _make_sample(key, members, shard)
+                if k in seen:
+                    raise ShardError(f"{shard}: members of sample {k!r} are not contiguous")
+                seen.add(k)
+                key, members = k, {}
+            if suffix in members:
+                raise ShardError(f"{shard}: sample {k!r} has member {suffix!r} twice")
+            f = tf.extractfile(info)
+            assert f is not None
+            payload = f.read()
+            if len(payload) != info.size:
+                raise ShardError(f"{shard}: member {info.name!r} is truncated")
+            members[suffix] = payload
+            end = info.offset_data + ((info.size + 511) // 512) * 512
+    except tarfile.TarError as e:
+        raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
+    # tarfile stops quietly when the data ends on a header boundary: the end-of-archive marker (two zero
+    # blocks) must be there, or the file was cut short.
+    tail = data[end:]
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after the last member)")
+    if key is not None:
+        yield _make_sample(key, members, shard)
+
+
+def _read_checked(entry: dict[str, Any], verify_sha: bool) -> bytes:
+    url = entry["url"]
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ShardError(f"shard {url} is listed in the manifest but does not exist") from None
+    if verify_sha and "sha256" in entry:
+        if "bytes" in entry and len(data) != entry["bytes"]:
+            raise ShardError(f"shard {url} is {len(data)} bytes but the manifest says {entry['bytes']} "
+                             f"(truncated or replaced); re-tokenize or restore it")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry["sha256"]:
+            raise ShardError(f"shard {url} sha256 {digest[:16]}... does not match the manifest's "
+                             f"{entry['sha256'][:16]}... (corrupt or replaced); re-tokenize or restore it")
+    return data
+
+
+def iter_samples(out_or_urls: str | Iterable[str], verify_sha: bool = True) -> Iterator[dict[str, Any]]:
+    """Samples of every committed shard of an output folder (checked against its manifest), or of the given
+    shard URLs (no manifest, so no sha256 check)."""
+    if isinstance(out_or_urls, str) and not out_or_urls.endswith(".tar"):
+        entries = shard_entries(out_or_urls)
+    else:
+        urls = [out_or_urls] if isinstance(out_or_urls, str) else list(out_or_urls)
+        entries = [{"url": u} for u in urls]
+    for entry in entries:
+        data = _read_checked(entry, verify_sha)
+        yield from parse_shard(data, entry["url"])
