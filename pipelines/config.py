@@ -1,0 +1,188 @@
+"""Everything a training run is told: one tree of typed dataclasses (model/configlib.py).
+
+    TrainConfig
+      model      ModelConfig (model/config.py; `preset: debug | demo | 1b | dream-7b | llada-8b`)
+      data       shard sets, sources, curriculum stages, packing, seq_len, micro_batch, grad_accum
+      diffusion  masking scheme and EOS tail (model/diffusion.py)
+      optim      AdamW + warmup/cosine + clipping
+      train      steps, seed, log/checkpoint/eval intervals, init (scratch or pretrained), fault injection
+      scaling    Ray Train workers
+      run        name, run_dir (checkpoints, MLflow store, export), max_failures
+      mlflow     tracking URI, experiment
+
+Built as: dataclass defaults <- YAML (configs/train/*.yaml) <- `--shards/--run-dir` flags <- `a.b=value`
+overrides. The resolved tree is what MLflow records as params and what every Ray worker receives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.config import ModelConfig
+from model.configlib import ConfigError
+
+# The reference's progressive curriculum (Omni-Diffusion §3.3): vision-language alignment first, then speech,
+# then the tasks that need both. A stage's mixture names sources; by default one source per task.
+REFERENCE_STAGES = (("t2i", "i2t"), ("t2i", "i2t", "asr", "tts"), ("t2i", "i2t", "asr", "tts", "s2i", "svqa"))
+
+
+@dataclass
+class SourceConfig:
+    """A named stream of samples: the samples of `tasks` (all tasks if empty) in `shards` (data.shards if
+    empty). Stage mixtures weight sources by name."""
+    name: str = ""
+    shards: list[str] = field(default_factory=list)
+    tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage: `steps` optimizer steps drawing samples from `mixture` (source name -> weight;
+    weights are relative). A source with no samples in the shard sets is dropped from the stage with a
+    warning, so one preset runs on any tokenize output; a stage left with no source is an error."""
+    name: str = ""
+    steps: int = 0
+    mixture: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)      # shard sets (tokenize outputs, local or s3://)
+    sources: list[SourceConfig] = field(default_factory=list)  # empty: one source per task in the manifests
+    stages: list[StageConfig] = field(default_factory=list)    # empty: one stage, all sources, train.steps
+    packing: Literal["pack", "pad"] = "pack"   # pack: several samples per row (segment ids); pad: one per row
+    seq_len: int = 512
+    micro_batch: int = 4                       # rows per rank per forward/backward
+    grad_accum: int = 1                        # micro-batches per optimizer step
+    too_long: Literal["drop", "error"] = "drop"  # a sample longer than seq_len (after its EOS tail)
+    validate: Literal["all", "lazy"] = "all"   # all: scan every shard's ids before training; lazy: on first read
+
+    def __post_init__(self) -> None:
+        for key in ("seq_len", "micro_batch", "grad_accum"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class DiffusionConfig:
+    scheme: Literal["per_token", "per_sequence"] = "per_token"
+    eps: float = 1e-3
+    tail_factor: float = 0.6     # EOS tail masked at 0.6x the answer rate (attenuated tail padding, reference)
+    max_tail: int = 16           # 1..max_tail EOS appended after each answer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1    # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.1    # on matrices only; norms and biases are not decayed
+    eps: float = 1e-8
+    clip: float = 1.0            # max global grad norm; 0 disables clipping
+
+
+@dataclass
+class InitConfig:
+    """Start from random weights ("scratch") or a pretrained HF-layout safetensors checkpoint."""
+    kind: Literal["scratch", "pretrained"] = "scratch"
+    path: str = ""                                   # dir or .safetensors file (pretrained)
+    layout: Literal["dream", "llada"] = "dream"
+    vocab_extension: Literal["mean", "error"] = "mean"
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 100              # total optimizer steps (sum of stage steps when stages are given)
+    seed: int = 0
+    log_every: int = 10           # MLflow metrics + progress line
+    checkpoint_every: int = 50    # also the only steps at which ray.train.report is called
+    keep_last: int = 2            # checkpoints kept (>= 2 so a corrupt newest one has a fallback)
+    eval_every: int = 0           # generate samples as MLflow artifacts; 0 = only at the end
+    eval_samples: int = 2         # prompts per task at each eval
+    eval_steps: int = 8           # diffusion steps of the eval sampler
+    activation_checkpointing: bool = False
+    mixed_precision: Literal["bf16", "fp32"] = "bf16"   # bf16 on GPU; parallelize() computes fp32 on CPU
+    init: InitConfig = field(default_factory=InitConfig)
+    # Fault injection for tests: rank `fail_rank` raises once at step `fail_at_step` (a marker file in the
+    # run dir makes it fire once per run, so the restarted group goes past it). 0 disables.
+    fail_at_step: int = 0
+    fail_rank: int = 1
+    fail_mode: Literal["raise", "kill"] = "raise"   # kill = SIGKILL of the worker process
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "log_every", "checkpoint_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    # Fractional CPUs let 2 workers (plus Ray Data / the driver) fit on a 2-core machine.
+    cpus_per_worker: float = 0.5
+    gpus_per_worker: float = 1.0
+
+
+@dataclass
+class RunConfig:
+    name: str = "omnidiff"
+    run_dir: str = "runs/train"   # local or s3://: Ray storage_path; checkpoints in <run_dir>/<name>/
+    max_failures: int = 1         # group restarts from the last checkpoint before the run fails
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""        # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
+    experiment: str = "omni-diffusion"
+    system_metrics: bool = True   # CPU/memory/GPU sampling (needs psutil)
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=lambda: ModelConfig.preset("debug"))
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    def __post_init__(self) -> None:
+        if self.data.seq_len > self.model.seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.seq_len={self.model.seq_len} "
+                              f"(the RoPE table); lower data.seq_len or raise model.seq_len")
+        if self.data.stages:
+            total = sum(s.steps for s in self.data.stages)
+            if total != self.train.steps:
+                raise ConfigError(f"data.stages add up to {total} steps but train.steps={self.train.steps}; "
+                                  f"make them agree (train.steps is the run's length)")
+            for i, s in enumerate(self.data.stages):
+                if s.steps < 1 or not s.mixture:
+                    raise ConfigError(f"data.stages[{i}] ({s.name or 'unnamed'}) needs steps >= 1 and a "
+                                      f"non-empty mixture")
+                bad = {k: w for k, w in s.mixture.items() if w < 0}
+                if bad:
+                    raise ConfigError(f"data.stages[{i}].mixture has negative weights {bad}")
+        names = [s.name for s in self.data.sources]
+        if any(not n for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"data.sources need unique non-empty names, got {names}")
+
+    def stage_bounds(self) -> list[tuple[int, int]]:
+        """[start, end) optimizer steps of each stage; one stage covering the run when none are given."""
+        if not self.data.stages:
+            return [(0, self.train.steps)]
+        out, start = [], 0
+        for s in self.data.stages:
+            out.append((start, start + s.steps))
+            start += s.steps
+        return out
+
+    def stage_at(self, step: int) -> int:
+        """Index of the stage that optimizer step `step` (0-based) belongs to."""
+        for i, (lo, hi) in enumerate(self.stage_bounds()):
+            if lo <= step < hi:
+                return i
+        return len(self.stage_bounds()) - 1

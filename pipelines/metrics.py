@@ -1,0 +1,295 @@
+"""Every MLflow call of a training run, made from rank 0 only (Train V2 rejects Tune's MLflow callbacks).
+
+Where runs go: `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI (a server), else an embedded store
+`sqlite:///<run_dir>/mlflow.db` with artifacts in `<run_dir>/mlartifacts` — both paths absolute and explicit,
+because Ray changes a worker's working directory.
+
+An outage never stops training: a failed call prints one warning, metrics are buffered (bounded) and sent when
+the server answers again; retries are spaced `retry_s` apart so a dead server does not slow steps down. The
+run id is saved in every checkpoint, so a restarted or resumed run keeps writing to the same MLflow run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from model import storage
+from model.configlib import to_dict
+
+# A credential must never reach MLflow params: such keys are redacted, and so is userinfo in URIs.
+_SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
+_URI_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+
+# Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate (vendor datasheets, no sparsity).
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
+
+
+def resolve_tracking_uri(configured: str, run_dir: str) -> str:
+    if configured:
+        return configured
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    if storage.is_s3(run_dir):
+        # sqlite needs a local file; keep the store beside where the driver runs
+        local = Path("runs", "mlflow").resolve()
+        local.mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{local}/mlflow.db"
+    return f"sqlite:///{Path(run_dir).resolve()}/mlflow.db"
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Explicit artifacts folder beside an embedded sqlite store; a server decides its own."""
+    if tracking_uri.startswith("sqlite:///"):
+        return Path(tracking_uri[len("sqlite:///"):]).parent.joinpath("mlartifacts").resolve().as_uri()
+    return None
+
+
+def redact(text: str) -> str:
+    return _URI_USERINFO.sub(r"\1***@", text)
+
+
+def flatten_params(cfg: Any) -> dict[str, str]:
+    """Config tree -> {"optim.lr": "0.0003", ...} with credentials redacted and values cut to MLflow's limit."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+            return
+        value = "***" if _SECRET_KEY.search(prefix) else redact(str(node))
+        out[prefix] = value[:6000]
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def peak_flops(device_name: str) -> float | None:
+    for key, flops in PEAK_FLOPS.items():
+        if key in device_name:
+            return flops
+    return None
+
+
+def system_metrics() -> dict[str, float]:
+    """CPU, memory and (on GPU) accelerator memory of this process's node; empty without psutil."""
+    out: dict[str, float] = {}
+    try:
+        import psutil
+
+        out["system/cpu_percent"] = psutil.cpu_percent(interval=None)
+        out["system/memory_percent"] = psutil.virtual_memory().percent
+        out["system/process_rss_gib"] = psutil.Process().memory_info().rss / 2**30
+    except ImportError:
+        pass
+    import torch
+
+    if torch.cuda.is_available():
+        out["system/gpu_memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
+        out["system/gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    return out
+
+
+class Tracker:
+    """Rank 0's MLflow connection. On other ranks (enabled=False) every method does nothing. No method raises
+    because of the tracking server."""
+
+    def __init__(self, tracking_uri: str, experiment: str, run_name: str, *, enabled: bool = True,
+                 say: Callable[[str], None] = print, retry_s: float = 30.0, max_buffer: int = 100_000,
+                 client_factory: Callable[[str], Any] | None = None) -> None:
+        self.enabled = enabled
+        self.uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
+        self.say, self.retry_s, self.max_buffer = say, retry_s, max_buffer
+        self.run_id: str | None = None
+        self._params: dict[str, str] = {}
+        self._buffer: list[Any] = []
+        self._down_since: float | None = None
+        self._last_try = 0.0
+        self._warned = False
+        self._dropped = 0
+        if not enabled:
+            return
+        # Fail fast instead of MLflow's default minutes of HTTP retries: training must not wait on tracking.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        if client_factory is None:
+            from mlflow.tracking import MlflowClient
+
+            client_factory = lambda uri: MlflowClient(tracking_uri=uri)  # noqa: E731
+        self._client_factory = client_factory
+        self.client = None
+
+    # ---- connection handling ------------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], Any]) -> bool:
+        if not self.enabled:
+            return False
+        now = time.monotonic()
+        if self._down_since is not None and now - self._last_try < self.retry_s:
+            return False
+        self._last_try = now
+        try:
+            if self.client is None:
+                self.client = self._client_factory(self.uri)
+            if self.run_id is None or self._params:
+                self._open_run()
+            fn()
+        except Exception as e:  # noqa: BLE001 - any tracking failure is survivable
+            if self._down_since is None:
+                self._down_since = now
+            if not self._warned:
+                self._warned = True
+                self.say(f"[mlflow] tracking at {redact(self.uri)} failed ({what}: {type(e).__name__}: "
+                         f"{redact(str(e))[:200]}); training continues, metrics are kept and sent when it "
+                         f"answers again (retrying every {self.retry_s:.0f} s)")
+            return False
+        if self._down_since is not None:
+            self.say(f"[mlflow] tracking at {redact(self.uri)} answers again after "
+                     f"{now - self._down_since:.0f} s; buffered metrics sent")
+            self._down_since = None
+        return True
+
+    def _open_run(self) -> None:
+        from mlflow.entities import Param
+
+        if self.run_id is None:
+            exp = self.client.get_experiment_by_name(self.experiment)
+            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
+                self.experiment, artifact_location=artifact_location(self.uri))
+            self.run_id = self.client.create_run(exp_id, run_name=self.run_name).info.run_id
+        if self._params:
+            items = [Param(k, v) for k, v in sorted(self._params.items())]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self._params = {}
+
+    # ---- API ----------------------------------------------------------------------------------------------
+    def start(self, run_id: str | None, config: Any) -> str | None:
+        """Open (or, with `run_id` from a checkpoint, continue) the run and record the resolved config.
+        Returns the run id, or None while the server is unreachable."""
+        if not self.enabled:
+            return None
+        self.run_id = run_id
+        if run_id is None:
+            self._params = flatten_params(config)
+            self._call("start run", lambda: None)
+            return self.run_id
+
+        def resume() -> None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                self.client.get_run(run_id)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+                # e.g. the tracking URI changed between attempts: a new run beats writing into the void
+                self.say(f"[mlflow] run {run_id} does not exist at {redact(self.uri)}; starting a new run")
+                self.run_id, self._params = None, flatten_params(config)
+                self._open_run()
+                return
+            # a resumed run: mark it running again; params were logged by the first attempt
+            self.client.update_run(run_id, status="RUNNING")
+        self._call("resume run", resume)
+        return self.run_id
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._buffer += [Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None
+                         and np.isfinite(v)]
+        if len(self._buffer) > self.max_buffer:
+            self._dropped += len(self._buffer) - self.max_buffer
+            self._buffer = self._buffer[-self.max_buffer:]
+        self.flush()
+
+    def flush(self) -> None:
+        def send() -> None:
+            while self._buffer:
+                self.client.log_batch(self.run_id, metrics=self._buffer[:1000])
+                self._buffer = self._buffer[1000:]
+        if self._buffer:
+            self._call("log metrics", send)
+
+    def log_image(self, image: np.ndarray, key: str, step: int) -> None:
+        self._call("log image", lambda: self.client.log_image(self.run_id, image, key=key, step=step))
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log text", lambda: self.client.log_text(self.run_id, text, artifact_file))
+
+    def log_wav(self, wav: np.ndarray, sample_rate: int, artifact_file: str) -> None:
+        import soundfile as sf
+
+        def send() -> None:
+            with tempfile.TemporaryDirectory() as d:
+                path = Path(d, Path(artifact_file).name)
+                sf.write(path, np.asarray(wav, dtype=np.float32), sample_rate)
+                self.client.log_artifact(self.run_id, str(path), str(Path(artifact_file).parent))
+        self._call("log audio", send)
+
+    def end(self, status: str = "FINISHED") -> None:
+        if not self.enabled:
+            return
+        self._down_since = None  # one last try, whatever the retry spacing
+        self.flush()
+        if self._dropped:
+            self.say(f"[mlflow] {self._dropped} metric points were dropped while tracking was unreachable")
+        if self.run_id is not None:
+            self._call("end run", lambda: self.client.set_terminated(self.run_id, status=status))
+
+
+# ---- eval samples as artifacts ------------------------------------------------------------------------------
+
+def log_generations(tracker: Tracker, generations: Sequence[dict[str, Any]], tokenizers: Any, step: int) -> None:
+    """`generations`: dicts {task, key, modality ("text"|"image"|"audio"), prompt (ids), output (ids)}.
+    Images go in as PNG (`log_image`, browsable per step), speech as WAV, text (and the prompts) as one file."""
+    if not tracker.enabled:
+        return
+    vocab = tokenizers.vocab if tokenizers is not None else None
+    lines = []
+    for i, g in enumerate(generations):
+        name = f"{g['task']}_{i}"
+        out = np.asarray(g["output"])
+        decoded = None
+        try:
+            if tokenizers is not None and g["modality"] == "image":
+                codes = vocab.image_codes(out)[: tokenizers.image.tokens_per_image]
+                codes = np.pad(codes, (0, tokenizers.image.tokens_per_image - codes.size))
+                img = tokenizers.image.decode(codes[None])[0]                   # (H, W, C) uint8
+                tracker.log_image(img if img.shape[-1] != 1 else img[..., 0], key=f"samples/{name}", step=step)
+                decoded = f"<image {img.shape[1]}x{img.shape[0]}: logged as samples/{name}>"
+            elif tokenizers is not None and g["modality"] == "audio":
+                wav = tokenizers.speech.decode(vocab.audio_codes(out))
+                tracker.log_wav(wav, tokenizers.speech.sample_rate, f"samples/step_{step:08d}/{name}.wav")
+                decoded = f"<audio {wav.size / tokenizers.speech.sample_rate:.2f} s: {name}.wav>"
+            elif tokenizers is not None:
+                text_ids = [int(t) for t in out if 0 <= t < vocab.text_size]
+                decoded = tokenizers.text.decode(text_ids)
+        except Exception as e:  # noqa: BLE001 - a decoding failure must not stop training
+            decoded = f"<could not decode: {type(e).__name__}: {e}>"
+        lines.append(f"[{name}] key={g['key']}\n  prompt ids: {list(map(int, g['prompt']))[-32:]}\n"
+                     f"  output ids: {list(map(int, out))[:64]}\n  decoded: {decoded}")
+    tracker.log_text("\n\n".join(lines) + "\n", f"samples/step_{step:08d}/generations.txt")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total: int, stage: int, n_stages: int, stage_name: str, loss: float,
+                  tokens_per_s: float, eta_s: float) -> str:
+    return (f"step {step}/{total} | stage {stage + 1}/{n_stages} {stage_name} | loss {loss:.4f} | "
+            f"{tokens_per_s:,.0f} tok/s | ETA {format_duration(eta_s)}")
+

@@ -1,0 +1,434 @@
+"""Train the masked-diffusion transformer with Ray Train + FSDP2, tracked in MLflow.
+
+    python -m pipelines.train --config configs/train/debug.yaml --shards <tokenize output> --run-dir runs/debug
+    omnidiff train --config configs/train/dream-7b.yaml --shards s3://bucket/tok --run-dir s3://bucket/runs
+
+Without RAY_ADDRESS a local Ray starts; with it (or under `ray job submit`) the run joins that cluster.
+A second run with the same run.name and run_dir resumes from its last checkpoint (model, optimizer, scheduler,
+step, curriculum stage, data position, MLflow run). See docs/training.md.
+
+The Ray layer is thin: the driver (`run`) checks the data and starts a TorchTrainer; each worker runs
+`train_func`: build the model, shard it, restore state, then loop `train_step -> maybe checkpoint -> maybe eval
+-> maybe log`, and export a single-file model at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from model import storage
+from model.configlib import ConfigError, from_dict, load, to_dict
+from model.diffusion import global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
+from model.prompts import ANSWER_MODALITY, TASKS, TaskTemplates
+from model.vocab import Modality, Vocab
+from pipelines import checkpoint as ckpt
+from pipelines import metrics
+from pipelines.config import TrainConfig
+from pipelines.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
+
+
+# ---- model and optimizer ------------------------------------------------------------------------------------
+
+def build_model(cfg: TrainConfig, vocab: Vocab, device: torch.device, mesh) -> torch.nn.Module:
+    """Build, (optionally) load pretrained weights, and shard with FSDP2 (model/parallelize.py)."""
+    from model.parallelize import parallelize
+    from model.transformer import Transformer
+
+    init = cfg.train.init
+    torch.manual_seed(cfg.train.seed)
+    # The full model is built (and initialised or loaded) on every rank, then sharded: initialising the shards
+    # of a meta-device model would draw each rank's shard from the same CPU RNG stream (DTensor's offset RNG
+    # does not cover CPU meshes), so e.g. the two halves of the embedding would start identical. Costs the full
+    # model in host memory once per rank during start-up; large models come from pretrained weights anyway,
+    # which load_pretrained reads one tensor at a time.
+    model = Transformer(cfg.model, vocab_size=vocab.size)
+    if init.kind == "pretrained":
+        from model.weights import load_pretrained
+
+        if not init.path:
+            raise ConfigError("train.init.kind=pretrained needs train.init.path (a safetensors dir or file)")
+        load_pretrained(model, init.path, init.layout, vocab_extension=init.vocab_extension, seed=cfg.train.seed)
+    parallelize(model, mesh, activation_checkpointing=cfg.train.activation_checkpointing,
+                mixed_precision=cfg.train.mixed_precision)
+    return model.to(device)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    o = cfg.optim
+    # Weight decay on matrices only: decaying norm gains and biases pulls them toward 0, which is not a prior
+    # anyone wants (GPT-2 / nanoGPT practice).
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    return optimizer, scheduler
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.lr * min_lr_ratio at train.steps."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    progress = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ---- one optimizer step -------------------------------------------------------------------------------------
+
+@dataclass
+class StepStats:
+    loss: float
+    task_loss: dict[str, float]
+    grad_norm: float
+    tokens: int            # real tokens over all ranks
+    masked: int            # loss normalizer over all ranks
+
+
+def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequence[Batch], *, vocab: Vocab,
+               cfg: TrainConfig, step: int, rank: int, world: int, device: torch.device) -> StepStats:
+    """One optimizer step over `grad_accum` micro-batches, loss normalized by the GLOBAL masked-token count."""
+    d = cfg.diffusion
+    # 1. Mask every micro-batch first: the normalizer (summed over micro-batches and ranks) must be known
+    #    before any backward (model/diffusion.py explains why a per-micro-batch mean would be biased).
+    prepared = []
+    for m, batch in enumerate(micro_batches):
+        batch = batch.to(device)
+        gen = step_generator(cfg.train.seed, step, rank, m, device)
+        masked = mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask, gen, mask_id=vocab.mask_id,
+                                    eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme)
+        weights, row_count = loss_weights(masked.is_masked, batch.answer_mask, masked.t, scheme=d.scheme)
+        prepared.append((batch, masked, weights, row_count))
+    count = global_count(sum(rc.sum() for *_, rc in prepared).to(device))
+
+    # 2. Forward/backward per micro-batch (gradient accumulation); FSDP reduces gradients on the last one only.
+    task_sum = torch.zeros(len(TASKS), device=device)
+    task_count = torch.zeros(len(TASKS), device=device)
+    for m, (batch, masked, weights, row_count) in enumerate(prepared):
+        model.set_requires_gradient_sync(m == len(prepared) - 1)
+        logits = model(masked.noisy_ids, batch.segment_ids)                  # (B, L, V)
+        # zero-valued but connected to the graph: every rank must run backward (FSDP's collectives) even with
+        # no masked token in its micro-batch
+        loss_sum = logits[..., :1].sum() * 0.0
+        for ti in batch.task_ids.unique().tolist():
+            if ti < 0:
+                continue
+            sel = batch.task_ids == ti                                        # (B, L)
+            rc = None if d.scheme == "per_token" else row_count * sel.any(1)
+            terms = masked_diffusion_loss(logits, batch.ids, masked.is_masked & sel, weights=weights, row_count=rc)
+            loss_sum = loss_sum + terms.loss_sum
+            task_sum[ti] += terms.loss_sum.detach()
+            task_count[ti] += terms.count
+        # FSDP averages gradients over ranks; * world makes the result the gradient of sum(loss) / global count
+        (loss_sum * world / count).backward()
+
+    # 3. Clip (the global norm over all shards) and step.
+    clip = cfg.optim.clip if cfg.optim.clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    tokens = torch.tensor([float(sum(b.n_tokens for b in micro_batches))], device=device)
+    stats = torch.cat([task_sum, task_count, tokens])
+    if dist.is_initialized():
+        dist.all_reduce(stats)
+    task_sum, task_count, tokens = stats[:len(TASKS)], stats[len(TASKS):2 * len(TASKS)], stats[-1]
+    return StepStats(
+        loss=float(task_sum.sum() / count), grad_norm=float(grad_norm),
+        task_loss={TASKS[i]: float(task_sum[i] / task_count[i]) for i in range(len(TASKS)) if task_count[i] > 0},
+        tokens=int(tokens), masked=int(count))
+
+
+# ---- eval: a few generations as MLflow artifacts ------------------------------------------------------------
+
+def generation_request(sample: Sample, vocab: Vocab) -> dict[str, Any] | None:
+    """Prompt (up to the answer; a media answer's opening bracket included) and canvas for one sample."""
+    answer_pos = np.flatnonzero(sample.answer_mask)
+    if answer_pos.size == 0:
+        return None
+    a0 = int(answer_pos[0])
+    answer = sample.ids[a0:int(answer_pos[-1]) + 1]
+    modality = ANSWER_MODALITY[TaskTemplates().get(sample.task).answer] if sample.task in TASKS else Modality.TEXT
+    if modality == Modality.IMAGE:
+        lo, hi = vocab.image_range()
+        return {"prompt": sample.ids[:a0 + 1], "length": int(((answer >= lo) & (answer < hi)).sum()),
+                "modality": modality, "name": "image"}
+    if modality == Modality.AUDIO:
+        lo, hi = vocab.audio_range()
+        return {"prompt": sample.ids[:a0 + 1], "length": int(((answer >= lo) & (answer < hi)).sum()),
+                "modality": modality, "name": "audio"}
+    return {"prompt": sample.ids[:a0], "length": int(answer.size), "modality": modality, "name": "text"}
+
+
+def run_eval(model, prompts: Sequence[Sample], vocab: Vocab, cfg: TrainConfig, device) -> list[dict[str, Any]]:
+    """Generate for each prompt. Every rank runs it (FSDP forward is collective) on the same prompts."""
+    from model.sampling import generate
+
+    model.eval()
+    out = []
+    try:
+        for s in prompts:
+            req = generation_request(s, vocab)
+            if req is None or req["length"] < 1:
+                continue
+            prompt = torch.as_tensor(req["prompt"], dtype=torch.long, device=device)[None]   # (1, P)
+            canvas = generate(model, prompt, vocab=vocab, gen_length=req["length"],
+                              steps=min(cfg.train.eval_steps, req["length"]), modality=req["modality"])
+            out.append({"task": s.task, "key": s.key, "modality": req["name"], "prompt": req["prompt"],
+                        "output": canvas[0].cpu().numpy()})
+    finally:
+        model.train()
+    return out
+
+
+def load_tokenizers(data, say):
+    """The shards' tokenizer set, to decode generations; None (ids only) when the shard set has none."""
+    uri = storage.join(data.first_set().uri, "tokenizers")
+    try:
+        from model.tokenizers import TokenizerSet
+
+        return TokenizerSet.load(uri)
+    except Exception as e:  # noqa: BLE001 - decoding samples is a nicety, never a reason to stop training
+        say(f"[eval] no usable tokenizer set at {uri} ({type(e).__name__}: {e}); samples are logged as ids")
+        return None
+
+
+# ---- the per-worker training function -----------------------------------------------------------------------
+
+def _say(msg: str) -> None:
+    # Ray Train patches print() into its logger and also tees it to a wrapped stdout (two copies of each line);
+    # writing to the stream directly gives one.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def _broadcast(obj: Any) -> Any:
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def maybe_fail(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> None:
+    """Fault injection for tests: rank `train.fail_rank` dies once at `train.fail_at_step` (a marker in the
+    run dir remembers it fired, so the restarted group goes on)."""
+    t = cfg.train
+    if not t.fail_at_step or step != t.fail_at_step or rank != t.fail_rank:
+        return
+    marker = storage.join(run_uri, f"fault_injected_at_{step}")
+    if storage.exists(marker):
+        return
+    storage.write_text_atomic(marker, f"rank {rank} failed on purpose at step {step}\n")
+    print(f"[fault] rank {rank}: injected failure at step {step}", flush=True)
+    if t.fail_mode == "kill":
+        os.kill(os.getpid(), 9)
+    raise RuntimeError(f"injected failure at step {step} on rank {rank} (train.fail_at_step)")
+
+
+def train_func(config: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker. `config` = {"config": resolved TrainConfig dict, "vocab": Vocab dict}."""
+    import ray.train
+    from torch.distributed.device_mesh import init_device_mesh
+
+    cfg = from_dict(TrainConfig, config["config"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    say = _say if rank == 0 else (lambda msg: None)
+    if cfg.scaling.use_gpu:
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    mesh = init_device_mesh(device.type, (world,))
+
+    vocab = Vocab.from_dict(config["vocab"])
+    data = load_data(cfg, model_vocab=vocab, warn=False)   # the driver already warned
+    model = build_model(cfg, vocab, device, mesh)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    state = ckpt.TrainState(model, optimizer, scheduler)
+    run_uri = storage.join(cfg.run.run_dir, cfg.run.name)
+
+    latest = ray.train.get_checkpoint()
+    latest_uri = None
+    if latest is not None:
+        latest_uri = latest.path
+        if storage.is_s3(cfg.run.run_dir) and not latest_uri.startswith("s3://"):
+            latest_uri = "s3://" + latest_uri.lstrip("/")
+    restored = ckpt.restore(state, run_uri, latest_uri, say=say)
+    step = int(state.extra.get("step", 0))
+    stream = data.stream(cfg, StreamState.from_dict(state.extra["data"]) if restored is not None else None)
+    # a unique suffix per attempt: after a fallback to an older checkpoint, step numbers are reached again
+    attempt = _broadcast(f"{int(time.time() * 1000):013x}")
+
+    tracker = metrics.Tracker(metrics.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir),
+                              cfg.mlflow.experiment, cfg.run.name, enabled=rank == 0, say=say)
+    # The run id travels in checkpoints; a file in the run dir also covers a restart before the first one.
+    run_id_file = storage.join(run_uri, "mlflow_run_id")
+    run_id = state.extra.get("mlflow_run_id")
+    if rank == 0 and run_id is None and storage.exists(run_id_file):
+        run_id = storage.read_text(run_id_file).strip() or None
+    if tracker.start(run_id, cfg) and not storage.exists(run_id_file):
+        storage.write_text_atomic(run_id_file, tracker.run_id)
+    if restored is not None:
+        tracker.log_metrics({"resumed_from_step": step, "world_size": world}, step)
+        say(f"[train] resumed from step {step} (stage {stream.state.stage + 1}, {stream.state.rows} rows "
+            f"consumed) on {world} worker(s)")
+    else:
+        say(f"[train] starting: {model.num_params() / 1e6:.2f}M parameters, {world} worker(s), "
+            f"{cfg.train.steps} steps, stages {[s.name for s in data.stages]}")
+    prompts = eval_prompts(data, cfg.train.eval_samples)
+    tokenizers = load_tokenizers(data, say) if rank == 0 else None
+
+    total, bounds = cfg.train.steps, cfg.stage_bounds()
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)
+    peak = metrics.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    window_t, window_tokens, window_steps, started = time.perf_counter(), 0, 0, time.perf_counter()
+    last = None
+    while step < total:
+        stream.set_stage(cfg.stage_at(step))
+        rows = stream.step_rows(world, rank, cfg.data.micro_batch, cfg.data.grad_accum)
+        micro = [collate(r, cfg.data.seq_len, vocab) for r in rows]
+        last = train_step(model, optimizer, scheduler, micro, vocab=vocab, cfg=cfg, step=step, rank=rank,
+                          world=world, device=device)
+        step += 1
+        window_tokens += last.tokens
+        window_steps += 1
+        maybe_fail(cfg, step, rank, run_uri)
+
+        if step % cfg.train.log_every == 0 or step == total:
+            elapsed = time.perf_counter() - window_t
+            tps = window_tokens / max(elapsed, 1e-9)
+            stage = stream.state.stage
+            values = {"loss": last.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": last.grad_norm,
+                      "tokens_per_s": tps, "step_time_s": elapsed / window_steps, "stage": stage,
+                      "masked_tokens": last.masked, "data/rows": stream.state.rows,
+                      "data/samples": stream.state.samples, "data/dropped": stream.state.dropped,
+                      **{f"loss/{t}": v for t, v in last.task_loss.items()}, **metrics.system_metrics()}
+            if peak:
+                values["mfu"] = flops_per_token * tps / (peak * world)
+            tracker.log_metrics(values, step)
+            eta = (total - step) * elapsed / window_steps
+            say(metrics.progress_line(step, total, stage, len(bounds), data.stages[stage].name, last.loss, tps, eta))
+            window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+
+        if step % cfg.train.checkpoint_every == 0 or step == total:
+            state.extra = {"step": step, "stage": stream.state.stage, "data": stream.state.to_dict(),
+                           "mlflow_run_id": _broadcast(tracker.run_id), "world_size": world}
+            ckpt.report(state, {"step": step, "loss": last.loss, "stage": stream.state.stage}, rank=rank,
+                        world_size=world, attempt=attempt)
+
+        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
+            gens = run_eval(model, prompts, vocab, cfg, device)
+            if rank == 0:
+                metrics.log_generations(tracker, gens, tokenizers, step)
+
+    export_uri = storage.join(cfg.run.run_dir, "export")
+    ckpt.export(model, export_uri, rank=rank, model_cfg=cfg.model, vocab=vocab,
+                tokenizers_uri=storage.join(data.first_set().uri, "tokenizers"),
+                extra={"step": step, "run_name": cfg.run.name, "mlflow_run_id": tracker.run_id})
+    say(f"[train] done: {step} steps in {metrics.format_duration(time.perf_counter() - started)}; "
+        f"model exported to {export_uri}")
+    tracker.end()
+
+
+# ---- driver -------------------------------------------------------------------------------------------------
+
+def resolve_config(config_path: str | None, shards: Sequence[str] = (), run_dir: str | None = None,
+                   overrides: Sequence[str] = ()) -> TrainConfig:
+    extra: list[str] = []
+    if shards:
+        extra.append("data.shards=[" + ",".join(f'"{s}"' for s in shards) + "]")
+    if run_dir:
+        extra.append(f"run.run_dir={run_dir}")
+    cfg = load(TrainConfig, config_path, list(extra) + list(overrides))
+    if not storage.is_s3(cfg.run.run_dir):
+        cfg.run.run_dir = str(Path(cfg.run.run_dir).resolve())  # Ray changes workers' working directory
+    cfg.data.shards = [s if storage.is_s3(s) else str(Path(s).resolve()) for s in cfg.data.shards]
+    for src in cfg.data.sources:
+        src.shards = [s if storage.is_s3(s) else str(Path(s).resolve()) for s in src.shards]
+    if cfg.diffusion.scheme == "per_sequence" and cfg.data.packing == "pack":
+        raise ConfigError("diffusion.scheme=per_sequence weighs each row as one sequence; it needs "
+                          "data.packing=pad (or use scheme=per_token with packing)")
+    return cfg
+
+
+def run(cfg: TrainConfig):
+    """Check the data (vocabulary, ids) on the driver, then fit. Returns Ray's Result."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    data = load_data(cfg, validate=True)   # a bad shard fails here, before any worker starts
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            ray.init(include_dashboard=False)
+    s = cfg.scaling
+    resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": to_dict(cfg), "vocab": data.vocab.to_dict()},
+        scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.run_dir,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
+    )
+    return trainer.fit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omnidiff train",
+        description="Train the masked-diffusion transformer on tokenized shards with Ray Train (FSDP2), tracked "
+                    "in MLflow. Rerunning with the same run.name and --run-dir resumes from the last checkpoint.",
+        epilog="examples:\n"
+               "  omnidiff train --config configs/train/debug.yaml --shards runs/tok --run-dir runs/debug\n"
+               "  omnidiff train --config configs/train/demo.yaml --shards runs/tok train.steps=500 optim.lr=1e-3\n"
+               "outputs in the run dir: mlflow.db + mlartifacts/ (unless MLFLOW_TRACKING_URI is set), <name>/ "
+               "(checkpoints), export/ (model.safetensors, vocab.json, model_config.json, tokenizers/)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML run config (configs/train/*.yaml); defaults are the debug model")
+    p.add_argument("--shards", nargs="+", default=[], metavar="URI",
+                   help="tokenize output(s) holding manifest.json (local or s3://); sets data.shards")
+    p.add_argument("--run-dir", help="where checkpoints, the MLflow store and the export go; sets run.run_dir")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. train.steps=20 data.micro_batch=8 scaling.num_workers=1")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
+        result = run(cfg)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"omnidiff train: error: {e}", file=sys.stderr)
+        return 2
+    if getattr(result, "error", None):
+        print(f"omnidiff train: training failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"omnidiff train: finished; checkpoints in {storage.join(cfg.run.run_dir, cfg.run.name)}, "
+          f"model in {storage.join(cfg.run.run_dir, 'export')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""pipelines/checkpoint.py in one process (no Ray, no process group): markers, fallback, safe loading, export."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from model.config import ModelConfig
+from model.transformer import Transformer
+from model.weights import load_native
+from pipelines import checkpoint as ckpt
+from tests.helpers.shardgen import small_vocab
+
+VOCAB = small_vocab()
+
+
+def make_state(seed: int) -> ckpt.TrainState:
+    torch.manual_seed(seed)
+    model = Transformer(ModelConfig.preset("debug"), vocab_size=VOCAB.size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    model(torch.zeros(1, 8, dtype=torch.long)).sum().backward()
+    opt.step()
+    sched.step()
+    return ckpt.TrainState(model, opt, sched)
+
+
+def save(state: ckpt.TrainState, run: Path, step: int) -> Path:
+    state.extra = {"step": step, "stage": step // 4, "data": {"rows": step * 2}, "mlflow_run_id": "abc"}
+    return ckpt.save_local(state, run / ckpt.checkpoint_dir_name(step), rank=0, world_size=1)
+
+
+def test_restores_newest_complete_checkpoint_with_all_its_state(tmp_path):
+    src = make_state(0)
+    save(src, tmp_path, 4)
+    save(src, tmp_path, 8)
+    dst = make_state(1)
+    assert ckpt.restore(dst, str(tmp_path)) == 8
+    assert dst.extra["data"] == {"rows": 16} and dst.extra["mlflow_run_id"] == "abc" and dst.extra["stage"] == 2
+    for a, b in zip(src.model.parameters(), dst.model.parameters()):
+        assert torch.equal(a, b)
+    assert dst.scheduler.last_epoch == src.scheduler.last_epoch
+    assert dst.optimizer.state_dict()["state"][0]["exp_avg"].equal(src.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous_and_says_so(tmp_path):
+    src = make_state(0)
+    save(src, tmp_path, 4)
+    newest = save(src, tmp_path, 8)
+    data = next(newest.glob("*.distcp"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF                   # same size, one flipped byte
+    data.write_bytes(bytes(raw))
+    said = []
+    assert ckpt.restore(make_state(1), str(tmp_path), say=said.append) == 4
+    assert any("CRC32" in s for s in said) and any("instead of the newest" in s for s in said)
+
+
+def test_checkpoint_without_marker_is_never_picked(tmp_path):
+    src = make_state(0)
+    save(src, tmp_path, 4)
+    newest = save(src, tmp_path, 8)
+    (newest / "complete.rank0.json").unlink()    # as if the process died before the marker
+    said = []
+    assert ckpt.restore(make_state(1), str(tmp_path), say=said.append) == 4
+    assert "no completeness marker" in said[0]
+
+
+def test_nothing_to_resume_and_nothing_usable(tmp_path):
+    assert ckpt.restore(make_state(0), str(tmp_path / "none")) is None
+    bad = save(make_state(0), tmp_path, 4)
+    (bad / ".metadata").unlink()
+    with pytest.raises(RuntimeError, match="none of the 1 checkpoints"):
+        ckpt.restore(make_state(1), str(tmp_path), say=lambda s: None)
+
+
+class Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(EVIL_FILE),))
+
+
+EVIL_FILE = ""
+
+
+def test_pickled_payload_in_a_checkpoint_is_refused(tmp_path):
+    global EVIL_FILE
+    EVIL_FILE = str(tmp_path / "pwned")
+    good = make_state(0)
+    d = tmp_path / ckpt.checkpoint_dir_name(4)
+    sd = good.state_dict()
+    sd["extra"] = Evil()
+    dcp.save({"train": sd}, checkpoint_id=str(d))
+    files = {p.name: {"bytes": p.stat().st_size, "crc32": ckpt._crc32(p)} for p in d.iterdir()}
+    (d / "complete.rank0.json").write_text(json.dumps({"step": 4, "rank": 0, "world_size": 1, "files": files}))
+    with pytest.raises(RuntimeError, match="none of the 1"):
+        ckpt.restore(make_state(1), str(tmp_path), say=lambda s: None)
+    assert not Path(EVIL_FILE).exists()
+
+
+def test_export_holds_weights_vocab_config_and_tokenizers(tmp_path):
+    state = make_state(0)
+    tok = tmp_path / "set" / "tokenizers"
+    tok.mkdir(parents=True)
+    (tok / "tokenizers.json").write_text("{}")
+    ckpt.export(state.model, str(tmp_path / "export"), rank=0, model_cfg=state.model.cfg, vocab=VOCAB,
+                tokenizers_uri=str(tok), extra={"step": 3})
+    out = tmp_path / "export"
+    weights, meta = load_native(out / "model.safetensors")
+    assert torch.equal(weights["tok_embeddings.weight"], state.model.tok_embeddings.weight)
+    assert json.loads((out / "model_config.json").read_text())["vocab_size"] == VOCAB.size
+    assert (out / "vocab.json").read_text() == VOCAB.to_json() == meta["vocab"]
+    assert (out / "tokenizers" / "tokenizers.json").is_file()
+    assert json.loads((out / "config.json").read_text())["step"] == 3
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
+                 "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
+        monkeypatch.setenv(k, v)
+    from model import storage
+    storage.filesystem("s3://ckpt").mkdir("ckpt")
+    yield "s3://ckpt"
+    server.stop()
+
+
+def test_restore_and_export_on_s3(s3, tmp_path):
+    from model import storage
+
+    src = make_state(0)
+    fs = storage.filesystem(s3)
+    for step in (4, 8):
+        d = save(src, tmp_path, step)
+        fs.put(str(d), f"{s3}/run/{d.name}", recursive=True)
+    assert [c.step for c in ckpt.list_checkpoints(f"{s3}/run")] == [8, 4]
+    dst = make_state(1)
+    assert ckpt.restore(dst, f"{s3}/run") == 8
+    assert torch.equal(dst.model.output.weight, src.model.output.weight)
+    tok = tmp_path / "tokenizers"
+    tok.mkdir()
+    (tok / "vocab.json").write_text(VOCAB.to_json())
+    fs.put(str(tok), f"{s3}/set/tokenizers", recursive=True)
+    ckpt.export(dst.model, f"{s3}/run/export", rank=0, model_cfg=dst.model.cfg, vocab=VOCAB,
+                tokenizers_uri=f"{s3}/set/tokenizers", extra={"step": 8})
+    assert storage.exists(f"{s3}/run/export/tokenizers/vocab.json")
+    assert json.loads(storage.read_text(f"{s3}/run/export/config.json"))["step"] == 8
