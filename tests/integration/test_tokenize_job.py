@@ -1,0 +1,496 @@
+"""Tokenize jobs end to end on a local Ray (started once for this module) and a moto S3 server on 127.0.0.1.
+
+One generated corpus holds every input kind with good inputs and one of each kind of bad input; the module's
+`tokenized` fixture runs the four kinds into one output, and the tests check what came out: counts, quarantine
+reasons, the samples read back three ways (our reader, ray.data.read_webdataset, the webdataset package),
+reruns, new inputs, interrupted runs, S3, and a MAGVIT-v2 image tokenizer.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import zlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+MAX_LINE = 4096
+BASE_OVERRIDES = ["ray.progress_bars=false", f"input.max_line_bytes={MAX_LINE}", "shards.max_samples=6",
+                  "tokenizers.speech.max_seconds=1.0"]
+
+
+# ---- corpus ---------------------------------------------------------------------------------------------------
+
+def _png(size: int = 8, seed: int = 0) -> bytes:
+    from PIL import Image
+
+    img = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_header(w: int, h: int) -> bytes:
+    """A PNG whose header claims w x h pixels (a decompression bomb's signature) with almost no data."""
+    def chunk(t: bytes, d: bytes) -> bytes:
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def _audio(seconds: float = 0.4, sr: int = 16000, seed: int = 0, fmt: str = "WAV", value: float | None = None):
+    import soundfile as sf
+
+    t = np.arange(int(seconds * sr)) / sr
+    f0 = 150 + 60 * seed
+    x = (0.3 * np.sin(2 * np.pi * f0 * t)).astype(np.float32) if value is None else np.full(t.size, value, np.float32)
+    buf = io.BytesIO()
+    sf.write(buf, x, sr, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
+    return buf.getvalue()
+
+
+def _huge_wav() -> bytes:
+    """A short WAV whose header claims ~4 GB of samples."""
+    data = bytearray(_audio())
+    i = data.find(b"data")
+    data[i + 4:i + 8] = struct.pack("<I", 0xFFFFFF00)
+    return bytes(data)
+
+
+def _jsonl(path: Path, lines: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write((line if isinstance(line, bytes) else json.dumps(line).encode()) + b"\n")
+
+
+def _chat(user: str, answer: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], **extra}
+
+
+# What each kind must give: good inputs -> samples per task; bad inputs -> reasons.
+EXPECTED = {
+    "messages": {
+        "tasks": {"i2t": 2, "asr": 1, "t2i": 1, "tts": 1, "text": 1},
+        "reasons": ["bad_json", "not_utf8", "placeholder_mismatch", "missing_media", "path_escape", "path_escape",
+                    "path_escape", "corrupt_image", "empty_file", "image_too_large", "truncated_audio", "empty_file",
+                    "audio_nan", "truncated_audio", "line_too_long", "bad_role", "bad_messages"],
+    },
+    "image-text": {
+        "tasks": {"t2i": 4, "i2t": 4},
+        "reasons": ["corrupt_image", "empty_file", "missing_caption", "missing_image", "not_utf8", "empty_text",
+                    "corrupt_image"],
+    },
+    "speech-text": {
+        "tasks": {"asr": 4, "tts": 4},
+        "reasons": ["missing_audio", "missing_transcript", "audio_nan", "empty_text", "audio_too_long"],
+    },
+    "text": {
+        "tasks": {"text": 4},
+        "reasons": ["empty_text", "empty_text", "not_utf8", "bad_json"],
+    },
+}
+
+
+def make_corpus(root: Path) -> dict[str, Path]:
+    # messages: the Omni-Diffusion SFT format, media relative to the JSONL folder
+    m = root / "messages"
+    (m / "media").mkdir(parents=True)
+    for i in range(3):
+        (m / "media" / f"img{i}.png").write_bytes(_png(seed=i))
+        (m / "media" / f"a{i}.wav").write_bytes(_audio(seed=i))
+    (root / "outside.png").write_bytes(_png(seed=9))
+    (m / "media" / "link.png").symlink_to(root / "outside.png")
+    (m / "media" / "trunc.png").write_bytes(_png()[:40])
+    (m / "media" / "zero.png").write_bytes(b"")
+    (m / "media" / "bomb.png").write_bytes(_png_header(20000, 20000))
+    (m / "media" / "trunc.wav").write_bytes(_audio()[:3000])
+    (m / "media" / "zero.wav").write_bytes(b"")
+    (m / "media" / "nan.wav").write_bytes(_audio(value=float("nan")))
+    (m / "media" / "huge.wav").write_bytes(_huge_wav())
+    img = lambda p, **kw: _chat("<|image|>\nWhat is shown?", "A pattern.", images=[p], **kw)  # noqa: E731
+    aud = lambda p: _chat("<|audio|>\nTranscribe.", "a tone", audios=[p])  # noqa: E731
+    _jsonl(m / "sft.jsonl", [
+        img("media/img0.png", label=3, split="train"),
+        img("media/img1.png"),
+        aud("media/a0.wav"),
+        _chat("Draw a pattern.", "<|image|>", images=["media/img2.png"]),
+        _chat("Say a tone.", "<|audio|>", audios=["media/a1.wav"]),
+        _chat("Hello there", "General Kenobi", task="text"),
+        b"",  # blank lines are not inputs
+        b'{"messages": [',
+        b'{"messages": "\xff\xfe"}',
+        _chat("<|image|> and <|image|>", "two?", images=["media/img0.png"]),
+        img("media/missing.png"),
+        img("../outside.png"),
+        img("/etc/hostname"),
+        img("media/link.png"),
+        img("media/trunc.png"),
+        img("media/zero.png"),
+        img("media/bomb.png"),
+        aud("media/trunc.wav"),
+        aud("media/zero.wav"),
+        aud("media/nan.wav"),
+        aud("media/huge.wav"),
+        _chat("x" * (MAX_LINE + 10), "too long a line"),
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": []},
+    ])
+    # image-text: NAME.png + NAME.txt pairs, and a parquet file
+    it = root / "image-text"
+    it.mkdir()
+    for i in range(3):
+        (it / f"pair{i}.png").write_bytes(_png(seed=10 + i))
+        (it / f"pair{i}.txt").write_text(f"pattern number {i}")
+    (it / "trunc.png").write_bytes(_png()[:40])
+    (it / "trunc.txt").write_text("truncated")
+    (it / "zero.png").write_bytes(b"")
+    (it / "zero.txt").write_text("zero bytes")
+    (it / "lonely.png").write_bytes(_png())
+    (it / "orphan.txt").write_text("no image")
+    (it / "latin1.png").write_bytes(_png())
+    (it / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    (it / "blank.png").write_bytes(_png())
+    (it / "blank.txt").write_text("   \n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"image": [_png(seed=20), b"not an image"], "caption": ["from parquet", "bad bytes"]}),
+                   it / "rows.parquet")
+    # speech-text: a LibriSpeech chapter and a JSONL file
+    ch = root / "speech" / "19" / "198"
+    ch.mkdir(parents=True)
+    for i in range(2):
+        (ch / f"19-198-{i:04d}.flac").write_bytes(_audio(seed=i, fmt="FLAC"))
+    (ch / "19-198-0007.flac").write_bytes(_audio(fmt="FLAC"))  # not in the transcript
+    (ch / "19-198.trans.txt").write_text("19-198-0000 A FIRST TONE\n19-198-0001 A SECOND TONE\n"
+                                         "19-198-0009 NO SUCH FILE\n")
+    (root / "speech" / "wavs").mkdir()
+    for i in range(2):
+        (root / "speech" / "wavs" / f"s{i}.wav").write_bytes(_audio(seed=3 + i))
+    (root / "speech" / "wavs" / "nan.wav").write_bytes(_audio(value=float("nan")))
+    (root / "speech" / "wavs" / "long.wav").write_bytes(_audio(seconds=2.0, sr=8000))
+    _jsonl(root / "speech" / "more.jsonl", [
+        {"audio": "wavs/s0.wav", "text": "tone three", "speaker": "x"},
+        {"audio": "wavs/s1.wav", "text": "tone four"},
+        {"audio": "wavs/nan.wav", "text": "nan"},
+        {"audio": "wavs/s0.wav", "text": ""},
+        {"audio": "wavs/long.wav", "text": "too long for speech.max_seconds"},
+    ])
+    # text: JSONL and .txt files
+    t = root / "text"
+    _jsonl(t / "a.jsonl", [{"text": "the first sentence"}, {"text": "a second one", "prompt": "Continue:"},
+                           {"text": "the third"}, {"text": ""}, {"other": 1}, b"[1, 2"])
+    (t / "b.txt").write_text("a text file is one sample")
+    (t / "bad.txt").write_bytes(b"\xff\xfe\x00 not utf-8")
+    return {"messages": m, "image-text": it, "speech-text": root / "speech", "text": t}
+
+
+# ---- fixtures ---------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """moto S3 on 127.0.0.1, then a local Ray whose workers inherit the S3 settings (set before ray.init)."""
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield {"endpoint": env["AWS_ENDPOINT_URL"]}
+    if started:
+        ray.shutdown()
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _cfg(*overrides: str):
+    from model import configlib
+    from tokenize_jobs.config import TokenizeJobConfig
+
+    return configlib.load(TokenizeJobConfig, None, [*BASE_OVERRIDES, *overrides])
+
+
+def _run(kind: str, inp, out, *overrides: str) -> dict:
+    from tokenize_jobs.run import run_job
+
+    return run_job(_cfg(*overrides), kind, str(inp), str(out), print_summary=False)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def tokenized(cluster, corpus, tmp_path_factory):
+    """All four kinds into one output (messages first: its audio fits the EnCodec codebooks)."""
+    out = tmp_path_factory.mktemp("out")
+    summaries = {kind: _run(kind, corpus[kind], out) for kind in EXPECTED}
+    return out, summaries
+
+
+def _samples(out) -> list[dict]:
+    from tokenize_jobs import shards
+
+    return list(shards.iter_samples(str(out)))
+
+
+def _sample_set(out) -> Counter:
+    return Counter((s["meta"]["source"], s["meta"]["task"], s["input_ids"].tobytes()) for s in _samples(out))
+
+
+def _seed_tokenizers(src_out: Path, dst_out: Path) -> None:
+    """Reuse the fitted tokenizers (the first run's job) so a test's fresh output skips the fit."""
+    shutil.copytree(src_out / "tokenizers", dst_out / "tokenizers")
+
+
+# ---- round trip, counts, quarantine -----------------------------------------------------------------------------
+
+def test_counts_and_quarantine_reasons_per_kind(tokenized):
+    out, summaries = tokenized
+    for kind, want in EXPECTED.items():
+        s = summaries[kind]
+        assert s["samples_per_task"] == want["tasks"], kind
+        assert s["quarantined_by_reason"] == dict(Counter(want["reasons"])), kind
+        n_good = sum(want["tasks"].values()) // (2 if kind in ("image-text", "speech-text") else 1)
+        assert s["inputs_tokenized"] == n_good and s["inputs_quarantined"] == len(want["reasons"]), kind
+        assert s["inputs_seen"] == s["inputs_tokenized"] + s["inputs_quarantined"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    c = manifest["counts"]
+    assert c["inputs_seen"] == c["inputs_tokenized"] + c["inputs_quarantined"] == sum(
+        s["inputs_seen"] for s in summaries.values())
+    assert c["samples_written"] == sum(sh["samples"] for sh in manifest["shards"]) == len(_samples(out))
+    assert c["samples_per_task"] == dict(sum((Counter(w["tasks"]) for w in EXPECTED.values()), Counter()))
+    assert set(c["tokens_per_task"]) == set(c["samples_per_task"]) and all(v > 0 for v in c["tokens_per_task"].values())
+    assert all(sh["samples"] <= 6 for sh in manifest["shards"]) and len(manifest["shards"]) >= 5
+    assert manifest["vocab"] == json.loads((out / "tokenizers" / "vocab.json").read_text())
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert len(quarantine) == c["inputs_quarantined"]
+    assert all(set(q) == {"source", "reason", "detail"} and q["detail"] for q in quarantine)
+    by_source = {q["source"]: q["reason"] for q in quarantine}
+    assert by_source["sft.jsonl:14"] == "path_escape"  # the symlink pointing outside the corpus
+    assert by_source["sft.jsonl:22"] == "line_too_long"
+
+
+def test_samples_are_well_formed_and_in_their_vocabulary_ranges(tokenized):
+    from tokenize_jobs import shards
+
+    out, _ = tokenized
+    vocab = shards.manifest_vocab(str(out))
+    samples = _samples(out)
+    keys = [s["key"] for s in samples]
+    assert len(keys) == len(set(keys))
+    lo_img, hi_img = vocab.image_range()
+    lo_aud, hi_aud = vocab.audio_range()
+    for s in samples:
+        ids, mask, meta = s["input_ids"], s["answer_mask"], s["meta"]
+        assert meta["n_tokens"] == len(ids) and meta["n_answer"] == int(mask.sum()) > 0
+        assert ids.min() >= 0 and ids.max() < vocab.size
+        assert ids[0] == vocab.im_start_id and ids[-1] == vocab.im_end_id
+        answer = ids[mask]
+        if meta["task"] == "t2i":
+            assert ((answer >= lo_img) & (answer < hi_img)).sum() == 64  # 8x8 pixels, all in the answer
+        if meta["task"] == "tts":
+            assert ((answer >= lo_aud) & (answer < hi_aud)).sum() > 0
+        if meta["task"] in ("i2t", "asr", "text"):  # text answers: no media ids
+            assert not ((answer >= vocab.audio_offset) & (answer < vocab.size)).any()
+    meta0 = next(s["meta"] for s in samples if s["meta"]["source"] == "sft.jsonl:1")
+    assert meta0["label"] == 3 and meta0["split"] == "train" and meta0["task"] == "i2t"
+
+
+def test_read_back_with_ray_data_and_webdataset(tokenized):
+    import ray
+    import webdataset as wds
+
+    from tokenize_jobs import shards
+
+    out, _ = tokenized
+    urls = shards.shard_urls(str(out))
+    ours = {s["key"]: s for s in _samples(out)}
+    rows = ray.data.read_webdataset(urls).take_all()
+    assert len(rows) == len(ours)
+    for row in rows:
+        mine = ours[row["__key__"]]
+        assert np.array_equal(np.asarray(row["input_ids.npy"]), mine["input_ids"])
+        assert np.array_equal(np.asarray(row["answer_mask.npy"]).astype(bool), mine["answer_mask"])
+    got = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    assert sorted(g["__key__"] for g in got) == sorted(ours)
+    for g in got:
+        assert g["input_ids.npy"].dtype == np.int32
+        assert np.array_equal(g["input_ids.npy"], ours[g["__key__"]]["input_ids"])
+        assert g["meta.json"]["fingerprint"] == ours[g["__key__"]]["meta"]["fingerprint"]
+
+
+def test_rerun_adds_nothing_and_new_inputs_only_are_processed(tokenized, corpus, tmp_path):
+    out, _ = tokenized
+    before = json.loads((out / "manifest.json").read_text())
+    for kind in EXPECTED:
+        s = _run(kind, corpus[kind], out)
+        assert s["inputs_seen"] == 0 and s["shards_written"] == 0, kind
+    after = json.loads((out / "manifest.json").read_text())
+    assert after["shards"] == before["shards"] and after["counts"] == before["counts"]
+    # new inputs: a new pair, and lines appended to an existing JSONL file (only they are tokenized)
+    inp = tmp_path / "text"
+    shutil.copytree(corpus["text"], inp)
+    src = tmp_path / "out"
+    src.mkdir()
+    _seed_tokenizers(out, src)
+    first = _run("text", inp, src)
+    with open(inp / "a.jsonl", "a") as f:
+        f.write(json.dumps({"text": "an appended line"}) + "\n")
+    (inp / "c.txt").write_text("a new file")
+    s = _run("text", inp, src)
+    assert (s["inputs_tokenized"], s["inputs_quarantined"], s["units_skipped"]) == (2, 0, 2)
+    texts = Counter(s["meta"]["source"] for s in _samples(src))
+    assert texts["c.txt"] == 1 and texts["a.jsonl:7"] == 1 and sum(texts.values()) == first["samples_written"] + 2
+
+
+# ---- interruption ---------------------------------------------------------------------------------------------
+
+def test_interrupted_runs_resume_to_exactly_the_full_sample_set(tokenized, corpus, tmp_path, monkeypatch):
+    out, _ = tokenized
+    want = Counter(k for k in _sample_set(out) if not k[0].startswith(("sft", "19/", "more", "a.jsonl", "b.txt")))
+    assert sum(want.values()) == 8  # the image-text samples
+    dst = tmp_path / "out"
+    dst.mkdir()
+    _seed_tokenizers(out, dst)
+    few = "shards.max_samples=2"  # one input (t2i + i2t) per shard
+    # killed in the middle of its 2nd commit: shard 1 is committed; shard 2 and its index are uploaded but the
+    # manifest never lists them (orphans)
+    monkeypatch.setenv("OMNIDIFF_FAIL_AFTER_SHARDS", "1:mid")
+    with pytest.raises(RuntimeError, match="injected failure after 1"):
+        _run("image-text", corpus["image-text"], dst, few)
+    assert len(json.loads((dst / "manifest.json").read_text())["shards"]) == 1
+    assert len(list((dst / "shards").iterdir())) == 2
+    monkeypatch.delenv("OMNIDIFF_FAIL_AFTER_SHARDS")
+    s = _run("image-text", corpus["image-text"], dst, few)
+    assert s["orphans_removed"] and all(p.startswith(("shards/", "index/")) for p in s["orphans_removed"])
+    assert _sample_set(dst) == want
+    m = json.loads((dst / "manifest.json").read_text())
+    listed = {sh["path"] for sh in m["shards"]}
+    assert {f"shards/{p.name}" for p in (dst / "shards").iterdir()} == listed  # orphans are gone
+    c = m["counts"]
+    assert c["inputs_seen"] == 4 + len(EXPECTED["image-text"]["reasons"]) and c["samples_written"] == 8
+    assert [r["status"] for r in m["runs"]] == ["running", "done"]  # the killed run never finished
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_driver_then_rerun(tokenized, corpus, tmp_path, cluster):
+    """A real SIGKILL of a driver process joined to the test's Ray; the stale lock of the dead pid is taken over."""
+    import ray
+
+    out, _ = tokenized
+    want = Counter(k for k in _sample_set(out) if k[0].startswith(("19/", "more")))
+    dst = tmp_path / "out"
+    dst.mkdir()
+    _seed_tokenizers(out, dst)
+    env = {**os.environ, "OMNIDIFF_FAIL_AFTER_SHARDS": "1:kill", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "tokenize_jobs.run", "--kind", "speech-text", "--input", str(corpus["speech-text"]),
+           "--output", str(dst), *BASE_OVERRIDES, "shards.max_samples=2"]
+    proc = subprocess.run(cmd, env=env, cwd=Path(__file__).parents[2], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (dst / "_lock.json").exists()
+    s = _run("speech-text", corpus["speech-text"], dst, "shards.max_samples=2")
+    assert s["took_over_lock_of"] and _sample_set(dst) == want
+
+
+# ---- S3 ---------------------------------------------------------------------------------------------------------
+
+def test_s3_input_and_output_round_trip(cluster, corpus, tokenized):
+    import ray
+    import webdataset as wds
+
+    from model import storage
+    from tokenize_jobs import shards
+
+    fs = storage.filesystem("s3://corpus")
+    fs.mkdir("corpus")
+    fs.mkdir("shards")
+    src = corpus["messages"]
+    fs.put_file(str(src / "sft.jsonl"), "s3://corpus/sft/sft.jsonl")
+    for name in ("img0.png", "img1.png", "img2.png", "a0.wav", "a1.wav", "trunc.png"):
+        fs.put_file(str(src / "media" / name), f"s3://corpus/sft/media/{name}")
+    # seed the fitted tokenizers (a fit reads the corpus and writes a 90 MB codec: the local runs cover it)
+    fs.put(str(tokenized[0] / "tokenizers"), "s3://shards/sft/tokenizers", recursive=True)
+    s = _run("messages", "s3://corpus/sft", "s3://shards/sft")
+    # the bad media files were not uploaded: those lines are quarantined as missing_media instead
+    local = tokenized[1]["messages"]
+    assert s["samples_per_task"] == local["samples_per_task"]
+    assert s["inputs_quarantined"] == local["inputs_quarantined"]
+    assert fs.exists("s3://shards/sft/tokenizers/tokenizers.json") and not fs.exists("s3://shards/sft/_lock.json")
+    samples = list(shards.iter_samples("s3://shards/sft"))
+    assert len(samples) == s["samples_written"] == 6
+    urls = shards.shard_urls("s3://shards/sft")
+    assert len(ray.data.read_webdataset(urls).take_all()) == 6
+
+    def s3_open(url, mode="rb", bufsize=8192, **kw):  # webdataset has no s3 scheme of its own
+        return storage.filesystem(url).open(url, mode)
+
+    wds.gopen_schemes["s3"] = s3_open
+    assert len(list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())) == 6
+    again = _run("messages", "s3://corpus/sft", "s3://shards/sft")
+    assert again["inputs_seen"] == 0 and again["units_skipped"] == 1
+
+
+def test_unreachable_input_or_output_fails_before_any_work(tmp_path, cluster, capsys):
+    from tokenize_jobs import run
+
+    rc = run.main(["--kind", "text", "--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o")])
+    assert rc == 2 and "input" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "c").mkdir()
+    rc = run.main(["--kind", "text", "--input", str(tmp_path / "c"), "--output", "s3://no-such-bucket/x"])
+    assert rc == 2 and "bucket s3://no-such-bucket does not exist" in capsys.readouterr().err
+
+
+# ---- MAGVIT-v2 --------------------------------------------------------------------------------------------------
+
+def test_magvit2_image_tokenizer_job(cluster, tmp_path):
+    from tokenize_jobs import shards
+
+    inp = tmp_path / "pairs"
+    inp.mkdir()
+    for i in range(2):
+        (inp / f"p{i}.png").write_bytes(_png(size=40, seed=i))
+        (inp / f"p{i}.txt").write_text(f"picture {i}")
+    s = _run("image-text", inp, tmp_path / "out", "tokenizers.image.kind=magvit2", "tokenizers.image.size=32",
+             "tokenizers.image.magvit2_preset=tiny", "tokenizers.image.random_init=true")
+    assert s["samples_per_task"] == {"i2t": 2, "t2i": 2}
+    vocab = shards.manifest_vocab(str(tmp_path / "out"))
+    assert vocab.image_tokenizer == "magvit2" and vocab.image_codebook_size == 2 ** 13
+    lo, hi = vocab.image_range()
+    for sample in shards.iter_samples(str(tmp_path / "out")):
+        ids = sample["input_ids"]
+        span = ids[(ids >= lo) & (ids < hi)]
+        assert len(span) == 4  # (32 / 16)^2 codes, between boi and eoi
+        start = int(np.flatnonzero(ids == vocab.boi_id)[0])
+        assert ids[start + 5] == vocab.eoi_id

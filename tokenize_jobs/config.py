@@ -1,0 +1,111 @@
+"""Settings of one tokenize job: a tree of typed dataclasses loaded through model/configlib.py.
+
+`python -m tokenize_jobs.run --config configs/tokenize/x.yaml shards.max_samples=500` builds a
+`TokenizeJobConfig` from: these defaults -> the YAML file -> the `section.key=value` overrides. Without a YAML
+file the tokenizers are the embedded demo set (small in-process BPE, pixel images, offline EnCodec), so any small
+corpus can be tokenized with no weights at hand.
+
+The kind of corpus, the input and the output are command-line arguments, not config keys: one YAML file
+describes *how* to tokenize and is reused for many corpora.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from model.configlib import ConfigError
+from model.prompts import TaskTemplates
+from model.tokenizers import TokenizerConfig
+
+KINDS = ("messages", "image-text", "speech-text", "text")
+Kind = Literal["messages", "image-text", "speech-text", "text"]
+
+
+@dataclass
+class InputConfig:
+    """How raw files are found and read, and the limits that send an input to quarantine."""
+    image_exts: list[str] = field(default_factory=lambda: [".jpg", ".jpeg", ".png"])
+    parquet_image_column: str = "image"      # bytes, or a struct with a "bytes" field (HF datasets layout)
+    parquet_caption_column: str = "caption"
+    # A JSONL line longer than this is quarantined without being held in memory (a corpus may hold a 100 MB
+    # line by accident; the job must not die of it).
+    max_line_bytes: int = 8 * 2**20
+    max_text_file_bytes: int = 8 * 2**20     # a .txt file is one text input
+    max_media_bytes: int = 256 * 2**20        # one image or audio file
+    max_tokens: int = 0                      # samples longer than this are quarantined; 0 = no limit
+
+
+@dataclass
+class TasksConfig:
+    """Which task templates each paired-corpus kind expands to (messages lines name their own task)."""
+    image_text: list[str] = field(default_factory=lambda: ["t2i", "i2t"])
+    speech_text: list[str] = field(default_factory=lambda: ["asr", "tts"])
+
+    def __post_init__(self) -> None:
+        allowed = {"image_text": {"t2i", "i2t"}, "speech_text": {"asr", "tts"}}
+        for name, tasks in (("image_text", self.image_text), ("speech_text", self.speech_text)):
+            bad = [t for t in tasks if t not in allowed[name]]
+            if bad or not tasks:
+                raise ConfigError(f"tasks.{name}={tasks}: choose a non-empty subset of {sorted(allowed[name])}")
+
+
+@dataclass
+class ShardConfig:
+    """A shard closes when either limit is reached (after the input that crossed it: an input's samples are
+    never split across shards)."""
+    max_samples: int = 10_000
+    max_bytes: int = 256 * 2**20
+
+
+@dataclass
+class FitConfig:
+    """What the first run samples from the corpus to fit the tokenizers that learn from it (the BPE, and the
+    EnCodec k-means when speech.weights=offline; its sample count is tokenizers.speech.fit_samples)."""
+    max_texts: int = 20_000
+    max_scan_units: int = 2_000   # how many listed inputs (files, pairs) the driver opens to collect the sample
+
+
+@dataclass
+class RayConfig:
+    """Ray Data execution. Fractional CPUs keep a 2-CPU machine from deadlocking: actors at 1 CPU each would
+    take every CPU and the read tasks would wait forever."""
+    actors: int = 1                 # tokenizer actor pool size
+    actor_cpus: float = 0.5
+    gpus_per_actor: float = 1.0     # used only when the cluster has GPUs; 0 keeps actors on CPU
+    decode_cpus: float = 0.5        # per read/decode task
+    batch_size: int = 16            # inputs per UDF call
+    num_cpus: int = 0               # CPUs of a local Ray started by the job; 0 = all of this machine
+    units_per_wave: int = 100_000   # listed inputs handed to one Ray Data execution (bounds driver memory)
+    progress_bars: bool = True
+
+
+@dataclass
+class LockConfig:
+    """The output lock: a run refreshes it every `heartbeat_s`; one not refreshed for `ttl_s` is stale and the
+    next run takes it over (so a crashed run does not block the schedule for longer than `ttl_s`)."""
+    ttl_s: float = 600.0
+    heartbeat_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.heartbeat_s < self.ttl_s:
+            raise ConfigError(f"lock.heartbeat_s={self.heartbeat_s} must be > 0 and below lock.ttl_s={self.ttl_s}")
+
+
+@dataclass
+class StorageConfig:
+    retries: int = 4                # attempts for each shard/index/manifest write
+    backoff_s: float = 1.0          # first wait; doubles on each retry
+
+
+@dataclass
+class TokenizeJobConfig:
+    tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
+    templates: TaskTemplates = field(default_factory=TaskTemplates)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    shards: ShardConfig = field(default_factory=ShardConfig)
+    fit: FitConfig = field(default_factory=FitConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    lock: LockConfig = field(default_factory=LockConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+

@@ -1,0 +1,236 @@
+"""The Ray Data plan: listed units -> inputs -> decoded media -> token ids -> rows the driver's writer commits.
+
+    from_items(units)                       driver: the listing (plain dicts), one wave at a time
+    .flat_map(expand)                       tasks: open JSONL/parquet/transcripts, one row per new input
+    .map_batches(decode)                    tasks: read + decode media (image/speech `load`), parse records
+    .map_batches(Tokenize, ActorPool)       actors: encode media (batched), text, messages -> tar bytes per input
+    .iter_batches()                         driver: tokenize_jobs/writer.py appends rows to shards and commits
+
+Each stage passes every input on, tokenized or with a quarantine reason, so the writer accounts for all of them.
+Tokenizers are built once per actor (and once per decode worker process, for their `load`), from the artifacts
+the driver saved in `<out>/tokenizers/`, so every worker tokenizes with the very same files.
+Rows carry only scalars (str, int, bytes); decoded media travel between stages as one .npz blob per input.
+"""
+from __future__ import annotations
+
+import json
+import traceback
+from typing import Any, Iterator
+
+import numpy as np
+
+from model import configlib
+from model.prompts import count_placeholders, encode_messages
+from model.tokenizers import TokenizerConfig, TokenizerSet
+from model.tokenizers.base import BadInput
+from tokenize_jobs import sources
+from tokenize_jobs.config import TokenizeJobConfig
+from tokenize_jobs.writer import sample_tar_bytes
+
+OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "tar", "stats")
+
+_TOKENIZERS: dict[str, TokenizerSet] = {}
+
+
+def tokenizers_for(artifacts_dir: str, cfg_dict: dict[str, Any]) -> TokenizerSet:
+    """One TokenizerSet per worker process (Ray reuses processes across tasks), with this job's input guards."""
+    key = json.dumps([artifacts_dir, cfg_dict], sort_keys=True)
+    if key not in _TOKENIZERS:
+        cfg = configlib.from_dict(TokenizerConfig, cfg_dict)
+        _TOKENIZERS[key] = TokenizerSet.prepare(cfg, artifacts_dir)  # artifacts exist: loads and checks them
+    return _TOKENIZERS[key]
+
+
+def _rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
+    keys = list(batch)
+    n = len(batch[keys[0]]) if keys else 0
+    return [{k: _scalar(batch[k][i]) for k in keys} for i in range(n)]
+
+
+def _scalar(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _columns(rows: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, list[Any]]:
+    return {k: [r[k] for r in rows] for k in names}
+
+
+def _quarantine(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]:
+    return {**row, "status": "quarantined", "reason": reason, "detail": detail[:2000], "spec": "{}", "data": b""}
+
+
+def _unexpected(row: dict[str, Any], e: Exception, stage: str) -> dict[str, Any]:
+    # A bug or an unforeseen kind of bad file: the input is quarantined (the job must go on), with the traceback
+    # tail so the summary's `unexpected_error` count can be investigated.
+    tb = traceback.format_exc(limit=3)
+    print(f"[tokenize] unexpected error in {stage} for {row['source']}: {type(e).__name__}: {e}", flush=True)
+    return _quarantine(row, "unexpected_error", f"{stage}: {type(e).__name__}: {e}\n{tb}")
+
+
+# ---- stage 1: expand units -------------------------------------------------------------------------------------
+
+def expand(unit: dict[str, Any], ctx: dict[str, Any], input_cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    from tokenize_jobs.config import InputConfig
+
+    cfg = configlib.from_dict(InputConfig, input_cfg)
+    done = set(unit.pop("done", None) or ())
+    yield from sources.expand_unit(ctx, unit, cfg, done)
+
+
+# ---- stage 2: read + decode ---------------------------------------------------------------------------------------
+
+def decode(batch: dict[str, Any], ctx: dict[str, Any], job: dict[str, Any], artifacts_dir: str) -> dict[str, list]:
+    cfg = configlib.from_dict(TokenizeJobConfig, job)
+    tok = tokenizers_for(artifacts_dir, job["tokenizers"])
+    out = []
+    for row in _rows(batch):
+        if row["status"] != "pending":
+            out.append(row)
+            continue
+        try:
+            record, media = sources.decode_input(ctx, row, tok, cfg.templates, cfg.tasks, cfg.input)
+            out.append({**row, "spec": json.dumps(record, ensure_ascii=False), "data": sources.pack_media(media)})
+        except BadInput as e:
+            out.append(_quarantine(row, e.reason, str(e)))
+        except Exception as e:  # noqa: BLE001  (see _unexpected)
+            out.append(_unexpected(row, e, "decode"))
+    return _columns(out, tuple(batch))
+
+
+# ---- stage 3: tokenize (actors) -------------------------------------------------------------------------------
+
+class Tokenize:
+    """Encodes a batch of decoded inputs: images in one batched call (one per shape), audio in batched calls,
+    then text and chat layout per sample; emits each input's samples as contiguous tar members."""
+
+    def __init__(self, artifacts_dir: str, tokenizers: dict[str, Any], max_tokens: int, audio_batch: int = 8):
+        self.tok = tokenizers_for(artifacts_dir, tokenizers)
+        self.vocab = self.tok.vocab
+        self.max_tokens = max_tokens
+        self.audio_batch = audio_batch
+
+    def _encode_images(self, items: list[tuple[Any, np.ndarray]]) -> dict[Any, np.ndarray | Exception]:
+        out: dict[Any, np.ndarray | Exception] = {}
+        by_shape: dict[tuple, list] = {}
+        for key, arr in items:
+            by_shape.setdefault(arr.shape, []).append((key, arr))
+        for group in by_shape.values():
+            try:
+                codes = self.tok.image.encode(np.stack([a for _, a in group]))  # (B, H, W, C) -> (B, N)
+                out.update({k: codes[i] for i, (k, _) in enumerate(group)})
+            except Exception:  # noqa: BLE001 - retry one by one so one bad image cannot sink the batch
+                for k, a in group:
+                    try:
+                        out[k] = self.tok.image.encode(a[None])[0]  # (1, H, W, C) -> (N,)
+                    except Exception as e:  # noqa: BLE001
+                        out[k] = e
+        return out
+
+    def _encode_audio(self, items: list[tuple[Any, np.ndarray]]) -> dict[Any, np.ndarray | Exception]:
+        out: dict[Any, np.ndarray | Exception] = {}
+        # Similar lengths together: a batch is zero-padded to its longest clip.
+        items = sorted(items, key=lambda kv: kv[1].size)
+        encode_batch = getattr(self.tok.speech, "encode_batch", None)
+        for start in range(0, len(items), self.audio_batch):
+            group = items[start:start + self.audio_batch]
+            try:
+                if encode_batch is None:
+                    raise NotImplementedError
+                codes = encode_batch([a for _, a in group])
+                out.update({k: codes[i] for i, (k, _) in enumerate(group)})
+            except Exception:  # noqa: BLE001
+                for k, a in group:
+                    try:
+                        out[k] = self.tok.speech.encode(a)
+                    except Exception as e:  # noqa: BLE001
+                        out[k] = e
+        return out
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        rows = _rows(batch)
+        decoded: dict[int, tuple[dict, dict]] = {}
+        images, audios = [], []
+        for i, row in enumerate(rows):
+            if row["status"] != "pending":
+                continue
+            try:
+                record, media = json.loads(row["spec"]), sources.unpack_media(row["data"])
+            except Exception as e:  # noqa: BLE001
+                rows[i] = _unexpected(row, e, "tokenize")
+                continue
+            decoded[i] = (record, media)
+            for name, arr in media.items():
+                (images if name.startswith("image") else audios).append(((i, name), arr))
+        codes = {**self._encode_images(images), **self._encode_audio(audios)}
+        out = []
+        for i, row in enumerate(rows):
+            if i in decoded:
+                record, media = decoded[i]
+                row = self._samples(row, record, {name: codes[(i, name)] for name in media})
+            row.setdefault("tar", b"")
+            row.setdefault("stats", "[]")
+            out.append({k: row[k] for k in OUT_COLUMNS})
+        return _columns(out, OUT_COLUMNS)
+
+    def _samples(self, row: dict[str, Any], record: dict[str, Any],
+                 media_codes: dict[str, np.ndarray | Exception]) -> dict[str, Any]:
+        try:
+            for name, c in media_codes.items():
+                if isinstance(c, Exception):
+                    raise BadInput("encode_error", f"{name}: {type(c).__name__}: {c}")
+            tar, stats = [], []
+            for j, sample in enumerate(record["samples"]):
+                msgs = sample["messages"]
+                imgs, auds = self._media_for(msgs, media_codes)
+                enc = encode_messages(msgs, self.vocab, self.tok.text, images=imgs, audios=auds)
+                if not enc.answer_mask.any():
+                    raise BadInput("no_answer", f"sample {sample['task']} has no assistant turn to learn")
+                if self.max_tokens and len(enc) > self.max_tokens:
+                    raise BadInput("too_many_tokens", f"{len(enc)} tokens > input.max_tokens={self.max_tokens}")
+                n_answer = int(enc.answer_mask.sum())
+                meta = {**record["meta"], "task": sample["task"], "source": row["source"], "fingerprint": row["fp"],
+                        "n_tokens": len(enc), "n_answer": n_answer}
+                tar.append(sample_tar_bytes(f"{row['fp']}_{j}", enc.input_ids, enc.answer_mask, meta))
+                stats.append({"task": sample["task"], "n_tokens": len(enc), "n_answer": n_answer})
+            return {**row, "status": "ok", "tar": b"".join(tar), "stats": json.dumps(stats)}
+        except BadInput as e:
+            return _quarantine(row, e.reason, str(e))
+        except Exception as e:  # noqa: BLE001
+            return _unexpected(row, e, "tokenize")
+
+    @staticmethod
+    def _media_for(messages: list[dict], media_codes: dict[str, np.ndarray]) -> tuple[list, list]:
+        """Messages lines list their media in placeholder order; a paired input (one image or audio) fills
+        every placeholder of its template with that one item."""
+        n_img, n_aud = count_placeholders(messages)
+        imgs = [media_codes[k] for k in sorted((k for k in media_codes if k.startswith("image")), key=_media_order)]
+        auds = [media_codes[k] for k in sorted((k for k in media_codes if k.startswith("audio")), key=_media_order)]
+        if len(imgs) == 1 and n_img != 1:
+            imgs = imgs * n_img
+        if len(auds) == 1 and n_aud != 1:
+            auds = auds * n_aud
+        return imgs, auds
+
+
+def _media_order(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
+# ---- the plan -------------------------------------------------------------------------------------------------
+
+def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str):
+    import ray
+
+    job = configlib.to_dict(cfg)
+    r = cfg.ray
+    gpus = r.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    ds = ray.data.from_items(units)
+    ds = ds.flat_map(expand, fn_kwargs={"ctx": ctx, "input_cfg": job["input"]}, num_cpus=r.decode_cpus)
+    ds = ds.map_batches(decode, fn_kwargs={"ctx": ctx, "job": job, "artifacts_dir": artifacts_dir},
+                        batch_size=r.batch_size, batch_format="numpy", num_cpus=r.decode_cpus)
+    ds = ds.map_batches(
+        Tokenize, fn_constructor_kwargs={"artifacts_dir": artifacts_dir, "tokenizers": job["tokenizers"],
+                                         "max_tokens": cfg.input.max_tokens},
+        compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=r.batch_size, batch_format="numpy",
+        num_cpus=r.actor_cpus, num_gpus=gpus)
+    return ds

@@ -1,0 +1,294 @@
+"""`python -m tokenize_jobs.run` / `omnidiff tokenize`: tokenize a raw corpus into WebDataset shards.
+
+    python -m tokenize_jobs.run --kind image-text --input data/pairs --output runs/tok
+    python -m tokenize_jobs.run --kind messages --input s3://corpus/sft --output s3://shards/sft \\
+        --config configs/tokenize/dream-magvit2.yaml shards.max_samples=5000
+
+Steps (driver): check the input and output are reachable -> take the output lock -> load what earlier runs
+committed and delete their orphans -> list the corpus -> load the saved tokenizers (or, on the first run, fit
+them on a sample of this corpus and save them) -> run the Ray Data plan (tokenize_jobs/pipeline.py) over the
+inputs not done yet, committing shards as they fill (tokenize_jobs/writer.py) -> summary.
+
+Without RAY_ADDRESS a local Ray is started for the job; with it (e.g. under `ray job submit`) the job joins that
+cluster. Exit status: 0 done (bad inputs are quarantined, not failures), 2 bad arguments/config or unreachable
+input/output, 3 the output is locked by another live run, 1 any other failure (committed shards are kept; rerun
+to continue).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import numpy as np
+
+from model import configlib, storage
+from model.configlib import ConfigError
+from model.tokenizers import SET_FILE, TokenizerMismatch, TokenizerSet, config_diff
+from model.vocab import Vocab
+from tokenize_jobs import sources, summary
+from tokenize_jobs.config import KINDS, TokenizeJobConfig
+from tokenize_jobs.lock import LockHeld, OutputLock
+from tokenize_jobs.pipeline import _rows, build_dataset
+from tokenize_jobs.writer import OutputState, ShardWriter, clean_orphans
+
+TOKENIZERS_DIR = "tokenizers"
+
+
+class OutputError(RuntimeError):
+    """The output location cannot be written (reported before any work starts)."""
+
+
+def new_run_id() -> str:
+    """Sortable by start time; the random tail keeps two runs started in the same second apart."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def normalize_output(output: str) -> str:
+    if storage.is_s3(output):
+        out = output.rstrip("/")
+        bucket = out[len("s3://"):].split("/", 1)[0]
+        try:
+            ok = storage.filesystem(out).exists(bucket)
+        except Exception as e:
+            raise OutputError(f"output {output} is not reachable ({type(e).__name__}: {e}); check "
+                              f"AWS_ENDPOINT_URL and credentials") from None
+        if not ok:
+            raise OutputError(f"output bucket s3://{bucket} does not exist (or these credentials cannot see it): "
+                              f"create it first")
+        return out
+    out = os.path.abspath(output)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot create output folder {out}: {e}") from None
+    if not os.access(out, os.W_OK):
+        raise OutputError(f"output folder {out} is not writable")
+    return out
+
+
+# ---- tokenizer fitting sample ------------------------------------------------------------------------------------
+
+def _wav_24k(data: bytes, max_seconds: float) -> np.ndarray:
+    """Audio bytes -> mono float32 at EnCodec's 24 kHz (only for fitting; actors use the tokenizer's `load`)."""
+    import soundfile as sf
+    import torch
+
+    from model.tokenizers.speech import SAMPLE_RATE
+
+    wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True, frames=int(max_seconds * 48_000))
+    mono = wav.mean(axis=1)  # (N, C) -> (N,)
+    if not mono.size or not np.isfinite(mono).all():
+        raise ValueError("empty or non-finite audio")
+    if sr != SAMPLE_RATE:
+        import torchaudio.functional as AF
+
+        mono = AF.resample(torch.from_numpy(mono), sr, SAMPLE_RATE).numpy()
+    return mono[: int(max_seconds * SAMPLE_RATE)]
+
+
+def _synthetic_wavs(n: int = 8) -> Iterator[np.ndarray]:
+    """Seeded tones + noise: codebooks fitted on these make a valid but weak codec."""
+    from model.tokenizers.speech import SAMPLE_RATE
+
+    rng = np.random.default_rng(0)
+    t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE
+    for i in range(n):
+        f0 = 110.0 * 2 ** (i / 4)
+        yield (0.3 * np.sin(2 * np.pi * f0 * t * (1 + t)) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def _fit_wavs(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: TokenizeJobConfig) -> Iterator[np.ndarray]:
+    n = 0
+    for data in sources.fit_audio_refs(ctx, units, cfg.input):
+        try:
+            wav = _wav_24k(data, cfg.tokenizers.speech.max_seconds)
+        except Exception:  # noqa: BLE001 - a bad file is quarantined later; it just does not join the fit
+            continue
+        n += 1
+        yield wav
+    if n == 0:
+        print("[tokenize] warning: this corpus has no readable audio, so EnCodec's codebooks (speech.weights="
+              "offline) are fitted on synthetic tones. Speech tokenized into this output later will use that weak "
+              "codec: tokenize a speech corpus first, or use speech.weights=pretrained.", flush=True)
+        yield from _synthetic_wavs()
+
+
+@dataclass
+class PreparedTokenizers:
+    """What the driver needs of the tokenizer set: the vocabulary and the recorded names and fingerprints (the
+    actors build the tokenizers themselves and check the fingerprints)."""
+    vocab: Vocab
+    names: dict[str, str]
+    fingerprints: dict[str, str]
+
+
+def prepare_tokenizers(cfg: TokenizeJobConfig, artifacts_dir: str, ctx: dict[str, Any],
+                       units: list[dict[str, Any]]) -> PreparedTokenizers:
+    """The output's saved tokenizers (checked against this job's config, without building any model), or, on
+    the first run, a set fitted on a sample of this corpus and saved."""
+    if storage.exists(storage.join(artifacts_dir, SET_FILE)):
+        diff = config_diff(TokenizerSet.read_config(artifacts_dir), cfg.tokenizers)
+        if diff:
+            raise TokenizerMismatch(
+                f"{storage.join(artifacts_dir, SET_FILE)} holds the tokenizers this output's shards were made with, "
+                f"and this job asks for others (" + "; ".join(diff) + "): write to a new output, or set these keys "
+                "back to the saved values.")
+        record = TokenizerSet.read_record(artifacts_dir)
+        return PreparedTokenizers(TokenizerSet.read_vocab(artifacts_dir), record["names"], record["fingerprints"])
+    scan = units[: cfg.fit.max_scan_units]
+    texts = sources.fit_texts(ctx, scan, cfg.input, cfg.fit.max_texts, cfg.templates)
+    tok = TokenizerSet.prepare(cfg.tokenizers, artifacts_dir, texts=texts, wavs=_fit_wavs(ctx, scan, cfg))
+    return PreparedTokenizers(tok.vocab, tok.names(), tok.fingerprints())
+
+
+# ---- the job -------------------------------------------------------------------------------------------------------
+
+def _ensure_ray(cfg: TokenizeJobConfig) -> bool:
+    """Join RAY_ADDRESS's cluster, reuse an initialized Ray (tests), or start a local one. True if we started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False)
+    return True
+
+
+def _chunks(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), max(1, n)):
+        yield items[i:i + n]
+
+
+def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, print_summary: bool = True
+            ) -> dict[str, Any]:
+    """Tokenize `input_uri` (a corpus of `kind`) into `output`; returns the run summary (summary.build)."""
+    if kind not in KINDS:
+        raise ConfigError(f"--kind {kind!r}: choose one of {list(KINDS)}")
+    t0 = time.time()
+    ctx = sources.corpus_context(kind, input_uri)
+    out = normalize_output(output)
+    run_id = new_run_id()
+    lock = OutputLock(out, run_id, ttl_s=cfg.lock.ttl_s, heartbeat_s=cfg.lock.heartbeat_s)
+    lock.acquire()
+    started_ray = False
+    try:
+        state = OutputState.load(out)
+        orphans = clean_orphans(out, state.manifest)
+        units = sources.list_units(ctx, cfg.input)
+        artifacts = storage.join(out, TOKENIZERS_DIR)
+        tok = prepare_tokenizers(cfg, artifacts, ctx, units)
+        if state.manifest:
+            Vocab.from_dict(state.manifest["vocab"]).check_same(
+                tok.vocab, what=f"existing shards in {out}", expected="tokenizers of this run")
+        todo = []
+        for u in units:
+            if u["unit"] in state.done:
+                continue
+            done = set()
+            for ref in u["files"][:1]:  # inputs are recorded under their unit's first file
+                done |= state.done_by_file.get(ref["rel"], set())
+            todo.append({**u, "done": sorted(done)})
+        header = {
+            "vocab": tok.vocab.to_dict(),
+            "tokenizers": {"dir": TOKENIZERS_DIR, "names": tok.names, "fingerprints": tok.fingerprints},
+            "job": {"kind": kind, "input": ctx["input"], "config": configlib.to_dict(cfg)},
+        }
+        writer = ShardWriter(out, run_id, header, state, cfg.shards, cfg.storage, check_lock=lock.check)
+        try:
+            if todo:
+                import ray
+
+                started_ray = _ensure_ray(cfg)
+                ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+                for wave in _chunks(todo, cfg.ray.units_per_wave):
+                    ds = build_dataset(wave, ctx, cfg, artifacts)
+                    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+                        for row in _rows(batch):
+                            writer.add_row(row)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+        lock.release()
+    totals = {k: dict(v) if isinstance(v, dict) else v for k, v in writer.totals.items()}
+    totals["shards"] = len(writer.shards)
+    result = summary.build(
+        run_id=run_id, output=out, kind=kind, input_uri=ctx["input"], units_listed=len(units),
+        units_skipped=len(units) - len(todo), run=writer.run, totals=totals, wall_s=time.time() - t0,
+        orphans_removed=orphans, took_over=lock.took_over.describe() if lock.took_over else None)
+    if print_summary:
+        print(summary.format_table(result), flush=True)
+    return result
+
+
+# ---- CLI -----------------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omnidiff tokenize",
+        description="Tokenize a raw corpus into WebDataset shards + manifest.json (local folder or s3://). "
+                    "Reruns process only inputs not yet in the manifest.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""input kinds:
+  messages     JSONL lines {"messages": [{"role", "content"}], "images": [...], "audios": [...]}; media paths
+               relative to the JSONL file's folder; optional "task"; other keys (label, split) go to meta.json
+  image-text   NAME.jpg|png + NAME.txt pairs, or parquet files (input.parquet_image_column / _caption_column)
+               -> t2i and i2t samples (tasks.image_text)
+  speech-text  LibriSpeech layout (*/*/*.flac + *.trans.txt) or JSONL {"audio": path, "text": ...}
+               -> asr and tts samples (tasks.speech_text)
+  text         JSONL {"text": ..., optional "prompt"} or .txt files (one sample each) -> text samples
+
+examples:
+  python -m tokenize_jobs.run --kind image-text --input data/pairs --output runs/tok
+  python -m tokenize_jobs.run --kind messages --input s3://corpus/sft --output s3://shards/sft \\
+      --config configs/tokenize/dream-magvit2.yaml shards.max_samples=5000 ray.actors=8
+
+Without --config the embedded demo tokenizers are used (in-process BPE, 8x8 pixel images, EnCodec with
+codebooks fitted on the corpus). Set RAY_ADDRESS (or use `ray job submit`) to run on a cluster.
+exit status: 0 done, 2 bad arguments/config/unreachable input or output, 3 output locked, 1 other failure""")
+    p.add_argument("--kind", required=True, choices=KINDS, help="what the input holds (see below)")
+    p.add_argument("--input", required=True, help="corpus folder or file: local path or s3://bucket/prefix")
+    p.add_argument("--output", required=True, help="output folder: local path or s3://bucket/prefix")
+    p.add_argument("--config", default=None, help="YAML job config (e.g. configs/tokenize/default.yaml)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. shards.max_samples=1000 tokenizers.image.kind=magvit2")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = configlib.load(TokenizeJobConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(configlib.dump_yaml(cfg))
+        return 0
+    try:
+        run_job(cfg, args.kind, args.input, args.output)
+    except LockHeld as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, sources.InputError, OutputError, TokenizerMismatch) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Committing tokenized samples: deterministic shards, per-shard input indexes, and the manifest, in that order.
+
+Output layout (local folder or s3:// prefix):
+
+    shards/<run_id>-<seq:06d>.tar     WebDataset tars; each sample's 3 members contiguous
+    index/<run_id>-<seq:06d>.jsonl    what that commit finished: one line per input (tokenized or quarantined,
+                                      with its fingerprint and file) and one per completed listing unit
+    manifest.json                     vocab, tokenizers, job, shards, indexes, counts, runs (written last)
+    quarantine.jsonl                  every quarantined input {source, reason, detail}, rebuilt at run end
+    tokenizers/                       tokenizer artifacts (tokenizers.json, vocab.json, text.json, ...)
+    _lock.json                        the run lock (tokenize_jobs/lock.py)
+
+A commit is: upload the shard (one atomic write), write its index (one atomic write), rewrite the manifest
+(one atomic write). Only the manifest makes a shard exist: a run killed between the three leaves files no
+manifest lists, which the next run deletes before it starts (it holds the lock, so no one else is writing).
+Inputs are marked done only through a committed index, so a killed run's inputs are redone exactly once.
+
+Why sidecar indexes rather than fingerprints inside the manifest: the manifest is rewritten at every commit;
+with millions of inputs a manifest holding every fingerprint would make each commit rewrite (and each reader
+parse) hundreds of MB. Index files are written once and read only by the next tokenize run, which loads them
+all (concurrently on S3) into a set of 32-hex-digit fingerprints.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from model import storage
+from tokenize_jobs.config import ShardConfig, StorageConfig
+from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
+
+SHARDS_DIR = "shards"
+INDEX_DIR = "index"
+QUARANTINE = "quarantine.jsonl"
+TAR_BLOCK = 512
+TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads archives to whole records; so do we
+MAX_RUN_RECORDS = 100        # an hourly schedule would otherwise grow the manifest forever
+
+
+# ---- tar bytes (built in the tokenizer actors, concatenated by the writer) -----------------------------------
+
+def _tar_member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0          # deterministic bytes: the same sample always gives the same member
+    info.mode = 0o644
+    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
+    pad = (-len(data)) % TAR_BLOCK
+    return header + data + b"\0" * pad
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def sample_tar_bytes(key: str, input_ids: np.ndarray, answer_mask: np.ndarray, meta: dict[str, Any]) -> bytes:
+    """One sample's three tar members, contiguous. `key` has no dot (WebDataset splits key/suffix there)."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
+    return (_tar_member(f"{key}.input_ids.npy", _npy_bytes(np.ascontiguousarray(input_ids, dtype=np.int32)))
+            + _tar_member(f"{key}.answer_mask.npy", _npy_bytes(np.ascontiguousarray(answer_mask, dtype=np.bool_)))
+            + _tar_member(f"{key}.meta.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()))
+
+
+def tar_end(size_so_far: int) -> bytes:
+    """End-of-archive marker (two zero blocks), then zero padding to a whole record."""
+    n = size_so_far + 2 * TAR_BLOCK
+    return b"\0" * (2 * TAR_BLOCK + (-n) % TAR_RECORD)
+
+
+# ---- state of an output folder --------------------------------------------------------------------------------
+
+@dataclass
+class OutputState:
+    """What earlier runs committed: the manifest and the done-sets loaded from its indexes."""
+    manifest: dict[str, Any] | None
+    done: set[str] = field(default_factory=set)                    # input and unit fingerprints
+    done_by_file: dict[str, set[str]] = field(default_factory=dict)  # file (relative) -> input fingerprints
+    quarantine_lines: list[str] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, out: str) -> "OutputState":
+        uri = storage.join(out, MANIFEST)
+        if not storage.exists(uri):
+            return cls(manifest=None)
+        manifest = json.loads(storage.read_text(uri))
+        state = cls(manifest=manifest)
+        paths = [storage.join(out, e["path"]) for e in manifest.get("indexes", [])]
+        if not paths:
+            return state
+        fs = storage.filesystem(out)
+        # one concurrent batch of GETs on S3 (fsspec keys the result by protocol-less path)
+        blobs = fs.cat(paths) if storage.is_s3(out) else {p: Path(p).read_bytes() for p in paths}
+        for p in paths:
+            for line in blobs[fs._strip_protocol(p)].decode("utf-8").splitlines():
+                rec = json.loads(line)
+                if "unit" in rec:
+                    state.done.add(rec["unit"])
+                    continue
+                state.done.add(rec["fp"])
+                state.done_by_file.setdefault(rec["file"], set()).add(rec["fp"])
+                if rec["status"] == "quarantined":
+                    state.quarantine_lines.append(json.dumps(
+                        {"source": rec["source"], "reason": rec["reason"], "detail": rec["detail"]},
+                        ensure_ascii=False))
+        return state
+
+
+def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
+    """Delete shard/index files no manifest lists (left by a killed run). Call only while holding the lock."""
+    listed = set()
+    if manifest:
+        listed |= {e["path"] for e in manifest.get("shards", [])}
+        listed |= {e["path"] for e in manifest.get("indexes", [])}
+    fs = storage.filesystem(out)
+    removed = []
+    for sub in (SHARDS_DIR, INDEX_DIR):
+        folder = storage.join(out, sub)
+        if not fs.exists(folder):
+            continue
+        for path in fs.find(folder):
+            name = path.rsplit("/", 1)[-1]
+            if f"{sub}/{name}" not in listed:
+                fs.rm_file(path)  # fsspec paths (no protocol) are valid for the same filesystem
+                removed.append(f"{sub}/{name}")
+    return removed
+
+
+def _fault_point(commits_done: int, stage: str) -> None:
+    """Fault injection for crash tests: OMNIDIFF_FAIL_AFTER_SHARDS=k[:mode] fails once k shards are committed
+    in this run. mode `raise` (default) raises in the driver; `kill` SIGKILLs the driver process; `mid` stops
+    during the next commit, after its shard is uploaded and before its manifest is written."""
+    spec = os.environ.get("OMNIDIFF_FAIL_AFTER_SHARDS")
+    if not spec:
+        return
+    k, _, mode = spec.partition(":")
+    mode = mode or "raise"
+    if commits_done != int(k) or (mode == "mid") != (stage == "mid"):
+        return
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    raise RuntimeError(f"injected failure after {k} committed shard(s) (OMNIDIFF_FAIL_AFTER_SHARDS={spec})")
+
+
+def retry(fn: Callable[[], Any], what: str, cfg: StorageConfig) -> Any:
+    """Storage writes retried with doubling backoff; the last error is raised with what was being written."""
+    wait = cfg.backoff_s
+    for attempt in range(1, cfg.retries + 1):
+        try:
+            return fn()
+        except (OSError, TimeoutError) as e:
+            if isinstance(e, (FileNotFoundError, PermissionError)) or attempt == cfg.retries:
+                raise OSError(f"{what} failed after {attempt} attempt(s): {type(e).__name__}: {e}. Check that "
+                              f"the output location is reachable, then rerun: committed shards are kept.") from e
+            print(f"[tokenize] {what} failed ({type(e).__name__}: {e}); retry {attempt}/{cfg.retries - 1} in "
+                  f"{wait:.1f} s", flush=True)
+            time.sleep(wait)
+            wait *= 2
+
+
+# ---- the writer -------------------------------------------------------------------------------------------------
+
+class ShardWriter:
+    """Buffers tokenized inputs into a local tar and commits shard + index + manifest when it is full.
+
+    `add_row` takes the pipeline's output rows (see pipeline.py: status ok/quarantined/unit). The caller calls
+    `finish()` at the end (commits what is pending and rewrites quarantine.jsonl)."""
+
+    def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState, shard_cfg: ShardConfig,
+                 storage_cfg: StorageConfig, check_lock: Callable[[], None] = lambda: None):
+        self.out, self.run_id, self.header = out, run_id, header
+        self.shard_cfg, self.storage_cfg, self.check_lock = shard_cfg, storage_cfg, check_lock
+        prev = state.manifest or {}
+        self.shards: list[dict[str, Any]] = list(prev.get("shards", []))
+        self.indexes: list[dict[str, Any]] = list(prev.get("indexes", []))
+        self.runs: list[dict[str, Any]] = list(prev.get("runs", []))
+        c = prev.get("counts", {})
+        self.totals = {
+            "inputs_seen": c.get("inputs_seen", 0), "inputs_tokenized": c.get("inputs_tokenized", 0),
+            "inputs_quarantined": c.get("inputs_quarantined", 0), "samples_written": c.get("samples_written", 0),
+            "samples_per_task": Counter(c.get("samples_per_task", {})),
+            "tokens_per_task": Counter(c.get("tokens_per_task", {})),
+            "answer_tokens_per_task": Counter(c.get("answer_tokens_per_task", {})),
+            "quarantined_by_reason": Counter(c.get("quarantined_by_reason", {})),
+        }
+        self.quarantine_lines = list(state.quarantine_lines)
+        # this run
+        self.run = {"inputs_tokenized": 0, "inputs_quarantined": 0, "samples_written": 0, "shards": 0,
+                    "bytes": 0, "samples_per_task": Counter(), "tokens_per_task": Counter(),
+                    "quarantined_by_reason": Counter()}
+        self.run_record = {"run_id": run_id, "kind": header["job"]["kind"], "input": header["job"]["input"],
+                           "started": time.time(), "status": "running"}
+        self._unit_expected: dict[str, int] = {}
+        self._unit_seen: Counter = Counter()
+        self._tmpdir = tempfile.TemporaryDirectory(prefix="omnidiff-shard-")
+        self._seq = 0
+        self._reset_pending()
+
+    def _reset_pending(self) -> None:
+        self._tar_path = Path(self._tmpdir.name) / f"{self._seq:06d}.tar"
+        self._tar = open(self._tar_path, "wb")
+        self._sha = hashlib.sha256()
+        self._bytes = 0
+        self._samples = 0
+        self._index_lines: list[str] = []
+        self._pending = {"tok": 0, "quar": 0, "per_task": Counter(), "tokens": Counter(), "answer": Counter(),
+                         "reasons": Counter(), "quarantine_lines": []}
+
+    # ---- rows -------------------------------------------------------------------------------------------
+    def add_row(self, row: dict[str, Any]) -> None:
+        status, unit = row["status"], row["unit"]
+        if status == "unit":  # a unit with nothing new to do (all of its inputs were done earlier)
+            self._index_lines.append(json.dumps({"unit": unit}))
+            return
+        if status == "ok":
+            data = row["tar"]
+            self._tar.write(data)
+            self._sha.update(data)
+            self._bytes += len(data)
+            stats = json.loads(row["stats"])
+            self._samples += len(stats)
+            for s in stats:
+                self._pending["per_task"][s["task"]] += 1
+                self._pending["tokens"][s["task"]] += s["n_tokens"]
+                self._pending["answer"][s["task"]] += s["n_answer"]
+            self._pending["tok"] += 1
+            self._index_lines.append(json.dumps({"fp": row["fp"], "file": row["file"], "status": "ok",
+                                                 "samples": len(stats)}))
+        else:
+            rec = {"source": row["source"], "reason": row["reason"], "detail": row["detail"]}
+            self._pending["quar"] += 1
+            self._pending["reasons"][row["reason"]] += 1
+            self._pending["quarantine_lines"].append(json.dumps(rec, ensure_ascii=False))
+            self._index_lines.append(json.dumps({"fp": row["fp"], "file": row["file"], "status": "quarantined",
+                                                 **rec}, ensure_ascii=False))
+        self._unit_expected[unit] = int(row["unit_new"])
+        self._unit_seen[unit] += 1
+        if self._unit_seen[unit] == self._unit_expected[unit]:
+            self._index_lines.append(json.dumps({"unit": unit}))
+            del self._unit_seen[unit], self._unit_expected[unit]
+        if self._samples >= self.shard_cfg.max_samples or self._bytes >= self.shard_cfg.max_bytes:
+            self.commit()
+
+    # ---- commits ----------------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Make everything pending durable: shard (if any sample), index, then the manifest."""
+        if not self._index_lines:
+            return
+        self.check_lock()
+        name = f"{self.run_id}-{self._seq:06d}"
+        shard_entry = None
+        if self._samples:
+            end = tar_end(self._bytes)
+            self._tar.write(end)
+            self._sha.update(end)
+            self._tar.close()
+            size = self._bytes + len(end)
+            rel = f"{SHARDS_DIR}/{name}.tar"
+            retry(lambda: storage.upload_file_atomic(self._tar_path, storage.join(self.out, rel)),
+                  f"uploading shard {rel}", self.storage_cfg)
+            shard_entry = {"path": rel, "samples": self._samples, "bytes": size, "sha256": self._sha.hexdigest()}
+        else:
+            self._tar.close()
+        index_rel = f"{INDEX_DIR}/{name}.jsonl"
+        index_text = "\n".join(self._index_lines) + "\n"
+        retry(lambda: storage.write_text_atomic(storage.join(self.out, index_rel), index_text),
+              f"writing index {index_rel}", self.storage_cfg)
+        _fault_point(self.run["shards"], "mid")
+        self.check_lock()  # a run that lost its lock must not commit: the new owner may be writing
+        p = self._pending
+        if shard_entry:
+            self.shards.append(shard_entry)
+        self.indexes.append({"path": index_rel, "shard": shard_entry["path"] if shard_entry else None,
+                             "inputs": p["tok"] + p["quar"]})
+        for key, n in (("inputs_tokenized", p["tok"]), ("inputs_quarantined", p["quar"])):
+            self.totals[key] += n
+            self.run[key] += n
+        self.totals["inputs_seen"] += p["tok"] + p["quar"]
+        self.totals["samples_written"] += self._samples
+        self.totals["samples_per_task"].update(p["per_task"])
+        self.totals["tokens_per_task"].update(p["tokens"])
+        self.totals["answer_tokens_per_task"].update(p["answer"])
+        self.totals["quarantined_by_reason"].update(p["reasons"])
+        self.run["samples_written"] += self._samples
+        self.run["samples_per_task"].update(p["per_task"])
+        self.run["tokens_per_task"].update(p["tokens"])
+        self.run["quarantined_by_reason"].update(p["reasons"])
+        if shard_entry:
+            self.run["shards"] += 1
+            self.run["bytes"] += shard_entry["bytes"]
+        self.quarantine_lines += p["quarantine_lines"]
+        self._write_manifest()
+        self._tar_path.unlink(missing_ok=True)
+        self._seq += 1
+        self._reset_pending()
+        if shard_entry:
+            _fault_point(self.run["shards"], "after")
+
+    def manifest(self) -> dict[str, Any]:
+        t = self.totals
+        return {
+            "format_version": FORMAT_VERSION,
+            **self.header,
+            "shards": self.shards,
+            "indexes": self.indexes,
+            "counts": {
+                "inputs_seen": t["inputs_seen"], "inputs_tokenized": t["inputs_tokenized"],
+                "inputs_quarantined": t["inputs_quarantined"], "samples_written": t["samples_written"],
+                "samples_per_task": dict(sorted(t["samples_per_task"].items())),
+                "tokens_per_task": dict(sorted(t["tokens_per_task"].items())),
+                "answer_tokens_per_task": dict(sorted(t["answer_tokens_per_task"].items())),
+                "quarantined_by_reason": dict(sorted(t["quarantined_by_reason"].items())),
+            },
+            "runs": (self.runs + [self.run_record])[-MAX_RUN_RECORDS:],
+            "updated": time.time(),
+        }
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self.manifest(), indent=1, ensure_ascii=False)
+        retry(lambda: storage.write_text_atomic(storage.join(self.out, MANIFEST), text), f"writing {MANIFEST}",
+              self.storage_cfg)
+
+    def finish(self, status: str = "done") -> None:
+        self.commit()
+        self.run_record.update(status=status, finished=time.time(), inputs=self.run["inputs_tokenized"]
+                               + self.run["inputs_quarantined"], samples=self.run["samples_written"])
+        self.check_lock()
+        self._write_manifest()
+        text = "".join(line + "\n" for line in self.quarantine_lines)
+        retry(lambda: storage.write_text_atomic(storage.join(self.out, QUARANTINE), text), f"writing {QUARANTINE}",
+              self.storage_cfg)
+        self._tmpdir.cleanup()
+
+    def abort(self) -> None:
+        """Drop what is pending (a failed run); committed shards stay."""
+        try:
+            self._tar.close()
+        finally:
+            self._tmpdir.cleanup()
