@@ -1,0 +1,94 @@
+"""Smoke test of `omnidiff bench` at tiny sizes: every benchmark's code path runs against the real pipeline
+(Ray Data tokenize job, trainer data path, Ray Train fit, sampler), so the suite cannot rot unnoticed.
+Speed is never asserted: these sizes measure nothing. What is asserted is what would make the numbers wrong:
+both sides of each comparison doing the same work, and the figures being there and finite."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from pipelines import bench
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_spread_and_paired_ratio():
+    s = bench.spread([3.0, 1.0, 2.0, float("nan")])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    r = bench.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0])   # pairs, not medians: 2, 3, 1
+    assert (r["median"], r["min"], r["max"]) == (2.0, 1.0, 3.0)
+    assert bench.goal_check("sample.step_vs_forward", 1.2)["met"] is False
+    assert bench.goal_check("read.reader_vs_training", 12.0)["met"] is True
+    assert bench.fmt(bench.spread([0.5, 0.25, 1.0])) == "0.500 [0.250-1.00]"
+
+
+def test_peak_rss_counts_child_processes():
+    """Ray workers are descendants of the driver: the sampler must see memory held by a child process."""
+    code = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
+    with bench.PeakRSS(interval_s=0.02) as rss:
+        subprocess.run([sys.executable, "-c", code], check=True)
+    assert rss.peak - rss.baseline > 250 * 2**20
+
+
+@pytest.fixture(scope="module")
+def tiny_suite(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    summary = bench.run_benches(list(bench.BENCHES), bench.Plan.for_mode("tiny"), out)
+    return out, summary
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def test_all_benches_write_json_and_table(tiny_suite):
+    out, summary = tiny_suite
+    for name in bench.BENCHES:
+        data = json.loads((out / f"{name}.json").read_text())
+        assert data["mode"] == "tiny" and len(data["loadavg_before"]) == 3
+    all_json = json.loads((out / "all.json").read_text())
+    assert set(all_json["results"]) == set(bench.BENCHES)
+    assert all_json["meta"]["ray_init_s"] > 0
+    for needle in ("tokenize text", "read: trainer stream", "Ray Train 1 worker vs bare", "denoising step"):
+        assert needle in summary["table"]
+    assert summary["markdown"].startswith("| measure |")
+
+
+def test_tokenize_sides_do_the_same_work(tiny_suite):
+    r = json.loads((tiny_suite[0] / "tokenize.json").read_text())
+    for mod, e in r["modalities"].items():
+        # the bare loop wrote exactly the samples and tokens the job wrote: the ratio compares like with like
+        assert e["same_work"], mod
+        assert e["quarantined"] == 0, mod
+        assert _finite(e["bare_samples_per_s"]["median"]) and _finite(e["job_end_to_end_samples_per_s"]["median"])
+    assert set(r["modalities"]) == {"text", "image-pixel", "speech-encodec"}
+    assert "text" in r["workers"]
+    m = r["memory"]
+    assert m["x10"]["inputs"] == 10 * m["x1"]["inputs"] and m["x1"]["peak_rss_mib"] > m["x1"]["baseline_rss_mib"] > 0
+
+
+def test_read_train_sample_figures(tiny_suite):
+    out = tiny_suite[0]
+    read = json.loads((out / "read.json").read_text())
+    assert read["sources"] >= 4 and read["samples_in_shards"] > 0
+    for key in ("reader_samples_per_s", "raw_tar_samples_per_s", "training_samples_per_s"):
+        assert _finite(read[key]["median"]), key
+    train = json.loads((out / "train.json").read_text())
+    assert train["ray_1"]["windows"] >= 1 and train["ray_2"]["workers"] == 2
+    for key in ("bare", "ray_1", "ray_2"):
+        assert _finite(train[key]["steps_per_s"]["median"]), key
+    assert _finite(train["ray_1"]["startup_s"]) and 0 < train["mfu_bare"]["mfu"]
+    sample = json.loads((out / "sample.json").read_text())
+    assert set(sample["by_batch"]) == {"1", "2"}
+    assert all(_finite(v["median"]) for v in sample["magvit2_encode"]["images_per_s"].values())
+
+
+def test_cli_help_and_bad_repeats(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--help"])
+    assert e.value.code == 0 and "docs/performance.md" in capsys.readouterr().out
+    assert bench.main(["sample", "--repeats", "0"]) == 2
