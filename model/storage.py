@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import tempfile
 import uuid
 from pathlib import Path
 
@@ -31,6 +30,23 @@ def filesystem(uri: str) -> fsspec.AbstractFileSystem:
         # fresh instance: a cached one may hold a dead connection pool after a fault
         return fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
     return fsspec.filesystem("file")
+
+
+def is_transient(e: BaseException) -> bool:
+    """A storage error worth retrying: the endpoint unreachable or timing out, a dropped connection, a 5xx.
+    Not a missing object or a refused permission (retrying cannot fix those)."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(e, (OSError, TimeoutError, ConnectionError)):
+        return True
+    # botocore raises its connection errors (endpoint unreachable, read timeout, connection closed) as its own
+    # exception types, not as OSError, and s3fs passes them through untranslated.
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return False
+    return isinstance(e, (BotoConnectionError, HTTPClientError))
 
 
 def join(base: str, *parts: str) -> str:
@@ -63,15 +79,17 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
         return
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not mkstemp: its files are 0600, and shards/manifests must stay readable by other users (0666 & ~umask,
+    # as any file open() creates). "xb" fails rather than reuse a name (the uuid makes that practically never).
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

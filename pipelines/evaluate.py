@@ -44,6 +44,7 @@ from model import configlib, storage
 from model.prompts import TASKS, TaskTemplates
 from model.tokenizers.base import BadInput
 from pipelines import scoring
+from pipelines.rayutil import init_ray
 from pipelines.generate import input_base_dir, map_with_actors
 from pipelines.inference import (Predictor, Request, SamplerPresets, load_presets, local_export, png_bytes,
                                  read_media, request_from_line, spoken_text, user_text)
@@ -487,10 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         presets = load_presets(args.preset, args.sampler_config, args.overrides)
         if not args.local:
-            import ray
-
-            if not ray.is_initialized() and args.ray_address:
-                ray.init(address=args.ray_address)
+            if args.ray_address:   # else map_with_actors starts a local Ray if it needs one
+                init_ray(args.ray_address)
         results = evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out,
                            presets=presets, classifier_train_data=args.classifier_train_data,
                            asr_model=args.asr_model, clip_model=args.clip_model, local=args.local,

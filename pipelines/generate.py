@@ -34,6 +34,7 @@ import numpy as np
 from model import configlib, storage
 from model.tokenizers.base import BadInput
 from pipelines.inference import Predictor, SamplerPresets, load_presets, request_from_line
+from pipelines.rayutil import init_ray
 
 
 def input_base_dir(uri: str) -> str:
@@ -112,8 +113,7 @@ def map_with_actors(items: list[dict], udf: type, kwargs: dict, *, actors: int |
     """Run `udf` over `items` on a Ray Data actor pool; returns the output rows."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init()
+    init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (pipelines/rayutil.py)
     resources, gpus = actor_resources()
     n = actors or max(1, gpus)
     ds = ray.data.from_items(items)
@@ -170,10 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         presets = load_presets(args.preset, args.sampler_config, args.overrides)
         if not args.local:
-            import ray
-
-            if not ray.is_initialized():
-                ray.init(address=args.ray_address)
+            init_ray(args.ray_address)
         t0 = time.time()
         summary = run_generate(args.checkpoint, args.input, args.output, presets=presets, device=args.device,
                                actors=args.actors, local=args.local)

@@ -35,6 +35,7 @@ from pipelines import checkpoint as ckpt
 from pipelines import metrics
 from pipelines.config import TrainConfig
 from pipelines.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
+from pipelines.rayutil import init_ray
 
 
 # ---- model and optimizer ------------------------------------------------------------------------------------
@@ -374,11 +375,7 @@ def run(cfg: TrainConfig):
     from ray.train.torch import TorchTrainer
 
     data = load_data(cfg, validate=True)   # a bad shard fails here, before any worker starts
-    if not ray.is_initialized():
-        if os.environ.get("RAY_ADDRESS"):
-            ray.init()
-        else:
-            ray.init(include_dashboard=False)
+    init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (pipelines/rayutil.py)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(

@@ -137,6 +137,9 @@ class OutputLock:
                 self._release_s3()
             else:
                 self._release_local()
+        except Exception as e:  # noqa: BLE001 - release runs in `finally`: it must not hide the run's own error
+            print(f"[tokenize] warning: could not release the lock {self.uri} ({type(e).__name__}: {e}); it "
+                  f"expires within lock.ttl_s={self.ttl_s:.0f} s, then the next run takes it over", flush=True)
         finally:
             self._record = None
 

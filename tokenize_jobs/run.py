@@ -151,15 +151,9 @@ def prepare_tokenizers(cfg: TokenizeJobConfig, artifacts_dir: str, ctx: dict[str
 
 def _ensure_ray(cfg: TokenizeJobConfig) -> bool:
     """Join RAY_ADDRESS's cluster, reuse an initialized Ray (tests), or start a local one. True if we started it."""
-    import ray
+    from pipelines.rayutil import init_ray
 
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        ray.init(num_cpus=cfg.ray.num_cpus or None, include_dashboard=False)
-    return True
+    return init_ray(num_cpus=cfg.ray.num_cpus or None)
 
 
 def _chunks(items: list, n: int) -> Iterator[list]:

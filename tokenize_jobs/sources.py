@@ -508,6 +508,9 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
             if n_img != len(images) or n_aud != len(audios):
                 raise BadInput("placeholder_mismatch", f"{n_img} {IMAGE_PLACEHOLDER} / {n_aud} {AUDIO_PLACEHOLDER} "
                                                        f"placeholders but {len(images)} images / {len(audios)} audios")
+            answers = [m.get("content") for m in msgs if m.get("role") == "assistant"]
+            if answers and all(isinstance(a, str) and not a.strip() for a in answers):
+                raise BadInput("empty_text", "every assistant message is blank: there is nothing to learn")
             task = rec.get("task") or infer_task(msgs)
             if task not in TASKS:
                 raise BadInput("bad_task", f"task {task!r} is not one of {list(TASKS)}")

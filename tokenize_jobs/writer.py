@@ -157,13 +157,18 @@ def _fault_point(commits_done: int, stage: str) -> None:
 
 
 def retry(fn: Callable[[], Any], what: str, cfg: StorageConfig) -> Any:
-    """Storage writes retried with doubling backoff; the last error is raised with what was being written."""
+    """Storage writes retried with doubling backoff (`storage.retries` attempts in all, each of which may
+    itself be retried by botocore: AWS_MAX_ATTEMPTS); the last error is raised with what was being written.
+    Only transient faults (unreachable endpoint, timeouts, dropped connections) are retried."""
     wait = cfg.backoff_s
     for attempt in range(1, cfg.retries + 1):
         try:
             return fn()
-        except (OSError, TimeoutError) as e:
-            if isinstance(e, (FileNotFoundError, PermissionError)) or attempt == cfg.retries:
+        except Exception as e:  # noqa: BLE001 - sorted below
+            transient = storage.is_transient(e)
+            if not transient and not isinstance(e, OSError):
+                raise  # a bug, not a storage fault
+            if not transient or attempt == cfg.retries:
                 raise OSError(f"{what} failed after {attempt} attempt(s): {type(e).__name__}: {e}. Check that "
                               f"the output location is reachable, then rerun: committed shards are kept.") from e
             print(f"[tokenize] {what} failed ({type(e).__name__}: {e}); retry {attempt}/{cfg.retries - 1} in "
@@ -271,14 +276,14 @@ class ShardWriter:
             size = self._bytes + len(end)
             rel = f"{SHARDS_DIR}/{name}.tar"
             retry(lambda: storage.upload_file_atomic(self._tar_path, storage.join(self.out, rel)),
-                  f"uploading shard {rel}", self.storage_cfg)
+                  f"uploading shard {storage.join(self.out, rel)}", self.storage_cfg)
             shard_entry = {"path": rel, "samples": self._samples, "bytes": size, "sha256": self._sha.hexdigest()}
         else:
             self._tar.close()
         index_rel = f"{INDEX_DIR}/{name}.jsonl"
         index_text = "\n".join(self._index_lines) + "\n"
         retry(lambda: storage.write_text_atomic(storage.join(self.out, index_rel), index_text),
-              f"writing index {index_rel}", self.storage_cfg)
+              f"writing index {storage.join(self.out, index_rel)}", self.storage_cfg)
         _fault_point(self.run["shards"], "mid")
         self.check_lock()  # a run that lost its lock must not commit: the new owner may be writing
         p = self._pending
@@ -331,8 +336,8 @@ class ShardWriter:
 
     def _write_manifest(self) -> None:
         text = json.dumps(self.manifest(), indent=1, ensure_ascii=False)
-        retry(lambda: storage.write_text_atomic(storage.join(self.out, MANIFEST), text), f"writing {MANIFEST}",
-              self.storage_cfg)
+        uri = storage.join(self.out, MANIFEST)
+        retry(lambda: storage.write_text_atomic(uri, text), f"writing {uri}", self.storage_cfg)
 
     def finish(self, status: str = "done") -> None:
         self.commit()
@@ -341,8 +346,8 @@ class ShardWriter:
         self.check_lock()
         self._write_manifest()
         text = "".join(line + "\n" for line in self.quarantine_lines)
-        retry(lambda: storage.write_text_atomic(storage.join(self.out, QUARANTINE), text), f"writing {QUARANTINE}",
-              self.storage_cfg)
+        uri = storage.join(self.out, QUARANTINE)
+        retry(lambda: storage.write_text_atomic(uri, text), f"writing {uri}", self.storage_cfg)
         self._tmpdir.cleanup()
 
     def abort(self) -> None:

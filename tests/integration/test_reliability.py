@@ -1,0 +1,485 @@
+"""Reliability and security promises, proved with counts (docs/reliability.md shows the results).
+
+The whole module runs with SENTINEL credentials in the environment (AWS keys, an MLflow token, a Ray auth
+token), against a moto S3 server on 127.0.0.1 that tests stop and restart, and with one local Ray started by
+pipelines/rayutil.py (the helper every entry point uses). The last test greps every output of the module for
+the sentinels.
+
+- Local Ray listens on 127.0.0.1 only.
+- The bad-input matrix: every kind of bad input in ONE tokenize run (tokenize_jobs/reliability_report.py).
+- S3 faults mid-run: an outage shorter than the retry window is ridden out; a longer one fails with a clear
+  error naming the URI; the rerun then completes with exactly the full sample set.
+- A real `mlflow server` unreachable at start and killed mid-run: the tracker warns once, the run goes on,
+  and every metric is in the store once the server is back.
+- Malicious pickles are refused by every loader that reads a file.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.timeout(900)
+
+REPO = Path(__file__).resolve().parents[2]
+SENTINELS = {
+    "AWS_ACCESS_KEY_ID": "AKIASENTINEL7Q2XK4ZP",
+    "AWS_SECRET_ACCESS_KEY": "sentinel-secret-5b0c2e7d9a41f3e8b6c0d2a4",
+    "MLFLOW_TRACKING_TOKEN": "sentinel-mlflow-0f9e8d7c6b5a4f3e",
+    "RAY_AUTH_TOKEN": "sentinel-ray-3c1d5e7f9a0b2c4d6e8f0a1b2c3d4e5f",
+}
+OUTPUTS: list[Path] = []   # every local folder a test of this module wrote; grepped by the last test
+CAPTURED: list[str] = []   # everything the module's runs printed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Moto:
+    """A moto S3 server on a fixed 127.0.0.1 port that can be stopped and started again (moto keeps its data
+    in this process, so objects survive the outage, as they would on a real store)."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+
+@pytest.fixture(scope="module")
+def env():
+    """Sentinel credentials + moto + a local Ray started by rayutil.init_ray (all set before Ray starts, so its
+    workers inherit them)."""
+    import ray
+
+    from pipelines import rayutil
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    moto = Moto()
+    moto.start()
+    values = {**SENTINELS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint,
+              # one botocore attempt per storage attempt: the job's own retry policy is what is under test
+              "AWS_MAX_ATTEMPTS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+    keys = [*values, rayutil.SINGLE_MACHINE_ENV]
+    saved = {k: os.environ.get(k) for k in keys}
+    os.environ.update(values)
+    from ray._private import ray_constants
+
+    saved_constant = ray_constants.ENABLE_RAY_CLUSTER
+    _reload_ray_token()   # a Ray started earlier in this process cached the token from ~/.ray/auth_token
+    started = rayutil.init_ray(num_cpus=2, log_to_driver=False)
+    session = Path(ray._private.worker._global_node.get_session_dir_path()) if started else None
+    yield {"moto": moto, "started_ray": started, "session": session}
+    if started:
+        ray.shutdown()
+    moto.stop()
+    ray_constants.ENABLE_RAY_CLUSTER = saved_constant
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _reload_ray_token()   # later modules' Ray uses the usual token again
+
+
+def _reload_ray_token() -> None:
+    """Ray caches its auth token per process (C++ loader); make it read RAY_AUTH_TOKEN / the file again."""
+    from ray._private.authentication.authentication_token_setup import AuthenticationTokenLoader
+
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+# ---- local Ray is loopback-only -----------------------------------------------------------------------------------
+
+def test_local_ray_started_by_the_jobs_listens_on_127_0_0_1_only(env):
+    import psutil
+    import ray
+
+    from pipelines import rayutil
+
+    if not env["started_ray"]:
+        pytest.skip("Ray was already initialized by another test module")
+    assert rayutil.node_ip() == "127.0.0.1"
+    assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    # every listening socket of this Ray session's processes is bound to the loopback address
+    name = env["session"].name
+    pids = {os.getpid()}
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if any(name in part for part in p.info["cmdline"] or []):
+                pids.add(p.pid)
+        except psutil.Error:
+            continue
+    listening = [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in pids]
+    assert len(listening) >= 3, listening          # GCS, raylet, object manager at least
+    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip, _ in listening), listening
+
+
+# ---- the bad-input matrix -----------------------------------------------------------------------------------------
+
+def test_bad_input_matrix_in_one_run(env, tmp_path, capfd):
+    from tokenize_jobs import reliability_report as rr
+
+    report = rr.run_matrix(tmp_path)
+    CAPTURED.append("".join(capfd.readouterr()))
+    OUTPUTS.append(tmp_path / "out")
+    t = report["totals"]
+    wrong = [(c["name"], c["expected"], c["outcome"]) for c in report["cases"] if not c["ok"]]
+    assert not wrong, wrong
+    assert t["crashed"] == 0 and not t["crash_detail"]
+    n_tokenized = sum(c["expected"] == rr.TOKENIZED for c in report["cases"])
+    assert (t["inputs_tokenized"], t["inputs_quarantined"]) == (n_tokenized, len(report["cases"]) - n_tokenized)
+    assert t["inputs_seen"] == t["inputs_tokenized"] + t["inputs_quarantined"] == t["cases"] == 23
+    assert t["samples_written"] == n_tokenized            # one sample per messages line
+    assert t["long_line_peak_mib"] < 32                   # the 100 MB line was streamed, never held whole
+    quarantine = (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()
+    assert len(quarantine) == t["inputs_quarantined"]
+    md = rr.to_markdown(report)
+    assert md.count("| yes |") == 23 and "crashed 0" in md
+
+
+# ---- S3 faults mid-run --------------------------------------------------------------------------------------------
+
+def _pairs(folder: Path, names: list[str]) -> None:
+    from tokenize_jobs.reliability_report import png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        (folder / f"{name}.png").write_bytes(png(seed=100 + hash(name) % 100))
+        (folder / f"{name}.txt").write_text(f"pattern {name}")
+
+
+def _stop_s3_after_first_commit(monkeypatch, moto: Moto, restart_after: float | None) -> dict:
+    """Fault hook: once the run has committed one shard, the moto server stops as the next commit begins (and,
+    with `restart_after`, comes back that many seconds later)."""
+    from tokenize_jobs import writer
+
+    original = writer.ShardWriter.commit
+    state = {"stopped_at": None}
+
+    def commit(self):
+        if self.run["shards"] == 1 and self._samples and state["stopped_at"] is None:
+            moto.stop()
+            state["stopped_at"] = time.monotonic()
+            if restart_after is not None:
+                threading.Timer(restart_after, moto.start).start()
+        original(self)
+    monkeypatch.setattr(writer.ShardWriter, "commit", commit)
+    return state
+
+
+S3_OVERRIDES = ("ray.progress_bars=false", "shards.max_samples=2", "storage.retries=4", "storage.backoff_s=0.5",
+                "lock.ttl_s=3", "lock.heartbeat_s=1")
+
+
+def _tokenize(inp: Path, out: str) -> dict:
+    from model import configlib
+    from tokenize_jobs.config import TokenizeJobConfig
+    from tokenize_jobs.run import run_job
+
+    cfg = configlib.load(TokenizeJobConfig, None, list(S3_OVERRIDES))
+    return run_job(cfg, "image-text", str(inp), out, print_summary=False)
+
+
+def test_s3_outage_mid_run_fails_clearly_then_the_rerun_rides_out_a_short_one(env, tmp_path, monkeypatch, capfd):
+    from model import storage
+    from tokenize_jobs import shards
+
+    moto = env["moto"]
+    storage.filesystem("s3://reliability").mkdir("reliability")
+    out = "s3://reliability/tok"
+    inp = tmp_path / "pairs"
+    _pairs(inp, ["a", "b", "c", "d"])
+
+    # 1. the endpoint goes away after the first shard and stays away: bounded retries (4 attempts, waits of
+    #    0.5 + 1 + 2 s), then a clear error naming the object and the fault
+    long = _stop_s3_after_first_commit(monkeypatch, moto, restart_after=None)
+    with pytest.raises(OSError) as err:
+        _tokenize(inp, out)
+    failed_after = time.monotonic() - long["stopped_at"]
+    printed = "".join(capfd.readouterr())
+    CAPTURED.append(printed)
+    msg = str(err.value)
+    assert f"{out}/" in msg and "failed after 4 attempt(s): EndpointConnectionError" in msg, msg
+    assert "rerun" in msg and 3.5 < failed_after < 30
+    assert [line for line in printed.splitlines() if "retry 3/3" in line]
+
+    # 2. the endpoint is back; the rerun (once the dead run's lock expired, lock.ttl_s=3) loses the endpoint
+    #    again after its first shard, for 1.5 s, inside the retry window: it rides the outage out
+    moto.start()
+    monkeypatch.undo()
+    time.sleep(3)
+    short = _stop_s3_after_first_commit(monkeypatch, moto, restart_after=1.5)
+    s = _tokenize(inp, out)
+    printed = "".join(capfd.readouterr())
+    CAPTURED.append(printed)
+    assert short["stopped_at"] is not None and s["shards_written"] == 3
+    retries = [line for line in printed.splitlines() if "failed (" in line and "retry" in line]
+    assert retries and "EndpointConnectionError" in retries[0] and "retry 1/3" in retries[0], printed[-3000:]
+    assert s["inputs_tokenized"] == 3            # a was committed before the first outage; b, c, d once each
+
+    # exactly the full sample set, and no orphan left
+    got = Counter((x["meta"]["source"], x["meta"]["task"]) for x in shards.iter_samples(out))
+    assert got == Counter({(f"{n}.png", task): 1 for n in "abcd" for task in ("t2i", "i2t")})
+    manifest = shards.read_manifest(out)
+    c = manifest["counts"]
+    assert c["inputs_seen"] == c["inputs_tokenized"] == 4 and c["samples_written"] == 8
+    fs = storage.filesystem(out)
+    assert {p.rsplit("/", 1)[1] for p in fs.find(f"{out}/shards")} == \
+        {e["path"].rsplit("/", 1)[1] for e in manifest["shards"]}
+    assert [r["status"] for r in manifest["runs"]] == ["running", "done"]
+
+
+# ---- MLflow: a real server, down at start and killed mid-run ------------------------------------------------------
+
+class MlflowServer:
+    """`mlflow server` (sqlite store, one worker, no job runner) on 127.0.0.1:port, in its own process group so
+    that stopping it (by its pid) also stops its worker."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.port, self.proc = root, _free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90) -> None:
+        cmd = [str(Path(sys.executable).with_name("mlflow")), "server", "--backend-store-uri",
+               f"sqlite:///{self.root}/mlflow.db", "--artifacts-destination", str(self.root / "artifacts"),
+               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.log = open(self.root / "server.log", "ab")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise RuntimeError(f"mlflow server did not become healthy: {(self.root / 'server.log').read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            os.killpg(self.proc.pid, signal.SIGKILL)   # its own group: the server and its worker only
+            self.proc.wait()
+            self.proc = None
+            self.log.close()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    server = MlflowServer(tmp_path)
+    yield server
+    server.kill()
+
+
+def test_tracker_against_a_real_server_down_at_start_and_killed_mid_run(mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import metrics
+    from pipelines.config import TrainConfig
+
+    said: list[str] = []
+    t = metrics.Tracker(mlflow_server.uri, "reliability", "outage", say=said.append, retry_s=0.0)
+    assert t.start(None, TrainConfig()) is None           # not started yet: no run, no exception
+    t.log_metrics({"loss": 4.0}, step=1)
+    mlflow_server.start()
+    t.log_metrics({"loss": 3.0}, step=2)                   # the run is created now; steps 1 and 2 are sent
+    run_id = t.run_id
+    assert run_id is not None
+    mlflow_server.kill()                                   # mid-run
+    t.log_metrics({"loss": 2.5}, step=3)
+    t.log_metrics({"loss": 2.0}, step=4)
+    mlflow_server.start()                                  # same port, same store
+    t.log_metrics({"loss": 1.0}, step=5)
+    t.end()
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    loss = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert loss == {1: 4.0, 2: 3.0, 3: 2.5, 4: 2.0, 5: 1.0}
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["optim.lr"] == str(TrainConfig().optim.lr)
+    assert sum("failed" in s for s in said) == 1, said     # one warning for both outages
+    assert sum("answers again after" in s for s in said) == 2, said
+    OUTPUTS.append(tmp_path)
+
+
+# ---- malicious pickles --------------------------------------------------------------------------------------------
+
+class Evil:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def _evil_torch_file(path: Path, marker: Path) -> Path:
+    torch.save({"encoder.conv_in.weight": Evil(marker)}, path)
+    return path
+
+
+def _evil_npy(marker: Path) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.array([Evil(marker)], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def _load_magvit2(tmp: Path, marker: Path) -> None:
+    from model.tokenizers import ImageTokenizerConfig
+    from model.tokenizers.magvit2 import build_magvit2
+
+    build_magvit2(ImageTokenizerConfig(kind="magvit2", size=32, magvit2_preset="tiny",
+                                       weights=str(_evil_torch_file(tmp / "magvit2.pt", marker))))
+
+
+def _load_encodec(tmp: Path, marker: Path) -> None:
+    from model.tokenizers.speech import CHECKPOINT, EncodecTokenizer
+
+    EncodecTokenizer.from_path(str(_evil_torch_file(tmp / CHECKPOINT, marker)))
+
+
+def _load_safetensors(tmp: Path, marker: Path) -> None:
+    from model.weights import load_native
+
+    load_native(_evil_torch_file(tmp / "model.safetensors", marker))
+
+
+def _load_checkpoint(tmp: Path, marker: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from pipelines import checkpoint as ckpt
+    from tests.unit.test_train_checkpoint import make_state
+
+    state = make_state(0)
+    d = tmp / "run" / ckpt.checkpoint_dir_name(4)
+    sd = state.state_dict()
+    sd["extra"] = Evil(marker)
+    dcp.save({"train": sd}, checkpoint_id=str(d))
+    files = {p.name: {"bytes": p.stat().st_size, "crc32": ckpt._crc32(p)} for p in d.iterdir()}
+    (d / "complete.rank0.json").write_text(json.dumps({"step": 4, "rank": 0, "world_size": 1, "files": files}))
+    ckpt.restore(make_state(1), str(tmp / "run"), say=lambda s: None)
+
+
+def _load_shard(tmp: Path, marker: Path) -> None:
+    from tokenize_jobs import shards
+    from tokenize_jobs.writer import _tar_member, tar_end
+
+    body = (_tar_member("k.input_ids.npy", _evil_npy(marker)) + _tar_member("k.answer_mask.npy", _evil_npy(marker))
+            + _tar_member("k.meta.json", b"{}"))
+    (tmp / "evil.tar").write_bytes(body + tar_end(len(body)))
+    list(shards.iter_samples([str(tmp / "evil.tar")]))
+
+
+def _load_media_blob(tmp: Path, marker: Path) -> None:
+    from tokenize_jobs import sources
+
+    buf = io.BytesIO()
+    np.savez(buf, image_0=np.array([Evil(marker)], dtype=object))
+    sources.unpack_media(buf.getvalue())
+
+
+LOADERS = {
+    "magvit2 .pt (weights_only)": _load_magvit2,
+    "EnCodec .th path (checksum + weights_only)": _load_encodec,
+    "model.safetensors (no pickle at all)": _load_safetensors,
+    "DCP checkpoint (SafeLoadPlanner)": _load_checkpoint,
+    "shard .npy (allow_pickle=False)": _load_shard,
+    "media blob between stages (allow_pickle=False)": _load_media_blob,
+}
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_malicious_pickle_is_refused_by_every_loader(loader, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))   # EnCodec stages copies in the hub cache
+    marker = tmp_path / "pwned"
+    with pytest.raises(Exception):  # noqa: B017 - each loader has its own error type; refusal is what counts
+        LOADERS[loader](tmp_path, marker)
+    assert not marker.exists()
+    # the payload is live: a plain unpickle would have run it
+    pickle_bytes = io.BytesIO()
+    torch.save(Evil(marker), pickle_bytes)
+    torch.load(io.BytesIO(pickle_bytes.getvalue()), weights_only=False)
+    assert marker.exists()
+
+
+# ---- no credential in any output ----------------------------------------------------------------------------------
+
+def _grep(root: Path, needles: list[bytes]) -> list[str]:
+    hits = []
+    for p in root.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            hits += [f"{p}: {n.decode()}" for n in needles if n in data]
+    return hits
+
+
+def test_sentinel_credentials_appear_in_no_output(env, tmp_path, capfd):
+    """Everything this module wrote (tokenize outputs, quarantine, indexes, manifests on disk and in S3, the
+    MLflow server store and artifacts, the Ray session's logs, what the runs printed), plus an MLflow run,
+    a checkpoint and an export made here, hold none of the sentinel credentials."""
+    from model import storage
+    from pipelines import checkpoint as ckpt
+    from pipelines import metrics
+    from pipelines.config import TrainConfig
+    from tests.unit.test_train_checkpoint import VOCAB, make_state
+
+    # an MLflow run whose config holds a credential-bearing URI, a checkpoint and an export, all made with the
+    # sentinels in the environment
+    cfg = TrainConfig()
+    cfg.mlflow.tracking_uri = f"https://user:{SENTINELS['MLFLOW_TRACKING_TOKEN']}@mlflow.example.com"
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    t = metrics.Tracker(uri, "sentinel", "run", say=print)
+    t.start(None, cfg)
+    t.log_metrics({"loss": 1.0}, 1)
+    t.log_text("generations\n", "samples/step_00000001/generations.txt")
+    t.end()
+    state = make_state(0)
+    state.extra = {"step": 1, "mlflow_run_id": t.run_id}
+    ckpt.save_local(state, tmp_path / "ckpt" / ckpt.checkpoint_dir_name(1), rank=0, world_size=1)
+    ckpt.export(state.model, str(tmp_path / "export"), rank=0, model_cfg=state.model.cfg, vocab=VOCAB,
+                tokenizers_uri=None, extra={"step": 1})
+    CAPTURED.append("".join(capfd.readouterr()))
+    needles = [v.encode() for v in SENTINELS.values()]
+    assert all(n in os.environ.get(k, "").encode() for k, n in zip(SENTINELS, needles))  # they were set
+    roots = [tmp_path, *OUTPUTS] + ([env["session"] / "logs"] if env["session"] else [])
+    hits = [h for root in roots if root.exists() for h in _grep(root, needles)]
+    fs = storage.filesystem("s3://reliability")
+    objects = fs.find("reliability") if fs.exists("reliability") else []
+    for key in objects:
+        data = fs.cat_file(key)
+        hits += [f"s3://{key}: {n.decode()}" for n in needles if n in data]
+    hits += [f"printed: {n.decode()}" for n in needles for text in CAPTURED if n.decode() in text]
+    assert not hits, hits
+    assert OUTPUTS and objects, "run the whole module: the grep covers the other tests' outputs"
