@@ -27,6 +27,7 @@ every source keeps its cursor (stage 2 continues t2i where stage 1 left it).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -227,6 +228,43 @@ def validate_ids(sources: Sequence[Source], vocab_size: int) -> int:
     return n
 
 
+SHARD_CACHE_BYTES = 512 * 2**20   # parsed ids + masks kept for a stream's sources (~55M tokens)
+
+
+class ShardCache:
+    """Parsed, sha256-checked shards shared by the sources of one stream. Each per-task source reads every
+    shard and keeps its own task's samples, so without sharing a shard would be fetched, hashed and parsed once
+    per source (6 times with 6 tasks). Least recently used shards are dropped past `max_bytes` (the newest one
+    always stays); a dropped shard is simply read again when a source reaches it. Caching changes no order:
+    a shard's parsed samples are the same whichever source reads it first."""
+
+    def __init__(self, vocab_size: int, max_bytes: int = SHARD_CACHE_BYTES) -> None:
+        self.vocab_size, self.max_bytes = vocab_size, max_bytes
+        self._entries: OrderedDict[tuple[str, str | None], tuple[list, int]] = OrderedDict()
+        self._bytes = 0
+        self.reads = 0   # shards actually read (misses), for tests and benchmarks
+
+    def get(self, shard: Shard) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+        key = (shard.url, shard.sha256)   # the sha256 too: a rewritten shard under the same url is re-read
+        hit = self._entries.get(key)
+        if hit is not None:
+            self._entries.move_to_end(key)
+            return hit[0]
+        rows = read_shard(shard, self.vocab_size)
+        self.reads += 1
+        nbytes = 0
+        for _, _, ids, answer in rows:
+            # shared by every source: read-only, so no consumer can change another source's samples
+            ids.flags.writeable = answer.flags.writeable = False
+            nbytes += ids.nbytes + answer.nbytes
+        self._entries[key] = (rows, nbytes)
+        self._bytes += nbytes
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self._bytes -= dropped
+        return rows
+
+
 def _seed(*parts: int | str) -> list[int]:
     """Stable integer seed words (Python's hash() of a str changes per process)."""
     out = []
@@ -238,8 +276,9 @@ def _seed(*parts: int | str) -> list[int]:
 class SourceReader:
     """An endless reproducible sequence of one source's samples; its position is (epoch, shard_pos, index)."""
 
-    def __init__(self, source: Source, seed: int, vocab_size: int) -> None:
+    def __init__(self, source: Source, seed: int, vocab_size: int, cache: ShardCache | None = None) -> None:
         self.source, self.seed, self.vocab_size = source, seed, vocab_size
+        self.shard_cache = cache if cache is not None else ShardCache(vocab_size)
         self._cache: tuple[tuple[int, int], list] | None = None
         if not source.shards:
             raise DataError(f"source {source.name!r} has no shards")
@@ -250,7 +289,7 @@ class SourceReader:
     def _samples(self, epoch: int, shard_pos: int) -> list:
         if self._cache is None or self._cache[0] != (epoch, shard_pos):
             shard = self.source.shards[int(self._shard_order(epoch)[shard_pos])]
-            rows = [r for r in read_shard(shard, self.vocab_size)
+            rows = [r for r in self.shard_cache.get(shard)
                     if self.source.tasks is None or r[1] in self.source.tasks]
             perm = np.random.default_rng(_seed(self.seed, self.source.name, epoch, shard_pos)).permutation(len(rows))
             self._cache = ((epoch, shard_pos), [rows[i] for i in perm])
@@ -299,8 +338,9 @@ class RowStream:
 
     def __init__(self, sources: Sequence[Source], stages: Sequence[Stage], vocab: Vocab, *, seed: int,
                  seq_len: int, packing: str, max_tail: int, too_long: str = "drop",
-                 state: StreamState | None = None) -> None:
-        self.readers = {s.name: SourceReader(s, seed, vocab.size) for s in sources}
+                 state: StreamState | None = None, shard_cache_bytes: int = SHARD_CACHE_BYTES) -> None:
+        self.shard_cache = ShardCache(vocab.size, shard_cache_bytes)   # one read per shard for all sources
+        self.readers = {s.name: SourceReader(s, seed, vocab.size, self.shard_cache) for s in sources}
         self.stages, self.vocab, self.seed = list(stages), vocab, seed
         self.seq_len, self.packing, self.max_tail, self.too_long = seq_len, packing, max_tail, too_long
         self.state = state or StreamState()

@@ -1,7 +1,8 @@
 """The Ray Data plan: listed units -> inputs -> decoded media -> token ids -> rows the driver's writer commits.
 
-    from_items(units)                       driver: the listing (plain dicts), one wave at a time
+    from_items(units, blocks)               driver: the listing (plain dicts), one wave at a time, in few blocks
     .flat_map(expand)                       tasks: open JSONL/parquet/transcripts, one row per new input
+    .repartition(rows per block)            streaming split: one big JSONL/parquet unit feeds every actor
     .map_batches(decode)                    tasks: read + decode media (image/speech `load`), parse records
     .map_batches(Tokenize, ActorPool)       actors: encode media (batched), text, messages -> tar bytes per input
     .iter_batches()                         driver: tokenize_jobs/writer.py appends rows to shards and commits
@@ -29,7 +30,16 @@ from tokenize_jobs.writer import sample_tar_bytes
 
 OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "tar", "stats")
 
+# A block after the expand stage holds this many UDF batches: enough to amortize a Ray task per block, few enough
+# that a single JSONL/parquet unit (one block out of `expand`) is spread over every actor of the pool.
+BATCHES_PER_BLOCK = 4
+
+# Listed units per `expand` task: expanding a unit is ~0.1-1 ms of work (fingerprint an image pair, or scan a
+# JSONL file's lines), scheduling a task ~0.1-0.3 s on a busy node.
+UNITS_PER_EXPAND_TASK = 256
+
 _TOKENIZERS: dict[str, TokenizerSet] = {}
+_JOB_CONFIGS: dict[str, TokenizeJobConfig] = {}
 
 
 def tokenizers_for(artifacts_dir: str, cfg_dict: dict[str, Any]) -> TokenizerSet:
@@ -39,6 +49,15 @@ def tokenizers_for(artifacts_dir: str, cfg_dict: dict[str, Any]) -> TokenizerSet
         cfg = configlib.from_dict(TokenizerConfig, cfg_dict)
         _TOKENIZERS[key] = TokenizerSet.prepare(cfg, artifacts_dir)  # artifacts exist: loads and checks them
     return _TOKENIZERS[key]
+
+
+def job_config_for(job: dict[str, Any]) -> TokenizeJobConfig:
+    """The typed job config, parsed once per worker process: parsing it per batch was a quarter of the
+    decode stage's CPU time for cheap inputs (text)."""
+    key = json.dumps(job, sort_keys=True)
+    if key not in _JOB_CONFIGS:
+        _JOB_CONFIGS[key] = configlib.from_dict(TokenizeJobConfig, job)
+    return _JOB_CONFIGS[key]
 
 
 def _rows(batch: dict[str, Any]) -> list[dict[str, Any]]:
@@ -80,7 +99,7 @@ def expand(unit: dict[str, Any], ctx: dict[str, Any], input_cfg: dict[str, Any])
 # ---- stage 2: read + decode ---------------------------------------------------------------------------------------
 
 def decode(batch: dict[str, Any], ctx: dict[str, Any], job: dict[str, Any], artifacts_dir: str) -> dict[str, list]:
-    cfg = configlib.from_dict(TokenizeJobConfig, job)
+    cfg = job_config_for(job)
     tok = tokenizers_for(artifacts_dir, job["tokenizers"])
     out = []
     for row in _rows(batch):
@@ -224,8 +243,16 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     job = configlib.to_dict(cfg)
     r = cfg.ray
     gpus = r.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    ds = ray.data.from_items(units)
+    per_block = r.batch_size * BATCHES_PER_BLOCK
+    # One block per unit (Ray's default for a short list) costs an `expand` task per image pair or text file.
+    # Group units, but keep two blocks per actor so that expanding a few large files still runs in parallel.
+    n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), 2 * r.actors))
+    ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
     ds = ds.flat_map(expand, fn_kwargs={"ctx": ctx, "input_cfg": job["input"]}, num_cpus=r.decode_cpus)
+    # `expand` turns one unit (a whole JSONL/parquet file) into one block of all its inputs, and a block goes to
+    # one actor task: without this split, one input file reached one actor however large the pool. Streaming
+    # (no shuffle, no barrier): blocks are cut as `expand` emits them.
+    ds = ds.repartition(target_num_rows_per_block=per_block)
     ds = ds.map_batches(decode, fn_kwargs={"ctx": ctx, "job": job, "artifacts_dir": artifacts_dir},
                         batch_size=r.batch_size, batch_format="numpy", num_cpus=r.decode_cpus)
     ds = ds.map_batches(

@@ -185,3 +185,22 @@ def test_overlong_samples_are_dropped_or_refused(shard_set):
     with pytest.raises(DataError, match="data.seq_len=40"):
         for _ in range(20):
             load_data(cfg).stream(cfg).next_row()
+
+
+def test_sources_share_each_read_shard_without_changing_the_stream(shard_set):
+    from pipelines.data import RowStream
+
+    cfg = make_cfg([shard_set])
+    data = load_data(cfg)
+    assert len(data.sources) == 3                               # one per task, every one over all 7 shards
+
+    def stream(cache_bytes):
+        return RowStream(data.sources, data.stages, data.vocab, seed=cfg.train.seed, seq_len=cfg.data.seq_len,
+                         packing=cfg.data.packing, max_tail=cfg.diffusion.max_tail, shard_cache_bytes=cache_bytes)
+
+    shared, one_shard = stream(2**30), stream(1)                # 1 byte: only the newest shard stays cached
+    expect = rows_keys([one_shard.next_row() for _ in range(40)])
+    assert rows_keys([shared.next_row() for _ in range(40)]) == expect
+    n_shards = len(data.sources[0].shards)
+    assert shared.shard_cache.reads == n_shards                 # 3 sources, one read and sha256 check per shard
+    assert one_shard.shard_cache.reads > n_shards
