@@ -99,3 +99,29 @@ def test_truncated_wav_is_detected():
     with pytest.raises(sources.BadInput, match="declares 1,000 bytes") as e:
         sources.check_wav_complete(header + b"data" + struct.pack("<I", 1000) + b"\0" * 8, "cut.wav")
     assert e.value.reason == "truncated_audio"
+
+
+def test_storage_outage_while_reading_fails_the_job_instead_of_quarantining(monkeypatch):
+    """An input whose storage is unreachable is not bad input: quarantining it would mark it done and lose it."""
+    from botocore.exceptions import EndpointConnectionError
+
+    from tokenize_jobs import pipeline
+
+    monkeypatch.setattr(pipeline, "job_config_for", lambda job: type("C", (), {"templates": None, "tasks": None,
+                                                                               "input": None})())
+    monkeypatch.setattr(pipeline, "tokenizers_for", lambda *a: None)
+    batch = {"source": ["s3://b/x.jsonl#1"], "status": ["pending"]}
+
+    def down(*a, **k):
+        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+
+    monkeypatch.setattr(pipeline.sources, "decode_input", down)
+    with pytest.raises(pipeline.TransientReadError, match="not marked done"):
+        pipeline.decode(batch, {}, {"tokenizers": {}}, "unused")
+
+    def broken(*a, **k):
+        raise OSError("image file is truncated")   # a bad file, not an outage: quarantined as before
+
+    monkeypatch.setattr(pipeline.sources, "decode_input", broken)
+    out = pipeline.decode(batch, {}, {"tokenizers": {}}, "unused")
+    assert out["status"] == ["quarantined"]
