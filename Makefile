@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(VPY) -m pipelines.demo
 
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(VPY) -m pytest -q --durations=20
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m ''

@@ -250,8 +250,9 @@ class Suite:
         # the workers, but a short poll keeps each fit's tail short.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
         t = time.perf_counter()
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-                 log_to_driver=False)
+        from pipelines.rayutil import init_ray
+
+        init_ray(num_cpus=os.cpu_count(), logging_level=logging.WARNING, log_to_driver=False)
         self.ray_init_s = time.perf_counter() - t
         self._ray_started = True
         ray.data.DataContext.get_current().enable_progress_bars = False
