@@ -1,0 +1,495 @@
+"""`make demo` / `omnidiff demo`: the whole product on one CPU machine, in minutes, with no network.
+
+    python -m pipelines.demo [--out runs/demo] [--small] [--steps N] [train.key=value ...]
+
+Stages, all in this process's one Ray instance (started once: Ray start-ups cost 5-12 s each):
+
+    corpus     pipelines/demo_corpus.py   sklearn digits + committed espeak-ng clips -> messages JSONL
+    tokenize   tokenize_jobs/run.py       Ray Data: BPE text, 8x8 pixel images, EnCodec speech -> shards
+    train      pipelines/train.py         Ray Train, 2 workers, FSDP2 over gloo, MLflow (sqlite in the run dir)
+    eval       pipelines/evaluate.py      held-out images and voices, judged independently of the model
+    gallery    this module                PNG grids of generated digits (t2i, s2i), WAVs for TTS
+
+Every run starts fresh: `<out>` is deleted first (the stages are minutes long and a half-finished earlier run
+is not worth reasoning about). Settings: configs/demo/demo.yaml (corpus size, tokenize job, sampler, gallery),
+which names the training run config (configs/train/demo.yaml).
+
+Outputs under <out>: corpus/, tok/ (shards + manifest), train/ (checkpoints, mlflow.db, export/), eval/
+(results.json of `omnidiff eval`, predictions.jsonl), gallery/, and results.json:
+    {"wall_seconds", "tasks": {task: {"accuracy", ...}}, "classifier_accuracy_on_real_heldout", ...}
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from model import configlib
+from model.configlib import ConfigError
+from pipelines.inference import SamplerPresets
+from tokenize_jobs.config import TokenizeJobConfig
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_YAML = REPO / "configs" / "demo" / "demo.yaml"
+TASK_ORDER = ("i2t", "asr", "t2i", "s2i", "tts", "svqa")
+SPEECH_TASKS = ("asr", "tts", "s2i", "svqa")
+# The quality bar of the demo (issue 6), as fractions; each task's "accuracy" is checked against it.
+QUALITY_BAR = {"i2t": 0.95, "asr": 0.90, "t2i": 0.85, "s2i": 0.85, "tts": 0.80}
+# Where each task's headline accuracy comes from in `omnidiff eval`'s metrics (pipelines/evaluate.py).
+ACCURACY_METRIC = {"i2t": "exact_match", "asr": "exact_match", "svqa": "exact_match", "tts": "exact_match",
+                   "t2i": "class_accuracy", "s2i": "class_accuracy"}
+ACCURACY_MEANING = {"i2t": "exact digit word", "asr": "exact transcript", "svqa": "exact digit word",
+                    "tts": "own ASR on generated speech tokens", "t2i": "digit classifier on generated image",
+                    "s2i": "digit classifier on generated image"}
+
+
+# ---- configuration ------------------------------------------------------------------------------------------
+
+@dataclass
+class CorpusSection:
+    n_train_images: int = 0       # training image slots, one line per task each; 0 = the whole train split
+    n_test_images: int = 0        # held-out image slots; 0 = the corpus builder's default (120)
+    seed: int = 0
+    # Training lines tokenized per speech task (asr, tts, s2i, svqa); 0 = all. The tokenize job runs EnCodec on
+    # every line's audio (~50 ms of CPU per clip) although the ~1,440 lines of a task reuse ~480 clips, so the
+    # full corpus costs ~390 CPU-s to tokenize; the cap keeps the stage near a minute. Lines are shuffled, so the
+    # first N of a task are a random sample of it (every voice, speed and pitch stays represented).
+    speech_lines_per_task: int = 0
+
+
+@dataclass
+class GallerySection:
+    samples: int = 8              # columns per digit row
+    temperature: float = 0.8      # t2i columns differ only by sampling noise (argmax would repeat one image)
+
+
+@dataclass
+class SmallSection:
+    """--small: the CI variant. Same stages and code, a 10-image corpus, a short run, fewer eval items."""
+    steps: int = 30
+    eval_limit: int = 10
+    gallery_samples: int = 2
+
+
+@dataclass
+class DemoConfig:
+    train_config: str = "configs/train/demo.yaml"   # relative to the repository root
+    corpus: CorpusSection = field(default_factory=CorpusSection)
+    tokenize: TokenizeJobConfig = field(default_factory=TokenizeJobConfig)
+    sampler: SamplerPresets = field(default_factory=lambda: SamplerPresets.preset("demo"))
+    gallery: GallerySection = field(default_factory=GallerySection)
+    small: SmallSection = field(default_factory=SmallSection)
+    eval_actors: int = 2          # Ray Data actors generating for the eval (one per core)
+    eval_limit: int = 0           # items per task; 0 = the whole held-out split
+
+
+def scale_stages(stages: list[dict], steps: int) -> list[dict]:
+    """The curriculum's stages shrunk or stretched to `steps` in total, keeping their proportions (every stage
+    keeps >= 1 step; the last takes the rounding)."""
+    if steps < len(stages):
+        raise ConfigError(f"--steps {steps}: the curriculum has {len(stages)} stages, each needs >= 1 step")
+    total = sum(s["steps"] for s in stages)
+    out, used = [], 0
+    for i, s in enumerate(stages):
+        n = steps - used if i == len(stages) - 1 else max(1, round(s["steps"] * steps / total))
+        n = min(n, steps - used - (len(stages) - 1 - i))
+        out.append({**s, "steps": n})
+        used += n
+    return out
+
+
+def train_config(demo: DemoConfig, shards: str, run_dir: str, steps: int | None, overrides: Sequence[str]):
+    """The TrainConfig of the demo run: configs/train/demo.yaml <- --steps (stages rescaled) <- overrides."""
+    from model.configlib import from_dict, to_dict
+    from pipelines.config import TrainConfig
+    from pipelines.train import resolve_config
+
+    cfg = resolve_config(str(REPO / demo.train_config), [shards], run_dir, list(overrides))
+    if steps is not None:
+        d = to_dict(cfg)
+        d["train"]["steps"] = steps
+        if d["data"]["stages"]:
+            d["data"]["stages"] = scale_stages(d["data"]["stages"], steps)
+        d["train"]["checkpoint_every"] = min(d["train"]["checkpoint_every"], steps)
+        cfg = from_dict(TrainConfig, d)   # validated again: stages must add up to train.steps
+    return cfg
+
+
+# ---- load average while the demo runs ------------------------------------------------------------------------
+
+class LoadSampler:
+    """The 1-minute load average every few seconds: timings on a shared machine mean little without it."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.samples: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.is_set():
+            self.samples.append(os.getloadavg()[0])
+            self._stop.wait(every_s)
+
+    def __enter__(self) -> "LoadSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict[str, float]:
+        s = self.samples or [os.getloadavg()[0]]
+        return {"mean_1min": round(float(np.mean(s)), 2), "max_1min": round(float(np.max(s)), 2),
+                "cpus": os.cpu_count() or 0}
+
+
+# ---- Ray -----------------------------------------------------------------------------------------------------
+
+def start_ray() -> bool:
+    """One Ray for every stage. True if this call started it (and the demo must shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    # ray.train.report() blocks until the controller polls (default every 2 s); a short poll keeps the few
+    # checkpoint reports of the demo from idling.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        # address="local": a fresh instance even when another Ray runs on this machine
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    return True
+
+
+# ---- stages --------------------------------------------------------------------------------------------------
+
+def stage(name: str, timings: dict[str, float]):
+    class _Stage:
+        def __enter__(self):
+            self.t0 = time.perf_counter()
+            print(f"\n==> {name}", flush=True)
+
+        def __exit__(self, *exc):
+            timings[name] = round(time.perf_counter() - self.t0, 1)
+            if exc[0] is None:
+                print(f"<== {name}: {timings[name]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+    return _Stage()
+
+
+def build_corpus(demo: DemoConfig, out: Path, small: bool) -> dict:
+    """The corpus, plus `tokenize_input`: train.jsonl itself, or (corpus.speech_lines_per_task) a copy beside
+    it with the speech tasks' lines capped, so media paths still resolve against the same folder."""
+    from pipelines.demo_corpus import build_demo_corpus
+
+    c = demo.corpus
+    result = build_demo_corpus(out / "corpus", small=small, seed=c.seed,
+                               n_train_images=None if small or not c.n_train_images else c.n_train_images,
+                               n_test_images=None if small or not c.n_test_images else c.n_test_images)
+    n = result["counts"]
+    print(f"corpus: {sum(n['train'].values())} training lines, {sum(n['test'].values())} held-out lines "
+          f"({n['images']} images, {n['audio']} clips; held-out voices {', '.join(result['held_out_voices'])})")
+    result["tokenize_input"] = result["train"]
+    cap = c.speech_lines_per_task
+    if cap and not small:
+        kept, seen = [], defaultdict(int)
+        for raw in Path(result["train"]).read_text().splitlines():
+            task = json.loads(raw)["task"]
+            seen[task] += 1
+            if task not in SPEECH_TASKS or seen[task] <= cap:
+                kept.append(raw)
+        capped = Path(result["root"]) / "train_tokenize.jsonl"
+        capped.write_text("\n".join(kept) + "\n")
+        result["tokenize_input"] = str(capped)
+        print(f"tokenizing {len(kept)} of them: speech tasks capped at {cap} lines each "
+              f"(corpus.speech_lines_per_task)")
+    return result
+
+
+def tokenize(demo: DemoConfig, corpus: dict, out: Path) -> dict:
+    from tokenize_jobs.run import run_job
+
+    return run_job(demo.tokenize, "messages", corpus["tokenize_input"], str(out / "tok"), print_summary=False)
+
+
+def train(cfg) -> dict:
+    from pipelines import train as trainer
+
+    result = trainer.run(cfg)
+    if getattr(result, "error", None):
+        raise RuntimeError(f"training failed: {result.error}")
+    export = Path(cfg.run.run_dir) / "export"
+    config = json.loads((export / "config.json").read_text())
+    return {"export": str(export), "step": config.get("step"), "mlflow_run_id": config.get("mlflow_run_id")}
+
+
+def loss_history(tracking_uri: str, run_id: str) -> dict[str, Any]:
+    """The training loss as MLflow recorded it: first and last logged values (the demo's 'it learned' check)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    out: dict[str, Any] = {"logged": len(hist)}
+    if hist:
+        out.update(first_step=hist[0][0], first=round(hist[0][1], 4), last_step=hist[-1][0],
+                   last=round(hist[-1][1], 4))
+        tps = [m.value for m in client.get_metric_history(run_id, "tokens_per_s")]
+        if tps:
+            out["tokens_per_s"] = round(float(np.median(tps)), 1)
+    run = client.get_run(run_id).data.metrics
+    out["task_loss"] = {k.split("/", 1)[1]: round(v, 4) for k, v in sorted(run.items()) if k.startswith("loss/")}
+    return out
+
+
+def evaluate(demo: DemoConfig, export: str, corpus: dict, out: Path, eval_limit: int) -> dict:
+    from pipelines import evaluate as ev
+
+    return ev.evaluate(export, corpus["test"], out=str(out / "eval"), presets=demo.sampler,
+                       classifier_train_data=corpus["train"], limit=eval_limit or None, local=False,
+                       actors=demo.eval_actors, device="cpu", verbose=False)
+
+
+# ---- gallery -------------------------------------------------------------------------------------------------
+
+def image_grid(rows: list[list[np.ndarray]], labels: Sequence[str], scale: int = 4, pad: int = 2) -> np.ndarray:
+    """Rows of (H, W, 1) uint8 images -> one (H', W') uint8 grid with a label cell in front of each row."""
+    from PIL import Image, ImageDraw
+
+    h, w = rows[0][0].shape[:2]
+    cols = max(len(r) for r in rows)
+    cell_h, cell_w = h * scale + pad, w * scale + pad
+    label_w = 3 * cell_w // 2
+    grid = Image.new("L", (label_w + cols * cell_w + pad, len(rows) * cell_h + pad), color=64)
+    draw = ImageDraw.Draw(grid)
+    for r, (row, label) in enumerate(zip(rows, labels)):
+        draw.text((4, r * cell_h + cell_h // 2 - 6), label, fill=255)
+        for c, img in enumerate(row):
+            tile = Image.fromarray(np.asarray(img, dtype=np.uint8)[:, :, 0]).resize((w * scale, h * scale),
+                                                                                    Image.NEAREST)
+            grid.paste(tile, (label_w + pad + c * cell_w, pad + r * cell_h))
+    return np.asarray(grid)
+
+
+def write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, samples: int) -> dict[str, str]:
+    import torch
+
+    # One thread: a few hundred small generate calls gain little from a second one, and on a busy machine
+    # intra-op threads waiting for each other made this stage 5x slower (measured with load 10 on 2 cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _write_gallery(demo, export, corpus, out, samples)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, samples: int) -> dict[str, str]:
+    """t2i.png (rows: the ten captions, columns: samples at gallery.temperature), s2i.png (rows: the ten digits,
+    columns: held-out voices saying them, argmax decoding), real_heldout.png (real held-out images, for
+    comparison) and tts/<digit>.wav with what the model's own ASR hears in them (tts/heard.json)."""
+    from PIL import Image
+
+    from pipelines.demo_corpus import DIGIT_WORDS, caption
+    from pipelines.inference import Predictor, Request, request_from_line, wav_bytes
+
+    gallery = out / "gallery"
+    (gallery / "tts").mkdir(parents=True, exist_ok=True)
+    presets = dataclasses.replace(demo.sampler, t2i=dataclasses.replace(demo.sampler.t2i,
+                                                                        temperature=demo.gallery.temperature))
+    predictor = Predictor.from_export(export, "cpu", presets)
+    labels = [f"{d} {w}" for d, w in enumerate(DIGIT_WORDS)]
+
+    # t2i: one batch of 10 x samples prompts; the shared generator gives every row its own noise
+    reqs = [Request(task="t2i", text=caption(d)) for d in range(10) for _ in range(samples)]
+    images = [o.image for o in predictor.predict(reqs)]
+    grid = image_grid([images[d * samples:(d + 1) * samples] for d in range(10)], labels)
+    Image.fromarray(grid).save(gallery / "t2i.png")
+
+    # s2i and the real held-out images: the test split's lines, `samples` per digit
+    base = corpus["root"]
+    by_digit: dict[int, list] = defaultdict(list)
+    real: dict[int, list] = defaultdict(list)
+    for raw in Path(corpus["test"]).read_text().splitlines():
+        line = json.loads(raw)
+        d = line["label"]
+        if line["task"] == "s2i" and len(by_digit[d]) < samples:
+            by_digit[d].append(request_from_line(line, base)[0])
+            real[d].append(predictor.tokenizers.image.load((Path(base) / line["images"][0]).read_bytes()))
+    s2i = predictor.predict([r for d in range(10) for r in by_digit[d]])
+    it = iter(o.image for o in s2i)
+    Image.fromarray(image_grid([[next(it) for _ in by_digit[d]] for d in range(10)], labels)) \
+        .save(gallery / "s2i.png")
+    Image.fromarray(image_grid([real[d] for d in range(10)], labels)).save(gallery / "real_heldout.png")
+
+    # TTS: waveforms through the offline codec's decoder (untrained: it renders the tokens, it does not make
+    # them intelligible), and the model's own ASR on the generated tokens, which is what the eval scores
+    tts = predictor.predict([Request(task="tts", text=w) for w in DIGIT_WORDS])
+    heard = predictor.predict([Request(task="asr", audios=[o.audio_codes]) for o in tts], decode_audio=False)
+    record = {}
+    for d, (o, h) in enumerate(zip(tts, heard)):
+        (gallery / "tts" / f"{d}_{DIGIT_WORDS[d]}.wav").write_bytes(wav_bytes(o.wav, o.sample_rate))
+        record[DIGIT_WORDS[d]] = {"frames": int(o.audio_codes.shape[1]), "asr_hears": h.text}
+    (gallery / "tts" / "heard.json").write_text(json.dumps(record, indent=1) + "\n")
+    return {"t2i": str(gallery / "t2i.png"), "s2i": str(gallery / "s2i.png"),
+            "real_heldout": str(gallery / "real_heldout.png"), "tts": str(gallery / "tts")}
+
+
+# ---- results -------------------------------------------------------------------------------------------------
+
+def summarize(eval_results: dict) -> tuple[dict[str, dict], float | None]:
+    """`omnidiff eval`'s per-task metrics -> the demo's tasks table (each with "accuracy") and the classifier's
+    accuracy on the real held-out images."""
+    tasks, real = {}, []
+    for task in TASK_ORDER:
+        m = eval_results["tasks"].get(task)
+        if m is None:
+            continue
+        acc = m.get(ACCURACY_METRIC[task])
+        tasks[task] = {"accuracy": None if acc is None else round(float(acc), 4),
+                       **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
+        if "real_accuracy" in m:
+            real.append(m["real_accuracy"])
+    return tasks, (round(float(np.mean(real)), 4) if real else None)
+
+
+def format_results(results: dict) -> str:
+    lines = [f"{'task':<6} {'accuracy':>9} {'bar':>6}  {'n':>4}  judged by", "-" * 70]
+    for task, m in results["tasks"].items():
+        acc = m["accuracy"]
+        bar = QUALITY_BAR.get(task)
+        mark = "" if bar is None or acc is None else ("  ok" if acc >= bar else "  BELOW")
+        lines.append(f"{task:<6} {'-' if acc is None else f'{100 * acc:8.1f}%'} "
+                     f"{'' if bar is None else f'{100 * bar:5.0f}%'}{mark:<6} {m.get('n', 0):>4}  "
+                     f"{ACCURACY_MEANING[task]}")
+    real = results["classifier_accuracy_on_real_heldout"]
+    if real is not None:
+        lines.append(f"digit classifier (fitted on training images) on REAL held-out images: {100 * real:.1f}%")
+    return "\n".join(lines)
+
+
+# ---- the demo ------------------------------------------------------------------------------------------------
+
+def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | None = None,
+             overrides: Sequence[str] = ()) -> dict:
+    """All stages; returns the results dict also written to <out>/results.json."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    if small and steps is None:
+        steps = demo.small.steps
+    eval_limit = demo.small.eval_limit if small else demo.eval_limit
+    samples = demo.gallery.samples if not small else demo.small.gallery_samples
+    out = out.resolve()
+    shutil.rmtree(out, ignore_errors=True)   # always a fresh run (see the module docstring)
+    out.mkdir(parents=True)
+    # Fail on a bad config before minutes of work.
+    cfg = train_config(demo, str(out / "tok"), str(out / "train"), steps, overrides)
+
+    started_ray = False
+    with LoadSampler() as load:
+        try:
+            with stage("corpus", timings):
+                corpus = build_corpus(demo, out, small)
+            with stage("ray", timings):
+                started_ray = start_ray()
+            with stage("tokenize", timings):
+                tok = tokenize(demo, corpus, out)
+                print(f"tokenize: {tok['samples_written']:,} samples, {tok['tokens']:,} tokens, "
+                      f"{tok['inputs_quarantined']} quarantined")
+            with stage("train", timings):
+                trained = train(cfg)
+            with stage("eval", timings):
+                ev = evaluate(demo, trained["export"], corpus, out, eval_limit)
+            with stage("gallery", timings):
+                gallery = write_gallery(demo, trained["export"], corpus, out, samples)
+        finally:
+            if started_ray:
+                import ray
+
+                ray.shutdown()
+
+    from pipelines.metrics import resolve_tracking_uri
+
+    tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir)
+    tasks, real = summarize(ev)
+    results = {
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "tasks": tasks,
+        "classifier_accuracy_on_real_heldout": real,
+        "quality_bar": {t: {"bar": b, "passed": tasks.get(t, {}).get("accuracy") is not None
+                            and tasks[t]["accuracy"] >= b} for t, b in QUALITY_BAR.items()},
+        "stage_seconds": timings,
+        "load_average": load.summary(),
+        "small": small,
+        "train": {"steps": trained["step"], "model": configlib.to_dict(cfg.model),
+                  "loss": loss_history(tracking_uri, trained["mlflow_run_id"]) if trained["mlflow_run_id"] else {}},
+        "mlflow": {"tracking_uri": tracking_uri, "run_id": trained["mlflow_run_id"],
+                   "experiment": cfg.mlflow.experiment,
+                   "ui": f"mlflow ui --backend-store-uri {tracking_uri}"},
+        "gallery": gallery,
+        "export": trained["export"],
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="omnidiff demo",
+        description="Train an any-to-any model on the embedded digit corpus (handwritten digits + spoken digit "
+                    "words) on this machine's CPUs, evaluate every direction on held-out images and voices, and "
+                    "write a gallery. Deletes and rewrites --out. About 10 minutes on 2 CPU cores.",
+        epilog="examples:\n"
+               "  python -m pipelines.demo                      # the full demo (make demo)\n"
+               "  python -m pipelines.demo --small --out /tmp/d # the CI variant: tiny corpus, 30 steps\n"
+               "  python -m pipelines.demo --steps 300 optim.lr=3e-3\n"
+               "outputs: <out>/results.json, <out>/gallery/, <out>/train/mlflow.db (open with the printed "
+               "`mlflow ui` command), <out>/eval/predictions.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="output folder, deleted and rewritten (default runs/demo)")
+    p.add_argument("--small", action="store_true", help="CI variant: 10-image corpus, small.steps training "
+                                                        "steps, small.eval_limit items per task")
+    p.add_argument("--steps", type=int, default=None, help="training steps (curriculum stages rescaled)")
+    p.add_argument("--config", default=str(DEMO_YAML), help=f"demo config (default {DEMO_YAML.relative_to(REPO)})")
+    p.add_argument("--set", dest="demo_overrides", action="append", default=[], metavar="key=value",
+                   help="demo config override, e.g. --set corpus.n_train_images=500 --set sampler.t2i.steps=8")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="training config overrides (configs/train/demo.yaml keys), e.g. optim.lr=3e-3")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        demo = configlib.load(DemoConfig, args.config, args.demo_overrides)
+        results = run_demo(demo, Path(args.out), small=args.small, steps=args.steps, overrides=args.overrides)
+    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+        print(f"omnidiff demo: error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out).resolve()
+    print("\n" + "=" * 70)
+    print(f"Omni-Diffusion demo: {results['train']['steps']} training steps, "
+          f"{results['wall_seconds'] / 60:.1f} min wall on {results['load_average']['cpus']} CPUs "
+          f"(mean load {results['load_average']['mean_1min']})")
+    print("stages: " + ", ".join(f"{k} {v:.0f}s" for k, v in results["stage_seconds"].items()))
+    print(format_results(results))
+    print(f"\ngallery:  {results['gallery']['t2i']}, {results['gallery']['s2i']}, {results['gallery']['tts']}/")
+    print(f"results:  {out / 'results.json'}")
+    print(f"MLflow:   {results['mlflow']['ui']}   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

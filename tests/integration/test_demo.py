@@ -1,0 +1,90 @@
+"""`make demo`'s CI variant: the same code path as the full demo (corpus -> Ray Data tokenize -> Ray Train FSDP2
+on 2 gloo workers with MLflow -> held-out eval -> gallery), on the 10-image corpus with a few training steps.
+It cannot show that the model learned (tests/slow/test_demo_full.py does); it shows that every stage runs, that
+results.json has the keys other tools read, and that the training loss falls."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipelines import demo
+
+ray = pytest.importorskip("ray")
+
+TASKS = {"i2t", "asr", "t2i", "s2i", "tts", "svqa"}
+
+
+@pytest.fixture(scope="module")
+def small_demo(tmp_path_factory):
+    """One --small run, in a Ray this test starts (the demo reuses an initialized Ray and leaves it running)."""
+    os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = "0.1"
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    out = tmp_path_factory.mktemp("demo") / "run"
+    try:
+        rc = demo.main(["--small", "--out", str(out), "--steps", "24", "train.log_every=4"])
+        assert ray.is_initialized()   # the demo did not shut down a Ray it did not start
+    finally:
+        ray.shutdown()
+    return rc, out
+
+
+def test_small_demo_runs_end_to_end(small_demo):
+    rc, out = small_demo
+    assert rc == 0
+    for stage_output in ("corpus/train.jsonl", "tok/manifest.json", "train/mlflow.db",
+                         "train/export/model.safetensors", "eval/results.json", "eval/predictions.jsonl"):
+        assert (out / stage_output).is_file(), stage_output
+
+
+def test_results_json_has_the_agreed_keys(small_demo):
+    _, out = small_demo
+    results = json.loads((out / "results.json").read_text())
+    assert {"wall_seconds", "tasks", "classifier_accuracy_on_real_heldout"} <= set(results)
+    assert results["wall_seconds"] > 0
+    assert set(results["tasks"]) == TASKS
+    for task, metrics in results["tasks"].items():
+        assert 0.0 <= metrics["accuracy"] <= 1.0, task
+        assert metrics["n"] == 10, task            # small.eval_limit items of each task were judged
+    assert 0.0 <= results["classifier_accuracy_on_real_heldout"] <= 1.0
+    assert results["train"]["steps"] == 24
+    assert results["mlflow"]["ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
+
+
+def test_training_loss_falls_and_mlflow_has_the_run(small_demo):
+    from mlflow import MlflowClient
+
+    _, out = small_demo
+    results = json.loads((out / "results.json").read_text())
+    loss = results["train"]["loss"]
+    assert loss["logged"] == 6                     # train.log_every=4 over 24 steps
+    assert loss["last"] < loss["first"] - 0.5
+    client = MlflowClient(tracking_uri=results["mlflow"]["tracking_uri"])
+    run = client.get_run(results["mlflow"]["run_id"])
+    assert run.data.params["model.dim"] == str(results["train"]["model"]["dim"])
+    assert "eval/i2t/exact_match" in run.data.metrics   # the eval logged onto the training run
+
+
+def test_gallery_has_a_row_per_digit(small_demo):
+    from PIL import Image
+
+    _, out = small_demo
+    for name in ("t2i.png", "s2i.png", "real_heldout.png"):
+        grid = np.asarray(Image.open(out / "gallery" / name))
+        assert grid.ndim == 2 and grid.shape[0] >= 10 * 8, name   # ten rows of upscaled 8x8 digits
+    wavs = sorted(p.name for p in (out / "gallery" / "tts").glob("*.wav"))
+    assert len(wavs) == 10 and wavs[0] == "0_zero.wav"
+    heard = json.loads((out / "gallery" / "tts" / "heard.json").read_text())
+    assert set(heard) == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+
+
+def test_scale_stages_keeps_proportions_and_total():
+    stages = [{"name": "a", "steps": 200, "mixture": {"t2i": 1}}, {"name": "b", "steps": 150, "mixture": {"x": 1}},
+              {"name": "c", "steps": 150, "mixture": {"y": 1}}]
+    scaled = demo.scale_stages(stages, 24)
+    assert [s["steps"] for s in scaled] == [10, 7, 7]
+    assert [s["steps"] for s in demo.scale_stages(stages, 3)] == [1, 1, 1]
+    with pytest.raises(demo.ConfigError, match="3 stages"):
+        demo.scale_stages(stages, 2)
