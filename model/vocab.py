@@ -273,12 +273,21 @@ class Vocab:
                 + f". Re-tokenize the {what} with the {expected}'s tokenizers, or train a model on this vocabulary.")
 
 
+# Special tokens a pretrained backbone already has trained embeddings for, by backbone name: a vocabulary built
+# on that backbone's text tokenizer reuses them (`TextTokenizerConfig.reuse_specials`), so fine-tuning starts from
+# the backbone's own mask/eos/chat-turn rows instead of freshly initialized ones.
+REUSED_SPECIALS: dict[str, dict[str, int]] = {
+    # Dream-v0 (Qwen2 tokenizer): <|mask|>, <|endoftext|>, <|im_start|>, <|im_end|>
+    "dream": {"mask": 151666, "eos": 151643, "im_start": 151644, "im_end": 151645},
+}
+
+
 def dream_vocab(n_q: int = 8, image_codebook_size: int = 8192, text_fingerprint: str = "") -> Vocab:
     """Vocabulary on Dream-7B's Qwen2 text tokenizer (152,064 embedding rows), reusing Dream's trained
-    `<|mask|>` (151666), `<|endoftext|>` (151643), `<|im_start|>` (151644) and `<|im_end|>` (151645)."""
+    `<|mask|>`, `<|endoftext|>`, `<|im_start|>` and `<|im_end|>` (REUSED_SPECIALS["dream"])."""
     return Vocab(
         text_size=152064, text_tokenizer="qwen2", text_fingerprint=text_fingerprint, n_q=n_q,
         image_codebook_size=image_codebook_size, image_tokenizer="magvit2",
         speech_tokenizer=f"encodec_24khz@{n_q}q",
-        reuse_specials={"mask": 151666, "eos": 151643, "im_start": 151644, "im_end": 151645},
+        reuse_specials=dict(REUSED_SPECIALS["dream"]),
     )

@@ -24,7 +24,7 @@ import numpy as np
 from model import configlib, storage
 from model.configlib import ConfigError
 from model.tokenizers.base import BadInput, ImageTokenizer, SpeechTokenizer, TextTokenizer
-from model.vocab import Vocab
+from model.vocab import REUSED_SPECIALS, Vocab
 
 FORMAT_VERSION = 1
 SET_FILE = "tokenizers.json"
@@ -43,8 +43,15 @@ class TextTokenizerConfig:
     path: str = ""              # kind=hf: the backbone's tokenizer.json (local or s3://)
     vocab_size: int = 512       # kind=bpe: upper bound of the trained vocabulary (256 bytes + merges)
     text_size: int = 0          # text rows the vocabulary reserves (the backbone's embedding rows); 0 = tokenizer size
+    # Backbone whose trained special tokens (mask, eos, chat turns) the vocabulary reuses, e.g. "dream"
+    # (model/vocab.py REUSED_SPECIALS); "" = our own special ids after the text range.
+    reuse_specials: str = ""
 
     def __post_init__(self) -> None:
+        from model.vocab import REUSED_SPECIALS
+
+        if self.reuse_specials and self.reuse_specials not in REUSED_SPECIALS:
+            raise ConfigError(f"text.reuse_specials={self.reuse_specials!r}: known backbones {sorted(REUSED_SPECIALS)}")
         if self.kind == "hf" and not self.path:
             raise ConfigError("text.path: text.kind=hf needs the path of the backbone's tokenizer.json")
         if self.kind == "bpe" and self.vocab_size <= 256:
@@ -169,7 +176,8 @@ class TokenizerSet:
         self.vocab = Vocab(
             text_size=text.size, text_tokenizer=text.name, text_fingerprint=text.fingerprint(),
             n_q=speech.n_q, audio_codebook_size=speech.codebook_size,
-            image_codebook_size=image.codebook_size, image_tokenizer=image.name, speech_tokenizer=speech.name)
+            image_codebook_size=image.codebook_size, image_tokenizer=image.name, speech_tokenizer=speech.name,
+            reuse_specials=dict(REUSED_SPECIALS.get(config.text.reuse_specials, {})))
 
     def fingerprints(self) -> dict[str, str]:
         return {"text": self.text.fingerprint(), "image": self.image.fingerprint(),

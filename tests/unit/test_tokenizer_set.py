@@ -120,6 +120,27 @@ def test_hf_text_tokenizer_reserves_backbone_rows(prepared, tmp_path):
     assert loaded.text.encode("the digit seven") == s.text.encode("the digit seven")
 
 
+def test_backbone_special_ids_are_reused(prepared, tmp_path):
+    """text.reuse_specials=dream: the vocabulary puts mask/eos/chat turns on Dream's trained rows (saved and
+    reloaded as such), and an unknown backbone name is a config error."""
+    from model.vocab import dream_vocab
+
+    s, _ = prepared
+    backbone = tmp_path / "tokenizer.json"
+    s.text.save(str(backbone))
+    cfg = configlib.load(TokenizerConfig, overrides=["preset=demo", "text.kind=hf", f"text.path={backbone}",
+                                                     "text.text_size=152064", "text.reuse_specials=dream"])
+    dream_set = TokenizerSet(cfg, HFTextTokenizer.from_file(cfg.text.path, cfg.text.text_size), s.image, s.speech)
+    out = str(tmp_path / "tok")
+    dream_set.save(out)
+    vocab = TokenizerSet.load(out).vocab
+    for name in ("mask", "eos", "im_start", "im_end"):
+        assert vocab.special_id(name) == dream_vocab().special_id(name) < vocab.text_size
+    assert vocab.boi_id >= vocab.special_offset      # specials Dream lacks keep their own ids
+    with pytest.raises(ConfigError, match="reuse_specials"):
+        configlib.load(TokenizerConfig, overrides=["text.reuse_specials=gpt2"])
+
+
 def test_config_errors():
     with pytest.raises(ConfigError, match="speech.bandwidth"):
         configlib.load(TokenizerConfig, overrides=["speech.bandwidth=2"])
