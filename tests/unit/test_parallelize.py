@@ -60,6 +60,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             if rank == 0:
                 save_file({"loss": mean_loss, **{f"grad.{k}": v for k, v in grads.items()}},
                           os.path.join(out_dir, f"ac{int(ac)}.safetensors"))
+        # every rank's collectives (FSDP's async reduce-scatters included) are done before any rank tears the
+        # group down: a rank exiting early aborted its peer's gloo thread ("terminate called ...") once in CI
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
