@@ -27,12 +27,19 @@ class ModelConfig:
     init_std: float = 0.02
     # Key layout for pretrained weights: "dream" (Qwen2/HF) or "llada".
     weights_layout: Literal["dream", "llada"] = "dream"
+    # Learned embedding of a token's index inside its image or audio span (1st pixel, 2nd pixel, ...), added to
+    # the token embedding, for up to this many positions per span (later ones share the last row); 0 = off.
+    # RoPE alone only gives relative offsets, so a small model from scratch needs many samples to learn which
+    # pixel a token is; the pretrained backbones (Dream, LLaDA) have no such table and keep it at 0.
+    media_positions: int = 0
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
             raise ConfigError(f"model.dim={self.dim} is not divisible by model.n_heads={self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
+        if self.media_positions < 0:
+            raise ConfigError(f"model.media_positions={self.media_positions} must be >= 0 (0 = off)")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"model head_dim={self.dim // self.n_heads} must be even for RoPE")
 

@@ -181,17 +181,22 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, is_masked
                           task_ids: torch.Tensor | None = None, num_tasks: int = 0) -> LossTerms:
     """Cross-entropy SUMMED over masked positions, plus the normalizer count: divide by a global count.
 
-    logits: (B, L, V) aligned (position i predicts token i); targets: (B, L) clean ids; is_masked: (B, L).
+    logits: (B, L, V) aligned (position i predicts token i), or (N, V) already taken at the N masked
+        positions in `is_masked.nonzero()` order (`Transformer(..., only=is_masked)`);
+        targets: (B, L) clean ids; is_masked: (B, L).
     weights: optional (B, L) per-position multipliers (see `loss_weights`).
     row_count: (B,) normalizer contribution per row; default the number of masked positions of each row.
     task_ids: optional (B,) int task index per row -> per-task detached sums and counts in [0, num_tasks).
     CE is computed in float32 on the masked positions only (a (N_masked, V) slice, not (B, L, V)).
     """
-    if logits.shape[:2] != targets.shape or is_masked.shape != targets.shape:
-        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and is_masked "
-                         f"{tuple(is_masked.shape)} disagree on (B, L)")
     rows, cols = is_masked.nonzero(as_tuple=True)
-    ce = F.cross_entropy(logits[rows, cols].float(), targets[rows, cols], reduction="none")  # (N_masked,)
+    gathered = logits.dim() == 2
+    if is_masked.shape != targets.shape or (logits.shape[:2] != targets.shape if not gathered
+                                            else logits.shape[0] != rows.numel()):
+        raise ValueError(f"logits {tuple(logits.shape)}, targets {tuple(targets.shape)} and is_masked "
+                         f"{tuple(is_masked.shape)} disagree: logits must be (B, L, V) or (N_masked, V)")
+    picked = logits if gathered else logits[rows, cols]                                      # (N_masked, V)
+    ce = F.cross_entropy(picked.float(), targets[rows, cols], reduction="none")             # (N_masked,)
     if weights is not None:
         ce = ce * weights[rows, cols].float()
     if row_count is None:

@@ -128,8 +128,10 @@ def generate(
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate `gen_length` tokens after each prompt by iterative unmasking; returns the canvas (B, gen_length).
 
-    model: called as `model(input_ids (B, L), segment_ids (B, L) | None) -> logits (B, L, V)`, aligned (position i
-        predicts token i). Segment 0 marks padding; the prompt and canvas of a row are segment 1.
+    model: called as `model(input_ids (B, L), segment_ids (B, L) | None, only=(B, L) bool) -> logits (N, V)` at
+        the `only` positions in row-major order (the canvas block being decoded; see Transformer.forward),
+        aligned (position i predicts token i). Segment 0 marks padding; the prompt and canvas of a row are
+        segment 1.
     prompt_ids: (B, P) int64 prompts, LEFT-padded when their lengths differ (the canvas then starts at column P
         for every row).
     vocab: the vocabulary; supplies the mask id and the modality id ranges. Ids >= vocab.size (embedding
@@ -243,7 +245,9 @@ def generate(
             x = torch.cat([prompt_ids, canvas], dim=1)  # (B, P + G)
             if use_cfg:
                 x = torch.cat([x, torch.cat([uncond_prompt_ids, canvas], dim=1)], dim=0)  # (2B, P + G)
-            logits = model(x, segments)[:, P + lo:P + hi].float()  # (B or 2B, Lb, V)
+            only = torch.zeros(x.shape, dtype=torch.bool, device=device)
+            only[:, P + lo:P + hi] = True  # the head runs on the block's columns only
+            logits = model(x, segments, only=only).float().view(x.shape[0], hi - lo, -1)  # (B or 2B, Lb, V)
             if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (cfg_scale + 1.0) * (cond - uncond)

@@ -81,6 +81,31 @@ def positions_and_mask(segment_ids: torch.Tensor | None, B: int, L: int, device:
     return positions, mask, starts
 
 
+def media_index(input_ids: torch.Tensor, starts: torch.Tensor | None, markers: tuple[int, int, int, int],
+                max_positions: int) -> torch.Tensor:
+    """input_ids (B, L) -> (B, L) int64 row of the media position table: 0 outside media spans, 1..M for the
+    k-th token after <boi>, M+1..2M for the k-th token after <boa> (k clamped to M = max_positions).
+
+    A span is everything after an opening bracket up to the next bracket or segment start, so a generation
+    canvas that is still all mask tokens after the prompt's <boi>/<boa> gets the same indices as the clean
+    answer it will become. `starts` (B, L) bool marks segment starts of packed rows (None = one segment)."""
+    boi, eoi, boa, eoa = markers
+    B, L = input_ids.shape
+    idx = torch.arange(L, device=input_ids.device).expand(B, L)                    # (B, L)
+    bracket = (input_ids == boi) | (input_ids == eoi) | (input_ids == boa) | (input_ids == eoa)
+    event = bracket if starts is None else bracket | starts
+    # Index of the last event strictly before each position (-1 if none): running max, shifted right by one.
+    last = torch.where(event, idx, torch.full_like(idx, -1)).cummax(dim=1).values  # (B, L)
+    last = torch.cat([torch.full_like(last[:, :1], -1), last[:, :-1]], dim=1)      # (B, L)
+    opener = input_ids.gather(1, last.clamp(min=0))                                 # (B, L) id at that event
+    inside = (last >= 0) & ~bracket
+    if starts is not None:
+        inside &= ~starts
+    k = (idx - last).clamp(max=max_positions)                                       # (B, L) 1-based offset
+    row = torch.where(opener == boi, k, torch.where(opener == boa, k + max_positions, torch.zeros_like(k)))
+    return torch.where(inside & ((opener == boi) | (opener == boa)), row, torch.zeros_like(row))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -140,7 +165,10 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int | None = None,
+                 media_markers: tuple[int, int, int, int] | None = None) -> None:
+        """media_markers: `Vocab.media_markers` (boi, eoi, boa, eoa); needed to run forward when
+        cfg.media_positions > 0 (building the model for its shapes alone does not need them)."""
         super().__init__()
         if cfg.vocab_size:
             # The config's row count wins; it may exceed the vocabulary (unused padding rows), never fall short.
@@ -155,6 +183,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.tok_embeddings = nn.Embedding(vocab_size, cfg.dim)
+        self.media_markers = tuple(media_markers) if media_markers is not None else None
+        # Row 0 (outside media) is never looked up for the sum (masked out), so it stays an unused row.
+        self.media_pos = nn.Embedding(2 * cfg.media_positions + 1, cfg.dim) if cfg.media_positions else None
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         # Tied models reuse tok_embeddings.weight as the head, so there is no `output` module to shard or save.
@@ -169,6 +200,8 @@ class Transformer(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         nn.init.normal_(self.tok_embeddings.weight, std=std)
+        if self.media_pos is not None:
+            nn.init.normal_(self.media_pos.weight, std=std)
         for block in self.layers:
             for lin in (block.attn.wq, block.attn.wk, block.attn.wv, block.mlp.w1, block.mlp.w3):
                 nn.init.normal_(lin.weight, std=std)
@@ -182,17 +215,38 @@ class Transformer(nn.Module):
         if self.output is not None:
             nn.init.normal_(self.output.weight, std=std)
 
-    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None, *,
+                only: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, segment_ids (B, L) int or None -> aligned logits (B, L, V) float32.
-        See the module docstring for the segment and logit conventions."""
+        See the module docstring for the segment and logit conventions.
+
+        only: optional (B, L) bool; then the output head runs at those positions alone and the result is
+        (N, V) float32, rows in `only.nonzero()` order (row-major). The loss needs logits at masked positions
+        and the sampler at canvas positions only; the head is V x dim per position, so skipping the rest
+        saves a large share of a small model's FLOPs."""
         B, L = input_ids.shape
         positions, mask, starts = positions_and_mask(segment_ids, B, L, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
         h = self.tok_embeddings(input_ids)                                  # (B, L, dim)
+        if self.media_pos is not None:
+            if self.media_markers is None:
+                raise ValueError("model.media_positions > 0 but the model was built without media_markers: "
+                                 "pass Transformer(..., media_markers=vocab.media_markers)")
+            rows = media_index(input_ids, starts, self.media_markers, self.cfg.media_positions)  # (B, L)
+            h = h + self.media_pos(rows) * (rows > 0)[..., None].to(h.dtype)
         for block in self.layers:
             h = block(h, cos, sin, mask)
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if only is not None:
+            if only.shape != (B, L):
+                raise ValueError(f"only has shape {tuple(only.shape)}, expected input_ids' {(B, L)}")
+            rows, cols = only.nonzero(as_tuple=True)                         # (N,), (N,)
+            if self.cfg.logits == "shifted":
+                # aligned out[i] = raw[i-1], except at a sequence's (segment's) first token: raw there
+                first = cols == 0 if starts is None else starts[rows, cols]
+                cols = torch.where(first, cols, cols - 1)
+            return F.linear(h[rows, cols], head).float()                     # (N, V)
         raw = F.linear(h, head).float()                                     # (B, L, V)
         if self.cfg.logits == "aligned":
             return raw
@@ -208,6 +262,8 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         if exclude_embedding and self.output is not None:
             n -= self.tok_embeddings.weight.numel()
+        if exclude_embedding and self.media_pos is not None:
+            n -= self.media_pos.weight.numel()
         return n
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:

@@ -139,6 +139,11 @@ class Vocab:
     def eoa_id(self) -> int:
         return self.special_id("eoa")
 
+    @property
+    def media_markers(self) -> tuple[int, int, int, int]:
+        """(boi, eoi, boa, eoa): the brackets of image and audio spans, for `Transformer(media_markers=...)`."""
+        return self.boi_id, self.eoi_id, self.boa_id, self.eoa_id
+
     def special_ids(self) -> dict[str, int]:
         return {name: self.special_id(name) for name in SPECIALS}
 

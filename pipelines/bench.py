@@ -696,7 +696,7 @@ def bare_train_loop(cfg, steps: int) -> dict[str, Any]:
     vocab, d = data.vocab, cfg.diffusion
     torch.manual_seed(cfg.train.seed)
     device = torch.device("cuda" if _cuda() else "cpu")
-    model = Transformer(cfg.model, vocab_size=vocab.size).to(device)
+    model = Transformer(cfg.model, vocab_size=vocab.size, media_markers=vocab.media_markers).to(device)
     model.train()
     # the trainer computes in bf16 on GPU (parallelize's mixed precision) and fp32 on CPU; so does the floor
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and
@@ -720,7 +720,8 @@ def bare_train_loop(cfg, steps: int) -> dict[str, Any]:
             prepared.append((batch, masked, weights, row_count))
         for batch, masked, weights, row_count in prepared:
             with autocast:
-                logits = model(masked.noisy_ids, batch.segment_ids)                    # (B, L, V)
+                # as the trainer: the head at masked positions only, (N_masked, V)
+                logits = model(masked.noisy_ids, batch.segment_ids, only=masked.is_masked)
             terms = masked_diffusion_loss(logits, batch.ids, masked.is_masked, weights=weights,
                                           row_count=None if d.scheme == "per_token" else row_count)
             (terms.loss_sum / max(count, 1.0)).backward()
@@ -868,7 +869,8 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
     vocab = _bench_vocab()
     torch.manual_seed(0)
     device = torch.device("cuda" if _cuda() else "cpu")
-    model = Transformer(ModelConfig.preset(plan.sample_model), vocab_size=vocab.size).to(device).eval()
+    model = Transformer(ModelConfig.preset(plan.sample_model), vocab_size=vocab.size,
+                        media_markers=vocab.media_markers).to(device).eval()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     lo, hi = vocab.text_range()
     per_batch = {}
@@ -882,7 +884,10 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
             # interleaved: each repeat times one generate and one forward under the same load
             gen_fn = lambda: (generate(model, prompt, vocab=vocab, gen_length=plan.gen_length,  # noqa: E731
                                        steps=plan.gen_steps, modality=Modality.TEXT), sync())
-            fwd_fn = lambda: (model(full, None), sync())  # noqa: E731
+            # the same forward generate makes: the head on the canvas columns only
+            canvas_cols = torch.zeros(full.shape, dtype=torch.bool, device=device)
+            canvas_cols[:, prompt.shape[1]:] = True
+            fwd_fn = lambda: (model(full, None, only=canvas_cols), sync())  # noqa: E731
             gen_fn(), fwd_fn()  # warm-up
             for _ in range(plan.repeats):
                 gen_s.append(_seconds(gen_fn))

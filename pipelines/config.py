@@ -69,6 +69,10 @@ class DiffusionConfig:
     eps: float = 1e-3
     tail_factor: float = 0.6     # EOS tail masked at 0.6x the answer rate (attenuated tail padding, reference)
     max_tail: int = 16           # 1..max_tail EOS appended after each answer
+    # Loss multiplier per task ({} = 1 for all). A masked-token mean gives a task a share of the gradient
+    # proportional to its masked tokens: a one-word answer (i2t, asr) gets ~1/40th of an image answer's share,
+    # whatever the mixture says. The normalizer (masked-token count) is unchanged, so weights scale gradients.
+    task_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -166,6 +170,12 @@ class TrainConfig:
                 bad = {k: w for k, w in s.mixture.items() if w < 0}
                 if bad:
                     raise ConfigError(f"data.stages[{i}].mixture has negative weights {bad}")
+        from model.prompts import TASKS
+
+        unknown = sorted(set(self.diffusion.task_weights) - set(TASKS))
+        if unknown or any(w < 0 for w in self.diffusion.task_weights.values()):
+            raise ConfigError(f"diffusion.task_weights {self.diffusion.task_weights}: keys must be tasks {list(TASKS)} "
+                              f"(unknown: {unknown}) and weights >= 0")
         names = [s.name for s in self.data.sources]
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"data.sources need unique non-empty names, got {names}")

@@ -253,7 +253,7 @@ def load_export(uri: str, device: str | torch.device | None = None, dtype: str =
     vocab.check_same(tokenizers.vocab, what="export's tokenizers", expected="export's vocab.json")
 
     device = resolve_device(device)
-    model = Transformer(model_config, vocab_size=vocab.size)
+    model = Transformer(model_config, vocab_size=vocab.size, media_markers=vocab.media_markers)
     state, _ = load_native(path / "model.safetensors")
     load_state_strict(model, state, str(path / "model.safetensors"))
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):

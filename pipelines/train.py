@@ -52,7 +52,7 @@ def build_model(cfg: TrainConfig, vocab: Vocab, device: torch.device, mesh) -> t
     # does not cover CPU meshes), so e.g. the two halves of the embedding would start identical. Costs the full
     # model in host memory once per rank during start-up; large models come from pretrained weights anyway,
     # which load_pretrained reads one tensor at a time.
-    model = Transformer(cfg.model, vocab_size=vocab.size)
+    model = Transformer(cfg.model, vocab_size=vocab.size, media_markers=vocab.media_markers)
     if init.kind == "pretrained":
         from model.weights import load_pretrained
 
@@ -118,7 +118,10 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
     task_count = torch.zeros(len(TASKS), device=device)
     for m, (batch, masked, weights, row_count) in enumerate(prepared):
         model.set_requires_gradient_sync(m == len(prepared) - 1)
-        logits = model(masked.noisy_ids, batch.segment_ids)                  # (B, L, V)
+        # the head runs at masked positions only: (N_masked, V), rows in is_masked.nonzero() order
+        logits = model(masked.noisy_ids, batch.segment_ids, only=masked.is_masked)
+        rows, cols = masked.is_masked.nonzero(as_tuple=True)
+        task_of = batch.task_ids[rows, cols]                                  # (N_masked,)
         # zero-valued but connected to the graph: every rank must run backward (FSDP's collectives) even with
         # no masked token in its micro-batch
         loss_sum = logits[..., :1].sum() * 0.0
@@ -127,8 +130,9 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
                 continue
             sel = batch.task_ids == ti                                        # (B, L)
             rc = None if d.scheme == "per_token" else row_count * sel.any(1)
-            terms = masked_diffusion_loss(logits, batch.ids, masked.is_masked & sel, weights=weights, row_count=rc)
-            loss_sum = loss_sum + terms.loss_sum
+            terms = masked_diffusion_loss(logits[task_of == ti], batch.ids, masked.is_masked & sel,
+                                          weights=weights, row_count=rc)
+            loss_sum = loss_sum + d.task_weights.get(TASKS[ti], 1.0) * terms.loss_sum
             task_sum[ti] += terms.loss_sum.detach()
             task_count[ti] += terms.count
         # FSDP averages gradients over ranks; * world makes the result the gradient of sum(loss) / global count

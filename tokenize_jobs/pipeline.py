@@ -14,8 +14,10 @@ Rows carry only scalars (str, int, bytes); decoded media travel between stages a
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import traceback
+from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,6 +39,10 @@ BATCHES_PER_BLOCK = 4
 # Listed units per `expand` task: expanding a unit is ~0.1-1 ms of work (fingerprint an image pair, or scan a
 # JSONL file's lines), scheduling a task ~0.1-0.3 s on a busy node.
 UNITS_PER_EXPAND_TASK = 256
+
+# Speech codes kept per Tokenize actor, keyed by the decoded waveform's digest: (n_q, T) int64 is ~1 KB per
+# second of audio, so 8,192 clips of a few seconds stay in tens of MB.
+AUDIO_CACHE_CLIPS = 8192
 
 _TOKENIZERS: dict[str, TokenizerSet] = {}
 _JOB_CONFIGS: dict[str, TokenizeJobConfig] = {}
@@ -145,6 +151,8 @@ class Tokenize:
         self.vocab = self.tok.vocab
         self.max_tokens = max_tokens
         self.audio_batch = audio_batch
+        self._audio_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.audio_cache_hits = 0
 
     def _encode_images(self, items: list[tuple[Any, np.ndarray]]) -> dict[Any, np.ndarray | Exception]:
         out: dict[Any, np.ndarray | Exception] = {}
@@ -164,6 +172,28 @@ class Tokenize:
         return out
 
     def _encode_audio(self, items: list[tuple[Any, np.ndarray]]) -> dict[Any, np.ndarray | Exception]:
+        out: dict[Any, np.ndarray | Exception] = {}
+        # A clip reused by several inputs (one recording in ASR, TTS and speech-to-image lines) is encoded once
+        # per actor: codes are a pure function of the decoded waveform, and encoding is the job's costliest step.
+        digests = {k: hashlib.blake2b(a.tobytes(), digest_size=16).digest() for k, a in items}
+        fresh: dict[bytes, tuple[Any, np.ndarray]] = {}
+        for k, a in items:
+            if digests[k] not in self._audio_cache:
+                fresh.setdefault(digests[k], (k, a))
+        for k, c in self._encode_audio_uncached(list(fresh.values())).items():
+            if not isinstance(c, Exception):
+                self._audio_cache[digests[k]] = c
+                while len(self._audio_cache) > AUDIO_CACHE_CLIPS:
+                    self._audio_cache.popitem(last=False)  # oldest first
+            out[k] = c
+        for k, _ in items:
+            if k not in out:
+                cached = self._audio_cache.get(digests[k])
+                out[k] = cached if cached is not None else out[fresh[digests[k]][0]]  # an error is shared too
+        self.audio_cache_hits += len(items) - len(fresh)
+        return out
+
+    def _encode_audio_uncached(self, items: list[tuple[Any, np.ndarray]]) -> dict[Any, np.ndarray | Exception]:
         out: dict[Any, np.ndarray | Exception] = {}
         # Similar lengths together: a batch is zero-padded to its longest clip.
         items = sorted(items, key=lambda kv: kv[1].size)

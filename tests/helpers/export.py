@@ -54,7 +54,7 @@ def write_debug_export(out: str | Path, *, seed: int = 0, mlflow: dict | None = 
     vocab = tokenizers.vocab
     cfg = ModelConfig.preset("debug")
     torch.manual_seed(seed)
-    model = Transformer(cfg, vocab_size=vocab.size)
+    model = Transformer(cfg, vocab_size=vocab.size, media_markers=vocab.media_markers)
     save_safetensors(model, out / "model.safetensors")
     cfg.vocab_size = model.vocab_size
     if layout == "contract":

@@ -206,3 +206,16 @@ def test_empty_mask_still_backpropagates():
     loss = terms.loss_sum / global_count(terms.count)
     loss.backward()
     assert loss.item() == 0.0 and logits.grad is not None and (logits.grad == 0).all()
+
+
+def test_gathered_logits_give_the_same_loss():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 11, generator=g)
+    targets = torch.randint(0, 11, (2, 6), generator=g)
+    is_masked = torch.rand(2, 6, generator=g) < 0.5
+    weights = torch.rand(2, 6, generator=g)
+    full = masked_diffusion_loss(logits, targets, is_masked, weights=weights)
+    gathered = masked_diffusion_loss(logits[is_masked], targets, is_masked, weights=weights)
+    assert torch.allclose(full.loss_sum, gathered.loss_sum) and full.count == gathered.count
+    with pytest.raises(ValueError, match="N_masked"):
+        masked_diffusion_loss(logits[is_masked][:-1], targets, is_masked)

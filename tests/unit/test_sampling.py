@@ -28,7 +28,8 @@ class TinyMixer(nn.Module):
             p.data = torch.randn(p.shape, generator=g) * 0.5
         self.calls: list[torch.Tensor] = []
 
-    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None, *,
+                only: torch.Tensor | None = None) -> torch.Tensor:
         self.calls.append(input_ids.clone())
         B, L = input_ids.shape
         seg = torch.ones_like(input_ids) if segment_ids is None else segment_ids
@@ -39,7 +40,8 @@ class TinyMixer(nn.Module):
         h = self.tok(input_ids) + self.pos(positions)
         same = (seg[:, :, None] == seg[:, None, :]).float()  # (B, L, L)
         ctx = (same @ h) / same.sum(-1, keepdim=True)
-        return self.out(torch.tanh(h + self.mix(ctx)))
+        logits = self.out(torch.tanh(h + self.mix(ctx)))  # (B, L, V)
+        return logits if only is None else logits[only]   # (N, V) at the chosen positions
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.configlib import ConfigError
-from model.transformer import Transformer, apply_rope, positions_and_mask, rope_cos_sin
+from model.transformer import Transformer, apply_rope, media_index, positions_and_mask, rope_cos_sin
 from model.vocab import Vocab
 
 VOCAB = Vocab(text_size=200, n_q=2, audio_codebook_size=16, image_codebook_size=32)
@@ -189,3 +189,49 @@ def test_init_scales_residual_projections():
     meta.init_weights()
     assert torch.equal(meta.layers[1].mlp_norm.weight, torch.ones(cfg.dim))
     assert abs(meta.tok_embeddings.weight.std().item() - 0.02) < 0.002
+
+
+MARKERS = VOCAB.media_markers  # (boi, eoi, boa, eoa)
+
+
+def test_media_index_counts_inside_spans_and_restarts_per_segment():
+    boi, eoi, boa, eoa = MARKERS
+    t = 5  # any text id
+    ids = torch.tensor([[t, boi, 7, 7, 7, eoi, t, boa, 9, 9, 9, 9, eoa, t]])
+    assert media_index(ids, None, MARKERS, 3).tolist() == [[0, 0, 1, 2, 3, 0, 0, 0, 4, 5, 6, 6, 0, 0]]
+    # a canvas still all masks after the prompt's <boi> is indexed like the answer it becomes
+    canvas = torch.tensor([[t, boi, VOCAB.mask_id, VOCAB.mask_id, VOCAB.mask_id]])
+    assert media_index(canvas, None, MARKERS, 8).tolist() == [[0, 0, 1, 2, 3]]
+    # a packed segment that starts after an unclosed span is outside it
+    starts = torch.zeros_like(ids, dtype=torch.bool)
+    starts[0, 0] = starts[0, 3] = True
+    assert media_index(ids, starts, MARKERS, 8)[0, :6].tolist() == [0, 0, 1, 0, 0, 0]
+
+
+def test_media_positions_change_only_media_tokens_and_need_markers():
+    boi, eoi, _, _ = MARKERS
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig.preset("debug"), media_positions=8)
+    model = Transformer(cfg, vocab_size=VOCAB.size, media_markers=MARKERS).eval()
+    plain = Transformer(dataclasses.replace(cfg, media_positions=0), vocab_size=VOCAB.size).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("media_pos")})
+    text = torch.tensor([[5, 6, 7, 8]])
+    assert torch.equal(model(text), plain(text))           # no span: the table is not used
+    img = torch.tensor([[5, boi, *range(VOCAB.image_offset, VOCAB.image_offset + 4), eoi]])
+    assert not torch.allclose(model(img), plain(img))
+    # the table is a lookup, not a matmul: it does not count toward FLOPs
+    assert model.num_params(exclude_embedding=True) == plain.num_params(exclude_embedding=True)
+    with pytest.raises(ValueError, match="media_markers"):
+        Transformer(cfg, vocab_size=VOCAB.size)(img)
+
+
+@pytest.mark.parametrize("logits", ["aligned", "shifted"])
+def test_only_returns_the_full_logits_at_the_chosen_positions(logits):
+    model = debug_model(logits=logits)
+    ids = random_ids(2, 10)
+    seg = torch.tensor([[1] * 4 + [2] * 6, [1] * 10])
+    only = torch.rand(2, 10, generator=torch.Generator().manual_seed(3)) < 0.5
+    only[0, 4] = True  # a segment's first token (shifted logits read raw there)
+    full = model(ids, seg)
+    assert torch.allclose(model(ids, seg, only=only), full[only], atol=1e-5)
+    assert model(ids, only=torch.zeros(2, 10, dtype=torch.bool)).shape == (0, VOCAB.size)

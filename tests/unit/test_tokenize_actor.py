@@ -1,0 +1,32 @@
+"""tokenize_jobs/pipeline.py Tokenize actor, called directly (no Ray): the per-actor speech code cache."""
+from __future__ import annotations
+
+import numpy as np
+
+from model import configlib
+from model.tokenizers import TokenizerSet, default_tokenizer_config
+from tests.helpers.export import corpus_texts, tone
+from tokenize_jobs import pipeline
+
+
+def test_repeated_clips_are_encoded_once_and_get_the_same_codes(tmp_path, monkeypatch):
+    cfg = default_tokenizer_config()
+    clips = [tone(0.3, 200.0 + 60 * i, seed=i) for i in range(3)]
+    TokenizerSet.prepare(cfg, str(tmp_path / "tok"), texts=corpus_texts(), wavs=clips)
+    actor = pipeline.Tokenize(str(tmp_path / "tok"), configlib.to_dict(cfg), max_tokens=0, audio_batch=2)
+    encoded = []
+    real = actor._encode_audio_uncached
+    monkeypatch.setattr(actor, "_encode_audio_uncached", lambda items: encoded.extend(k for k, _ in items) or real(items))
+
+    # batch 1: clip 0 three times (copies, not the same array object), clip 1 once
+    first = actor._encode_audio([("a", clips[0]), ("b", clips[0].copy()), ("c", clips[1]), ("d", clips[0].copy())])
+    # batch 2: clip 1 again (cached), clip 2 new, an empty waveform fails and the failure is per input
+    second = actor._encode_audio([("e", clips[1].copy()), ("f", clips[2]), ("g", np.zeros(0, np.float32))])
+
+    assert encoded == ["a", "c", "f", "g"]
+    assert actor.audio_cache_hits == 3
+    direct = [actor.tok.speech.encode(c) for c in clips]
+    for key, i in (("a", 0), ("b", 0), ("d", 0), ("c", 1)):
+        assert np.array_equal(first[key], direct[i])
+    assert np.array_equal(second["e"], direct[1]) and np.array_equal(second["f"], direct[2])
+    assert isinstance(second["g"], Exception)
