@@ -107,6 +107,9 @@ class TrainLoopConfig:
     eval_steps: int = 8           # diffusion steps of the eval sampler
     activation_checkpointing: bool = False
     mixed_precision: Literal["bf16", "fp32"] = "bf16"   # bf16 on GPU; parallelize() computes fp32 on CPU
+    # FSDP2 unit: "block" (one all-gather per block, large models) or "model" (one per step; tiny models, where
+    # collective latency dominates: the CPU demo). See model/parallelize.py.
+    fsdp_unit: Literal["block", "model"] = "block"
     init: InitConfig = field(default_factory=InitConfig)
     # Fault injection for tests: rank `fail_rank` raises once at step `fail_at_step` (a marker file in the
     # run dir makes it fire once per run, so the restarted group goes past it). 0 disables.

@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig, vocab: Vocab, device: torch.device, mesh) -> t
             raise ConfigError("train.init.kind=pretrained needs train.init.path (a safetensors dir or file)")
         load_pretrained(model, init.path, init.layout, vocab_extension=init.vocab_extension, seed=cfg.train.seed)
     parallelize(model, mesh, activation_checkpointing=cfg.train.activation_checkpointing,
-                mixed_precision=cfg.train.mixed_precision)
+                mixed_precision=cfg.train.mixed_precision, shard_unit=cfg.train.fsdp_unit)
     return model.to(device)
 
 

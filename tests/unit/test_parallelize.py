@@ -47,8 +47,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
         ids, targets, seg = (t.chunk(WORLD)[rank] for t in batch())   # each rank: half the batch
-        for ac in (False, True):
-            model = parallelize(build(), mesh, activation_checkpointing=ac, mixed_precision="bf16")
+        for ac, unit in ((False, "block"), (True, "block"), (False, "model")):
+            model = parallelize(build(), mesh, activation_checkpointing=ac, mixed_precision="bf16", shard_unit=unit)
+            assert type(model.layers[0]).__name__.startswith("FSDP") == (unit == "block")  # fully_shard swaps the class
             names = [n for n, _ in model.named_parameters()]
             assert any("_checkpoint_wrapped_module" in n for n in names) == ac
             loss = loss_fn(model, ids, targets, seg)
@@ -59,7 +60,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                      for n, p in model.named_parameters()}
             if rank == 0:
                 save_file({"loss": mean_loss, **{f"grad.{k}": v for k, v in grads.items()}},
-                          os.path.join(out_dir, f"ac{int(ac)}.safetensors"))
+                          os.path.join(out_dir, f"ac{int(ac)}_{unit}.safetensors"))
         # every rank's collectives (FSDP's async reduce-scatters included) are done before any rank tears the
         # group down: a rank exiting early aborted its peer's gloo thread ("terminate called ...") once in CI
         dist.barrier()
@@ -78,8 +79,8 @@ def test_fsdp_two_processes_match_one_process(tmp_path):
     loss = loss_fn(model, *batch())
     loss.backward()
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    for ac in (0, 1):
-        got = load_file(str(tmp_path / f"ac{ac}.safetensors"))
+    for ac, unit in ((0, "block"), (1, "block"), (0, "model")):
+        got = load_file(str(tmp_path / f"ac{ac}_{unit}.safetensors"))
         torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)
         for name, p in model.named_parameters():
             torch.testing.assert_close(got[f"grad.{name}"], p.grad, atol=1e-5, rtol=1e-4, msg=f"{name} ac={ac}")

@@ -63,3 +63,29 @@ def test_train_step_lowers_the_loss_with_accumulation_and_clipping(one_rank_grou
     assert set(stats.task_loss) <= {"t2i", "i2t"} and stats.task_loss
     assert stats.tokens == sum(b.n_tokens for b in micro)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+
+
+def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_group, tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from model.configlib import ConfigError
+
+    shards = write_shard_set(tmp_path / "set", VOCAB, {"t2i": 8, "i2t": 8}, samples_per_shard=16)
+
+    def one_step(weights):
+        cfg = from_dict(TrainConfig, {"data": {"shards": [str(shards)], "seq_len": 128, "micro_batch": 2},
+                                      "diffusion": {"task_weights": weights}, "train": {"steps": 1}})
+        data = load_data(cfg)
+        torch.manual_seed(0)
+        model = train.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+        optimizer, scheduler = train.build_optimizer(model, cfg)
+        micro = [collate(r, 128, data.vocab) for r in data.stream(cfg).step_rows(1, 0, 2, 1)]
+        return train.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=0, rank=0,
+                                world=1, device=torch.device("cpu"))
+
+    plain, doubled, off = one_step({}), one_step({"t2i": 2.0, "i2t": 2.0}), one_step({"t2i": 0.0, "i2t": 0.0})
+    assert plain.loss == pytest.approx(doubled.loss) == pytest.approx(off.loss) and plain.loss > 0
+    assert doubled.grad_norm == pytest.approx(2 * plain.grad_norm, rel=1e-4)
+    assert off.grad_norm == 0.0
+    with pytest.raises(ConfigError, match="task_weights"):
+        from_dict(TrainConfig, {"diffusion": {"task_weights": {"captioning": 2.0}}})
