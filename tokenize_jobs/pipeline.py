@@ -176,20 +176,22 @@ class Tokenize:
         # A clip reused by several inputs (one recording in ASR, TTS and speech-to-image lines) is encoded once
         # per actor: codes are a pure function of the decoded waveform, and encoding is the job's costliest step.
         digests = {k: hashlib.blake2b(a.tobytes(), digest_size=16).digest() for k, a in items}
-        fresh: dict[bytes, tuple[Any, np.ndarray]] = {}
+        fresh: dict[bytes, tuple[Any, np.ndarray]] = {}   # digest -> the first input with it
         for k, a in items:
-            if digests[k] not in self._audio_cache:
+            hit = self._audio_cache.get(digests[k])
+            if hit is not None:
+                out[k] = hit
+            else:
                 fresh.setdefault(digests[k], (k, a))
-        for k, c in self._encode_audio_uncached(list(fresh.values())).items():
-            if not isinstance(c, Exception):
-                self._audio_cache[digests[k]] = c
+        encoded = self._encode_audio_uncached(list(fresh.values()))
+        for digest, (first, _) in fresh.items():
+            if not isinstance(encoded[first], Exception):
+                self._audio_cache[digest] = encoded[first]
                 while len(self._audio_cache) > AUDIO_CACHE_CLIPS:
                     self._audio_cache.popitem(last=False)  # oldest first
-            out[k] = c
         for k, _ in items:
             if k not in out:
-                cached = self._audio_cache.get(digests[k])
-                out[k] = cached if cached is not None else out[fresh[digests[k]][0]]  # an error is shared too
+                out[k] = encoded[fresh[digests[k]][0]]     # an error is shared by every input with that clip
         self.audio_cache_hits += len(items) - len(fresh)
         return out
 
