@@ -16,12 +16,13 @@ import socket
 import struct
 import subprocess
 import sys
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tokenize_jobs.reliability_report import png, png_header
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -33,20 +34,7 @@ BASE_OVERRIDES = ["ray.progress_bars=false", f"input.max_line_bytes={MAX_LINE}",
 # ---- corpus ---------------------------------------------------------------------------------------------------
 
 def _png(size: int = 8, seed: int = 0) -> bytes:
-    from PIL import Image
-
-    img = np.random.default_rng(seed).integers(0, 256, (size, size), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _png_header(w: int, h: int) -> bytes:
-    """A PNG whose header claims w x h pixels (a decompression bomb's signature) with almost no data."""
-    def chunk(t: bytes, d: bytes) -> bytes:
-        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+    return png(size, size, seed)
 
 
 def _audio(seconds: float = 0.4, sr: int = 16000, seed: int = 0, fmt: str = "WAV", value: float | None = None):
@@ -114,7 +102,7 @@ def make_corpus(root: Path) -> dict[str, Path]:
     (m / "media" / "link.png").symlink_to(root / "outside.png")
     (m / "media" / "trunc.png").write_bytes(_png()[:40])
     (m / "media" / "zero.png").write_bytes(b"")
-    (m / "media" / "bomb.png").write_bytes(_png_header(20000, 20000))
+    (m / "media" / "bomb.png").write_bytes(png_header(20000, 20000))
     (m / "media" / "trunc.wav").write_bytes(_audio()[:3000])
     (m / "media" / "zero.wav").write_bytes(b"")
     (m / "media" / "nan.wav").write_bytes(_audio(value=float("nan")))
