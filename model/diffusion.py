@@ -116,13 +116,17 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
 
 def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: torch.Tensor | None,
                        generator: torch.Generator | None, *, mask_id: int, eps: float = 1e-3,
-                       tail_factor: float = 0.6, scheme: Scheme = "per_token") -> Masked:
+                       tail_factor: float = 0.6, scheme: Scheme = "per_token",
+                       t_min: torch.Tensor | None = None) -> Masked:
     """Mask answer tokens for one training step. Prompt (non-answer) positions are never masked.
 
     ids, answer_mask, tail_mask: (B, L); tail_mask may be None (no EOS tail).
     scheme="per_token": t ~ U(eps, 1) per answer position; masked when a second uniform < t, or
         < tail_factor * t on EOS-tail positions (attenuated tail padding, as in the reference).
         Expected masking rate (1 + eps) / 2 on answer tokens, tail_factor times that on the tail.
+        t_min: optional (B, L) floor for t per position (per_token only): t ~ U(max(eps, t_min), 1), so a task
+        whose answer is easy to complete from its own visible tokens (an image from its neighbours) trains
+        mostly where only the prompt can tell the answer.
     scheme="per_sequence": t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps on every answer position
         (LLaDA SFT; the tail gets no discount).
     Returns (noisy_ids, is_masked, t) with t the per-position masking probability, broadcast to (B, L), which
@@ -136,7 +140,8 @@ def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: 
     B, L = ids.shape
     answer_mask = answer_mask.bool()
     if scheme == "per_token":
-        t = eps + (1.0 - eps) * _uniform((B, L), generator, ids.device)
+        lo = torch.full((B, L), eps, device=ids.device) if t_min is None else t_min.clamp(min=eps)   # (B, L)
+        t = lo + (1.0 - lo) * _uniform((B, L), generator, ids.device)
         if tail_mask is not None:
             t = torch.where(tail_mask.bool(), t * tail_factor, t)
     else:
@@ -145,6 +150,24 @@ def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: 
     t = torch.where(answer_mask, t, torch.zeros_like(t))
     is_masked = answer_mask & (_uniform((B, L), generator, ids.device) < t)
     return Masked(torch.where(is_masked, torch.full_like(ids, mask_id), ids), is_masked, t)
+
+
+def drop_prompts(noisy_ids: torch.Tensor, answer_mask: torch.Tensor, segment_ids: torch.Tensor,
+                 rate: torch.Tensor, generator: torch.Generator | None, *, mask_id: int) -> torch.Tensor:
+    """Prompt dropout for classifier-free guidance: with probability `rate` per packed sample, every prompt
+    (non-answer) token of that sample becomes the mask id, exactly the unconditional input that
+    `model.sampling.generate(cfg_scale=...)` builds (the whole prompt masked). The answer is masked as usual, so
+    the model learns p(answer | nothing) on those samples; without this, the unconditional branch is a prompt
+    the model never saw.
+
+    noisy_ids, answer_mask, segment_ids: (B, L) (segment 0 = padding); rate: (B, L) float dropout probability of
+    the sample each position belongs to (0 = never). One uniform per (row, segment): a sample drops all of its
+    prompt or none of it. Returns the new noisy ids."""
+    B, L = noisy_ids.shape
+    u = _uniform((B, L + 1), generator, noisy_ids.device)                   # (B, L + 1): one per segment id
+    u_pos = torch.gather(u, 1, segment_ids.clamp(0, L).long())              # (B, L): the sample's uniform
+    drop = (u_pos < rate) & ~answer_mask.bool() & (segment_ids > 0)
+    return torch.where(drop, torch.full_like(noisy_ids, mask_id), noisy_ids)
 
 
 # ---- loss ---------------------------------------------------------------------------------------------------

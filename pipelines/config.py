@@ -69,10 +69,20 @@ class DiffusionConfig:
     eps: float = 1e-3
     tail_factor: float = 0.6     # EOS tail masked at 0.6x the answer rate (attenuated tail padding, reference)
     max_tail: int = 16           # 1..max_tail EOS appended after each answer
+    # Per-task max_tail ({} = max_tail for all). The tail teaches where an answer stops inside a canvas longer
+    # than it: a speech answer (tts) whose canvas is ~2x the clip needs tails as long as the slack.
+    task_max_tail: dict[str, int] = field(default_factory=dict)
     # Loss multiplier per task ({} = 1 for all). A masked-token mean gives a task a share of the gradient
     # proportional to its masked tokens: a one-word answer (i2t, asr) gets ~1/40th of an image answer's share,
     # whatever the mixture says. The normalizer (masked-token count) is unchanged, so weights scale gradients.
     task_weights: dict[str, float] = field(default_factory=dict)
+    # Per-task prompt dropout ({} = none): the fraction of a task's samples trained with the whole prompt masked,
+    # so sampling with cfg_scale > 0 (classifier-free guidance) has a trained unconditional branch.
+    prompt_dropout: dict[str, float] = field(default_factory=dict)
+    # Per-task floor on the masking rate t (per_token scheme; {} = eps for all): t ~ U(floor, 1) for that task's
+    # answers. An image answer is mostly predictable from its visible pixels; a floor keeps its training where
+    # the prompt decides the answer (speech-to-image learns its conditioning from those steps).
+    task_min_t: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -179,6 +189,21 @@ class TrainConfig:
         if unknown or any(w < 0 for w in self.diffusion.task_weights.values()):
             raise ConfigError(f"diffusion.task_weights {self.diffusion.task_weights}: keys must be tasks {list(TASKS)} "
                               f"(unknown: {unknown}) and weights >= 0")
+        unknown = sorted(set(self.diffusion.task_min_t) - set(TASKS))
+        if unknown or any(not 0 <= r < 1 for r in self.diffusion.task_min_t.values()):
+            raise ConfigError(f"diffusion.task_min_t {self.diffusion.task_min_t}: keys must be tasks {list(TASKS)} "
+                              f"(unknown: {unknown}) and floors in [0, 1)")
+        if self.diffusion.task_min_t and self.diffusion.scheme != "per_token":
+            raise ConfigError("diffusion.task_min_t needs diffusion.scheme=per_token")
+        unknown = sorted(set(self.diffusion.prompt_dropout) - set(TASKS))
+        if unknown or any(not 0 <= r < 1 for r in self.diffusion.prompt_dropout.values()):
+            raise ConfigError(f"diffusion.prompt_dropout {self.diffusion.prompt_dropout}: keys must be tasks "
+                              f"{list(TASKS)} (unknown: {unknown}) and rates in [0, 1)")
+        unknown = sorted(set(self.diffusion.task_max_tail) - set(TASKS))
+        if unknown or any(n < 1 for n in self.diffusion.task_max_tail.values()) or self.diffusion.max_tail < 1:
+            raise ConfigError(f"diffusion.task_max_tail {self.diffusion.task_max_tail}: keys must be tasks "
+                              f"{list(TASKS)} (unknown: {unknown}); it and diffusion.max_tail="
+                              f"{self.diffusion.max_tail} must be >= 1")
         names = [s.name for s in self.data.sources]
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"data.sources need unique non-empty names, got {names}")

@@ -337,12 +337,14 @@ class RowStream:
     """The global stream of packed rows (see the module docstring)."""
 
     def __init__(self, sources: Sequence[Source], stages: Sequence[Stage], vocab: Vocab, *, seed: int,
-                 seq_len: int, packing: str, max_tail: int, too_long: str = "drop",
-                 state: StreamState | None = None, shard_cache_bytes: int = SHARD_CACHE_BYTES) -> None:
+                 seq_len: int, packing: str, max_tail: int, task_max_tail: dict[str, int] | None = None,
+                 too_long: str = "drop", state: StreamState | None = None,
+                 shard_cache_bytes: int = SHARD_CACHE_BYTES) -> None:
         self.shard_cache = ShardCache(vocab.size, shard_cache_bytes)   # one read per shard for all sources
         self.readers = {s.name: SourceReader(s, seed, vocab.size, self.shard_cache) for s in sources}
         self.stages, self.vocab, self.seed = list(stages), vocab, seed
         self.seq_len, self.packing, self.max_tail, self.too_long = seq_len, packing, max_tail, too_long
+        self.task_max_tail = dict(task_max_tail or {})
         self.state = state or StreamState()
         for name in self.readers:
             self.state.cursors.setdefault(name, [0, 0, 0])
@@ -359,7 +361,8 @@ class RowStream:
         name = names[min(int(np.searchsorted(np.cumsum([weights[n] for n in names]), rng.random(), side="right")),
                          len(names) - 1)]
         (key, task, ids, answer), nxt = self.readers[name].draw(tuple(st.cursors[name]))
-        tp = append_eos_tail(ids, answer, eos_id=self.vocab.eos_id, generator=rng, max_tail=self.max_tail)
+        tp = append_eos_tail(ids, answer, eos_id=self.vocab.eos_id, generator=rng,
+                             max_tail=self.task_max_tail.get(task, self.max_tail))
         return Sample(key, task, tp.ids, tp.answer_mask, tp.tail_mask), name, list(nxt)
 
     def next_row(self) -> list[Sample]:
@@ -457,7 +460,8 @@ class TrainData:
 
     def stream(self, cfg: TrainConfig, state: StreamState | None = None) -> RowStream:
         return RowStream(self.sources, self.stages, self.vocab, seed=cfg.train.seed, seq_len=cfg.data.seq_len,
-                         packing=cfg.data.packing, max_tail=cfg.diffusion.max_tail, too_long=cfg.data.too_long,
+                         packing=cfg.data.packing, max_tail=cfg.diffusion.max_tail,
+                         task_max_tail=cfg.diffusion.task_max_tail, too_long=cfg.data.too_long,
                          state=state)
 
     def first_set(self) -> ShardSet:

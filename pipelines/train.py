@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from model import storage
 from model.configlib import ConfigError, from_dict, load, to_dict
-from model.diffusion import global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
+from model.diffusion import drop_prompts, global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
 from model.prompts import ANSWER_MODALITY, TASKS, TaskTemplates
 from model.vocab import Modality, Vocab
 from pipelines import checkpoint as ckpt
@@ -104,11 +104,20 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
     # 1. Mask every micro-batch first: the normalizer (summed over micro-batches and ranks) must be known
     #    before any backward (model/diffusion.py explains why a per-micro-batch mean would be biased).
     prepared = []
+    drop_rate = (torch.tensor([d.prompt_dropout.get(t, 0.0) for t in TASKS], device=device)   # (num_tasks,)
+                 if any(d.prompt_dropout.values()) else None)
+    t_floor = (torch.tensor([d.task_min_t.get(t, 0.0) for t in TASKS], device=device)        # (num_tasks,)
+               if any(d.task_min_t.values()) else None)
     for m, batch in enumerate(micro_batches):
         batch = batch.to(device)
         gen = step_generator(cfg.train.seed, step, rank, m, device)
+        t_min = None if t_floor is None else t_floor[batch.task_ids.clamp(min=0)]              # (B, L)
         masked = mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask, gen, mask_id=vocab.mask_id,
-                                    eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme)
+                                    eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme, t_min=t_min)
+        if drop_rate is not None:
+            rate = drop_rate[batch.task_ids.clamp(min=0)] * (batch.task_ids >= 0)   # (B, L)
+            masked = masked._replace(noisy_ids=drop_prompts(masked.noisy_ids, batch.answer_mask,
+                                                            batch.segment_ids, rate, gen, mask_id=vocab.mask_id))
         weights, row_count = loss_weights(masked.is_masked, batch.answer_mask, masked.t, scheme=d.scheme)
         prepared.append((batch, masked, weights, row_count))
     count = global_count(sum(rc.sum() for *_, rc in prepared).to(device))

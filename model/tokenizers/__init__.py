@@ -86,6 +86,8 @@ class ImageTokenizerConfig:
 class SpeechTokenizerConfig:
     kind: Literal["encodec"] = "encodec"
     bandwidth: float = 1.5      # kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks
+    codebooks: int = 0          # keep the first N of those residual codebooks (0 = all)
+    codebook_size: int = 1024   # codes per codebook; smaller (a power of two) only with weights=offline
     # "offline" = random EnCodec + k-means codebooks fitted on the corpus (saved beside the shards);
     # "pretrained" = published weights from the torch hub cache; or a local/s3:// path to encodec_24khz-d7cc33bc.th
     weights: str = "offline"
@@ -106,6 +108,16 @@ class SpeechTokenizerConfig:
                               "must be >= 1")
         if self.max_seconds <= 0:
             raise ConfigError(f"speech.max_seconds={self.max_seconds} must be > 0")
+        from model.tokenizers.speech import CODEBOOK_SIZE, check_codebook_size, check_codebooks
+
+        try:
+            check_codebooks(self.bandwidth, self.codebooks)
+            check_codebook_size(self.codebook_size)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if self.codebook_size != CODEBOOK_SIZE and self.weights != "offline":
+            raise ConfigError(f"speech.codebook_size={self.codebook_size} needs speech.weights=offline: the published "
+                              f"EnCodec has {CODEBOOK_SIZE} codes per codebook")
 
 
 @dataclass
@@ -215,8 +227,9 @@ class TokenizerSet:
             from model.tokenizers.speech import EncodecTokenizer
 
             speech = EncodecTokenizer.fit_offline(
-                list(itertools.islice(wavs, s.fit_samples)), bandwidth=s.bandwidth, kmeans_iters=s.kmeans_iters,
-                fit_samples=s.fit_samples, max_seconds=s.max_seconds)
+                list(itertools.islice(wavs, s.fit_samples)), bandwidth=s.bandwidth, codebooks=s.codebooks,
+                codebook_size=s.codebook_size, kmeans_iters=s.kmeans_iters, fit_samples=s.fit_samples,
+                max_seconds=s.max_seconds)
         else:
             speech = _build_speech(s, artifacts_dir)
         out = cls(cfg, text, image, speech)
@@ -310,7 +323,8 @@ def _build_speech(cfg: SpeechTokenizerConfig, artifacts_dir: str) -> SpeechToken
         if not storage.exists(path):
             raise FileNotFoundError(f"{path} is missing (speech.weights=offline saves the fitted EnCodec there): "
                                     "tokenize again into a new output")
-        return EncodecTokenizer.load_offline(path, bandwidth=cfg.bandwidth, max_seconds=cfg.max_seconds)
+        return EncodecTokenizer.load_offline(path, bandwidth=cfg.bandwidth, codebooks=cfg.codebooks,
+                                             codebook_size=cfg.codebook_size, max_seconds=cfg.max_seconds)
     return EncodecTokenizer.from_config(cfg)
 
 

@@ -1,7 +1,10 @@
 """Speech tokenizer: EnCodec 24 kHz (the `encodec` package), codes (n_q, T) at 75 frames per second.
 
 The bandwidth picks how many residual codebooks are kept: 1.5 kbps = 2, 3 = 4, 6 = 8, 12 = 16, 24 kbps = 32
-codebooks of 1,024 codes each.
+codebooks of 1,024 codes each. `codebooks` keeps only the first N of those (residual VQ: the first codebook alone
+is a coarser code of the same frame). Offline weights may also use smaller codebooks (`codebook_size`, a power of
+two): a corpus of a few minutes cannot place 1,024 centroids per codebook meaningfully (the demo's 27 s of fitting
+audio gave two frames per code), and a model then has to learn an embedding for each of ~1,500 rare ids.
 
 Weights (`speech.weights`):
 - "pretrained": the published `encodec_24khz-d7cc33bc.th`, from the torch hub cache
@@ -72,13 +75,38 @@ def n_q_for_bandwidth(bandwidth: float) -> int:
     return int(round(bandwidth / 0.75))
 
 
-def _new_model(pretrained: bool, repository: Path | None = None) -> "EncodecModel":
+def check_codebooks(bandwidth: float, codebooks: int) -> int:
+    """The number of codebooks kept: `codebooks`, or all of the bandwidth's when 0."""
+    n_q = n_q_for_bandwidth(bandwidth)
+    if not 0 <= codebooks <= n_q:
+        raise ValueError(f"speech.codebooks={codebooks}: {bandwidth:g} kbps has {n_q} codebooks (0 keeps all)")
+    return codebooks or n_q
+
+
+def check_codebook_size(size: int) -> int:
+    if not (2 <= size <= CODEBOOK_SIZE and size & (size - 1) == 0):
+        raise ValueError(f"speech.codebook_size={size} must be a power of two in [2, {CODEBOOK_SIZE}] (EnCodec's "
+                         "quantizer packs codes as bits)")
+    return size
+
+
+def _new_model(pretrained: bool, repository: Path | None = None,
+               codebook_size: int = CODEBOOK_SIZE) -> "EncodecModel":
     from encodec import EncodecModel  # heavy import (torchaudio) only when speech is used
+    from encodec.quantization import ResidualVectorQuantizer
 
     with warnings.catch_warnings():
         # encodec 0.1.1 uses torch.nn.utils.weight_norm, deprecated but working; one warning per layer otherwise
         warnings.filterwarnings("ignore", message=".*weight_norm.*", category=FutureWarning)
-        return EncodecModel.encodec_model_24khz(pretrained=pretrained, repository=repository)
+        model = EncodecModel.encodec_model_24khz(pretrained=pretrained, repository=repository)
+    if codebook_size != CODEBOOK_SIZE:  # offline only: the published weights have 1,024 codes per codebook
+        q = model.quantizer
+        model.quantizer = ResidualVectorQuantizer(dimension=q.dimension, n_q=q.n_q, bins=check_codebook_size(
+            codebook_size))
+        # EnCodec derives codebooks-per-bandwidth from this; fewer bits per code only raises that count, and
+        # `EncodecTokenizer` keeps the first n_q of them.
+        model.bits_per_codebook = int(math.log2(codebook_size))
+    return model
 
 
 def _state_hash(model: torch.nn.Module) -> str:
@@ -93,12 +121,12 @@ class EncodecTokenizer:
     """Implements `model.tokenizers.base.SpeechTokenizer`. Build with `pretrained`, `from_path`, `fit_offline`
     or `load_offline` (or `from_config`)."""
 
-    codebook_size = CODEBOOK_SIZE
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model: "EncodecModel", *, bandwidth: float = 1.5, offline: bool = False,
-                 max_seconds: float = 30.0):
-        self.n_q = n_q_for_bandwidth(bandwidth)
+    def __init__(self, model: "EncodecModel", *, bandwidth: float = 1.5, codebooks: int = 0,
+                 offline: bool = False, max_seconds: float = 30.0):
+        self.n_q = check_codebooks(bandwidth, codebooks)
+        self.codebook_size = int(model.quantizer.bins)
         model.set_target_bandwidth(bandwidth)
         model.eval()
         self.model = model
@@ -107,7 +135,8 @@ class EncodecTokenizer:
         self.max_seconds = max_seconds
         self.frame_rate = int(model.frame_rate)          # 75
         self.hop_length = SAMPLE_RATE // self.frame_rate  # 320 samples per frame
-        self.name = f"encodec_24khz{'-offline' if offline else ''}@{bandwidth:g}kbps"
+        shape = "" if (codebooks == 0 and self.codebook_size == CODEBOOK_SIZE) else f"-{self.n_q}x{self.codebook_size}"
+        self.name = f"encodec_24khz{'-offline' if offline else ''}@{bandwidth:g}kbps{shape}"
         self._fingerprint: str | None = None
 
     # ---- construction -------------------------------------------------------------------------------------
@@ -119,18 +148,24 @@ class EncodecTokenizer:
             if not offline_state:
                 raise ValueError("speech.weights=offline: pass the saved encodec.safetensors, or fit one with "
                                  "EncodecTokenizer.fit_offline (TokenizerSet.prepare does this)")
-            return cls.load_offline(offline_state, bandwidth=cfg.bandwidth, max_seconds=cfg.max_seconds)
+            return cls.load_offline(offline_state, bandwidth=cfg.bandwidth, codebooks=cfg.codebooks,
+                                    codebook_size=cfg.codebook_size, max_seconds=cfg.max_seconds)
+        if cfg.codebook_size != CODEBOOK_SIZE:
+            raise ValueError(f"speech.codebook_size={cfg.codebook_size} needs speech.weights=offline: the published "
+                             f"EnCodec has {CODEBOOK_SIZE} codes per codebook")
         if cfg.weights == "pretrained":
-            return cls.pretrained(bandwidth=cfg.bandwidth, max_seconds=cfg.max_seconds)
-        return cls.from_path(cfg.weights, bandwidth=cfg.bandwidth, max_seconds=cfg.max_seconds)
+            return cls.pretrained(bandwidth=cfg.bandwidth, codebooks=cfg.codebooks, max_seconds=cfg.max_seconds)
+        return cls.from_path(cfg.weights, bandwidth=cfg.bandwidth, codebooks=cfg.codebooks,
+                             max_seconds=cfg.max_seconds)
 
     @classmethod
-    def pretrained(cls, bandwidth: float = 1.5, max_seconds: float = 30.0) -> "EncodecTokenizer":
+    def pretrained(cls, bandwidth: float = 1.5, codebooks: int = 0, max_seconds: float = 30.0) -> "EncodecTokenizer":
         """The published weights from the torch hub cache (downloaded by encodec when absent and online)."""
         cached = hub_checkpoint_dir() / CHECKPOINT
         if cached.is_file():
             # Load through `repository`: encodec checks the sha256 prefix and torch.load is weights-only.
-            return cls(_load_checked(cached.parent, str(cached)), bandwidth=bandwidth, max_seconds=max_seconds)
+            return cls(_load_checked(cached.parent, str(cached)), bandwidth=bandwidth, codebooks=codebooks,
+                       max_seconds=max_seconds)
         try:
             model = _new_model(pretrained=True)
         except urllib.error.URLError as e:
@@ -139,22 +174,24 @@ class EncodecTokenizer:
                 f"the torch hub cache {cached.parent}. Pre-seed it: copy {CHECKPOINT} to {cached.parent}/ (or set "
                 f"TORCH_HOME), or set speech.weights to a local or s3:// path of {CHECKPOINT}, or use "
                 f"speech.weights=offline for codebooks fitted on the corpus.") from None
-        return cls(model, bandwidth=bandwidth, max_seconds=max_seconds)
+        return cls(model, bandwidth=bandwidth, codebooks=codebooks, max_seconds=max_seconds)
 
     @classmethod
-    def from_path(cls, uri: str, bandwidth: float = 1.5, max_seconds: float = 30.0) -> "EncodecTokenizer":
+    def from_path(cls, uri: str, bandwidth: float = 1.5, codebooks: int = 0,
+                  max_seconds: float = 30.0) -> "EncodecTokenizer":
         """Published weights from a local path or s3:// URI of `encodec_24khz-d7cc33bc.th`."""
         if not storage.exists(uri):
             raise MissingWeights(f"speech.weights={uri} does not exist: give the path of EnCodec's {CHECKPOINT}, "
                                  f"or use speech.weights=pretrained / offline")
         if not storage.is_s3(uri) and Path(uri).name == CHECKPOINT:
-            return cls(_load_checked(Path(uri).parent, uri), bandwidth=bandwidth, max_seconds=max_seconds)
+            return cls(_load_checked(Path(uri).parent, uri), bandwidth=bandwidth, codebooks=codebooks,
+                       max_seconds=max_seconds)
         # encodec reads the checksum from the file name, so the copy keeps the published name; the hub cache
         # makes later loads (e.g. every tokenize actor on this node) skip the copy.
         dest = hub_checkpoint_dir() / CHECKPOINT
         if dest.is_file():
             return cls(_load_checked(dest.parent, f"{dest} (hub cache)"), bandwidth=bandwidth,
-                       max_seconds=max_seconds)
+                       codebooks=codebooks, max_seconds=max_seconds)
         # Copy into a private folder beside the cache entry, check it there, then rename: a bad or partial copy
         # never lands in the cache, and concurrent actors never read a half-written file.
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -165,23 +202,26 @@ class EncodecTokenizer:
             os.replace(staging / CHECKPOINT, dest)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        return cls(model, bandwidth=bandwidth, max_seconds=max_seconds)
+        return cls(model, bandwidth=bandwidth, codebooks=codebooks, max_seconds=max_seconds)
 
     @classmethod
-    def fit_offline(cls, wavs: Sequence[np.ndarray], *, bandwidth: float = 1.5, kmeans_iters: int = 1,
-                    fit_samples: int = 64, seed: int = 0, max_seconds: float = 30.0,
-                    max_frames: int = KMEANS_MAX_FRAMES) -> "EncodecTokenizer":
-        """A seeded random EnCodec whose first n_q codebooks are initialised by EnCodec's k-means on the encoder
-        outputs of up to `fit_samples` waveforms (float32 (N,) at 24 kHz). Same inputs + seed -> same state."""
+    def fit_offline(cls, wavs: Sequence[np.ndarray], *, bandwidth: float = 1.5, codebooks: int = 0,
+                    codebook_size: int = CODEBOOK_SIZE, kmeans_iters: int = 1, fit_samples: int = 64, seed: int = 0,
+                    max_seconds: float = 30.0, max_frames: int = 0) -> "EncodecTokenizer":
+        """A seeded random EnCodec whose first n_q codebooks (of `codebook_size` codes) are initialised by
+        EnCodec's k-means on the encoder outputs of up to `fit_samples` waveforms (float32 (N,) at 24 kHz).
+        Same inputs + seed -> same state. `max_frames` (0 = as many as fit KMEANS_MAX_FRAMES x 1,024 distances)
+        subsamples the frames k-means sees."""
         wavs = [np.asarray(w, dtype=np.float32).reshape(-1) for w in list(wavs)[:fit_samples]]
         wavs = [w for w in wavs if w.size]
         if not wavs:
             raise ValueError("speech.weights=offline needs speech to fit the codebooks on, got no waveforms: pass "
                              "corpus audio to TokenizerSet.prepare(..., wavs=...) or set speech.weights=pretrained")
-        n_q = n_q_for_bandwidth(bandwidth)
+        n_q = check_codebooks(bandwidth, codebooks)
+        max_frames = max_frames or KMEANS_MAX_FRAMES * CODEBOOK_SIZE // check_codebook_size(codebook_size)
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # seeded without disturbing the caller's RNG
             torch.manual_seed(seed)
-            model = _new_model(pretrained=False)
+            model = _new_model(pretrained=False, codebook_size=codebook_size)
             signal = torch.from_numpy(np.concatenate(wavs)).view(1, 1, -1)  # (B=1, C=1, N)
             frames = model.encoder(signal)[0].T  # (1, D, T) -> (T, D)
             if frames.shape[0] > max_frames:
@@ -192,7 +232,7 @@ class EncodecTokenizer:
                 x = layer.project_in(residual)  # identity for the 24 kHz model
                 _init_codebook(layer._codebook, x, kmeans_iters)
                 residual = residual - layer.project_out(layer._codebook.decode(layer._codebook.encode(x)))
-        tok = cls(model, bandwidth=bandwidth, offline=True, max_seconds=max_seconds)
+        tok = cls(model, bandwidth=bandwidth, codebooks=codebooks, offline=True, max_seconds=max_seconds)
         probe = tok.encode(wavs[0])
         if not probe.any():
             raise RuntimeError("EnCodec k-means fitting left every code at 0 (codebooks not initialised): "
@@ -200,22 +240,27 @@ class EncodecTokenizer:
         return tok
 
     @classmethod
-    def load_offline(cls, uri: str, bandwidth: float = 1.5, max_seconds: float = 30.0) -> "EncodecTokenizer":
+    def load_offline(cls, uri: str, bandwidth: float = 1.5, codebooks: int = 0, codebook_size: int = CODEBOOK_SIZE,
+                     max_seconds: float = 30.0) -> "EncodecTokenizer":
         """Load a state saved by `save_offline` (encodec.safetensors, local or s3://)."""
         from safetensors.torch import load as load_safetensors
 
         state = load_safetensors(storage.read_bytes(uri))
-        model = _new_model(pretrained=False)
+        embed = state.get("quantizer.vq.layers.0._codebook.embed")
+        if embed is not None and embed.shape[0] != codebook_size:
+            raise ValueError(f"{uri} has codebooks of {embed.shape[0]} codes but speech.codebook_size={codebook_size}: "
+                             "set it back, or fit again into a new tokenizers dir")
+        model = _new_model(pretrained=False, codebook_size=codebook_size)
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:
             raise ValueError(f"{uri} is not an EnCodec 24 kHz state dict: {e}") from None
-        n_q = n_q_for_bandwidth(bandwidth)
+        n_q = check_codebooks(bandwidth, codebooks)
         fitted = [bool(layer._codebook.inited) for layer in model.quantizer.vq.layers[:n_q]]
         if not all(fitted):
             raise ValueError(f"{uri} has {sum(fitted)} fitted codebooks but speech.bandwidth={bandwidth} needs {n_q}: "
                              "fit it again at this bandwidth (new tokenizers dir) or lower speech.bandwidth")
-        return cls(model, bandwidth=bandwidth, offline=True, max_seconds=max_seconds)
+        return cls(model, bandwidth=bandwidth, codebooks=codebooks, offline=True, max_seconds=max_seconds)
 
     def save_offline(self, uri: str) -> None:
         """Whole state dict as safetensors (no pickle), atomically."""
@@ -284,7 +329,7 @@ class EncodecTokenizer:
         wav = self._check_wav(wav)
         x = self._padded(wav, self.n_frames(wav.size) * self.hop_length).view(1, 1, -1)  # (B=1, C=1, N)
         (codes, _scale), = self.model.encode(x)  # one frame: the 24 kHz model does not segment
-        return codes[0].to(torch.int64).numpy()  # (n_q, T)
+        return codes[0, : self.n_q].to(torch.int64).numpy()  # (n_q, T): the first n_q residual codebooks
 
     @torch.inference_mode()
     def encode_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -301,8 +346,8 @@ class EncodecTokenizer:
         if batched:
             n = max(self.n_frames(wavs[i].size) for i in batched) * self.hop_length
             x = torch.stack([self._padded(wavs[i], n) for i in batched]).unsqueeze(1)  # (B, C=1, N)
-            (codes, _scale), = self.model.encode(x)  # (B, n_q, T_max)
-            codes = codes.to(torch.int64).numpy()
+            (codes, _scale), = self.model.encode(x)  # (B, n_q', T_max), n_q' >= n_q
+            codes = codes[:, : self.n_q].to(torch.int64).numpy()  # (B, n_q, T_max)
             for row, i in enumerate(batched):
                 out[i] = codes[row, :, : self.n_frames(wavs[i].size)].copy()  # (n_q, T_i)
         return out  # type: ignore[return-value]
@@ -332,6 +377,20 @@ class EncodecTokenizer:
         return f"EncodecTokenizer({self.name}, n_q={self.n_q})"
 
 
+def _kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means as EnCodec's `core_vq.kmeans` runs it (k random frames as the start, empty clusters keep
+    their centroid), with distances as one matrix product instead of an (N, k, D) difference tensor: 8,192
+    frames x 256 codes x 10 iterations take ~1 s instead of ~40. x: (N, D) -> means (k, D), cluster sizes (k,)."""
+    means = x[torch.randperm(x.shape[0])[:k]] if x.shape[0] >= k else x[torch.randint(0, x.shape[0], (k,))]
+    for _ in range(iters):
+        d = (x * x).sum(1, keepdim=True) - 2 * x @ means.T + (means * means).sum(1)   # (N, k) squared distances
+        buckets = d.argmin(1)                                                        # (N,)
+        bins = torch.bincount(buckets, minlength=k)                                  # (k,)
+        sums = torch.zeros_like(means).index_add_(0, buckets, x)                     # (k, D)
+        means = torch.where((bins == 0)[:, None], means, sums / bins.clamp(min=1)[:, None].to(x.dtype))
+    return means, bins
+
+
 def _init_codebook(codebook: torch.nn.Module, frames: torch.Tensor, iters: int) -> None:
     """EnCodec's k-means initialisation of one codebook (`EuclideanCodebook.init_embed_`, which a training-mode
     forward runs on its first batch), with two changes that keep the codes of a small corpus well defined:
@@ -343,10 +402,8 @@ def _init_codebook(codebook: torch.nn.Module, frames: torch.Tensor, iters: int) 
       silence) are moved out of reach: between two equal centroids the chosen code would depend on float noise
       (batch size, thread count), so the same audio could get different codes.
     Unused rows are set to one far-away vector that no frame in the fitted range is nearest to."""
-    from encodec.quantization.core_vq import kmeans
-
     k = min(codebook.codebook_size, max(1, frames.shape[0] // FRAMES_PER_CODE))
-    means, bins = kmeans(frames, k, iters)  # (k, D), (k,)
+    means, bins = _kmeans(frames, k, iters)  # (k, D), (k,)
     far = 10.0 * (frames.abs().max() + 1e-3)
     embed = torch.full((codebook.codebook_size, frames.shape[1]), float(far), dtype=frames.dtype)  # (K, D)
     cluster_size = torch.zeros(codebook.codebook_size, dtype=frames.dtype)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.diffusion import (append_eos_tail, global_count, loss_weights, mask_answer_tokens,
+from model.diffusion import (append_eos_tail, drop_prompts, global_count, loss_weights, mask_answer_tokens,
                              masked_diffusion_loss)
 from model.vocab import Vocab
 
@@ -219,3 +219,42 @@ def test_gathered_logits_give_the_same_loss():
     assert torch.allclose(full.loss_sum, gathered.loss_sum) and full.count == gathered.count
     with pytest.raises(ValueError, match="N_masked"):
         masked_diffusion_loss(logits[is_masked][:-1], targets, is_masked)
+
+
+# ---- drop_prompts ---------------------------------------------------------------------------------------------
+
+def test_drop_prompts_masks_a_whole_prompt_or_none_of_it():
+    mask_id = 99
+    seg = torch.tensor([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]])
+    ans = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    ids = torch.arange(10).view(1, 10)
+    g = torch.Generator().manual_seed(0)
+    out = drop_prompts(ids, ans, seg, torch.ones(1, 10), g, mask_id=mask_id)
+    # every prompt token of both samples masked; answers and padding untouched (this is generate()'s uncond input)
+    assert out.tolist() == [[99, 99, 2, 3, 99, 99, 6, 7, 8, 9]]
+    assert torch.equal(drop_prompts(ids, ans, seg, torch.zeros(1, 10), g, mask_id=mask_id), ids)
+    # only the second sample's task drops: rate is per position, taken from its sample
+    rate = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 0, 0]], dtype=torch.float32)
+    assert drop_prompts(ids, ans, seg, rate, g, mask_id=mask_id).tolist() == [[0, 1, 2, 3, 99, 99, 6, 7, 8, 9]]
+    # at rate 0.3, each sample keeps or drops its prompt as a whole, ~30% of samples
+    many = ids.repeat(4000, 1)
+    out = drop_prompts(many, ans.repeat(4000, 1), seg.repeat(4000, 1), torch.full((4000, 10), 0.3),
+                       torch.Generator().manual_seed(1), mask_id=mask_id)
+    dropped = out[:, [0, 1, 4, 5]] == mask_id                                 # (4000, 4): prompt positions
+    assert (dropped[:, 0] == dropped[:, 1]).all() and (dropped[:, 2] == dropped[:, 3]).all()
+    assert 0.27 < dropped[:, [0, 2]].float().mean() < 0.33
+    assert not torch.equal(dropped[:, 0], dropped[:, 2])                      # samples draw independently
+
+
+def test_t_min_floors_the_masking_rate_per_position():
+    ids = torch.zeros(400, 50, dtype=torch.long)
+    ans = torch.ones(400, 50, dtype=torch.bool)
+    floor = torch.zeros(400, 50)
+    floor[200:] = 0.8                                                        # the second half's task has a floor
+    m = mask_answer_tokens(ids, ans, None, _gen(3), mask_id=7, t_min=floor)
+    assert m.t[:200].min() < 0.1 and m.t[200:].min() >= 0.8
+    assert abs(m.is_masked[:200].float().mean() - 0.5) < 0.03 and abs(m.is_masked[200:].float().mean() - 0.9) < 0.03
+    # no floor: identical to not passing one
+    plain = mask_answer_tokens(ids, ans, None, _gen(3), mask_id=7)
+    zero = mask_answer_tokens(ids, ans, None, _gen(3), mask_id=7, t_min=torch.zeros(400, 50))
+    assert torch.equal(plain.is_masked, zero.is_masked) and torch.equal(plain.t, zero.t)

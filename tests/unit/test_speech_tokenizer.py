@@ -107,6 +107,35 @@ def test_offline_fit_is_reproducible_and_saved_state_reloads(tok, fit_wavs, tmp_
         EncodecTokenizer.load_offline(path, bandwidth=3.0)
 
 
+def test_offline_small_codebooks_keep_the_first_residual(fit_wavs, tmp_path):
+    """codebook_size and codebooks: fewer, coarser codes for a small corpus; saved and reloaded like the default."""
+    small = EncodecTokenizer.fit_offline(fit_wavs, bandwidth=1.5, codebooks=1, codebook_size=16, kmeans_iters=3)
+    assert (small.n_q, small.codebook_size, small.name) == (1, 16, "encodec_24khz-offline@1.5kbps-1x16")
+    both = EncodecTokenizer.fit_offline(fit_wavs, bandwidth=1.5, codebook_size=16, kmeans_iters=3)
+    assert (both.n_q, both.name) == (2, "encodec_24khz-offline@1.5kbps-2x16")
+    probe = clip(21, 0.3)
+    codes = small.encode(probe)
+    assert codes.shape == (1, 23) and 0 <= codes.min() and codes.max() < 16 and len(np.unique(codes)) > 1
+    # residual VQ: one kept codebook is the first codebook of the same fit
+    np.testing.assert_array_equal(codes[0], both.encode(probe)[0])
+    np.testing.assert_array_equal(small.encode_batch([clip(22, 0.1), probe])[1], codes)
+    assert small.decode(codes).shape == (23 * 320,)
+    vocab = Vocab(text_size=300, n_q=small.n_q, audio_codebook_size=small.codebook_size)
+    assert vocab.audio_range()[1] - vocab.audio_range()[0] == 16
+    np.testing.assert_array_equal(vocab.audio_codes(vocab.audio_ids(codes)), codes)
+    path = str(tmp_path / "encodec.safetensors")
+    small.save_offline(path)
+    loaded = EncodecTokenizer.load_offline(path, bandwidth=1.5, codebooks=1, codebook_size=16)
+    np.testing.assert_array_equal(loaded.encode(probe), codes)
+    assert loaded.fingerprint() == small.fingerprint() != both.fingerprint()
+    with pytest.raises(ValueError, match="codebooks of 16 codes but speech.codebook_size=1024"):
+        EncodecTokenizer.load_offline(path, bandwidth=1.5, codebooks=1)
+    with pytest.raises(ValueError, match="power of two"):
+        EncodecTokenizer.fit_offline(fit_wavs, codebook_size=24)
+    with pytest.raises(ValueError, match="1.5 kbps has 2 codebooks"):
+        EncodecTokenizer.fit_offline(fit_wavs, codebooks=3)
+
+
 def test_offline_fit_needs_audio():
     with pytest.raises(ValueError, match="needs speech"):
         EncodecTokenizer.fit_offline([])

@@ -83,6 +83,7 @@ def test_prepare_again_loads_without_refitting(prepared, monkeypatch):
 
 
 @pytest.mark.parametrize("override,key", [("speech.bandwidth=3.0", "speech.bandwidth"),
+                                          ("speech.codebook_size=256", "speech.codebook_size"),
                                           ("text.vocab_size=400", "text.vocab_size"),
                                           ("image.levels=16", "image.levels")])
 def test_prepare_with_other_config_names_the_keys(prepared, override, key):
@@ -150,6 +151,12 @@ def test_config_errors():
         configlib.load(TokenizerConfig, overrides=["image.channels=2"])
     with pytest.raises(ConfigError, match="unknown key"):
         configlib.load(TokenizerConfig, overrides=["speech.bandwdith=3"])
+    with pytest.raises(ConfigError, match="needs speech.weights=offline"):
+        configlib.load(TokenizerConfig, overrides=["speech.codebook_size=256", "speech.weights=pretrained"])
+    with pytest.raises(ConfigError, match="has 2 codebooks"):
+        configlib.load(TokenizerConfig, overrides=["speech.codebooks=3"])
+    with pytest.raises(ConfigError, match="power of two"):
+        configlib.load(TokenizerConfig, overrides=["speech.codebook_size=100"])
     assert TokenizerConfig.preset("demo") == default_tokenizer_config()
 
 

@@ -204,3 +204,18 @@ def test_sources_share_each_read_shard_without_changing_the_stream(shard_set):
     n_shards = len(data.sources[0].shards)
     assert shared.shard_cache.reads == n_shards                 # 3 sources, one read and sha256 check per shard
     assert one_shard.shard_cache.reads > n_shards
+
+
+def test_task_max_tail_sets_each_tasks_eos_tail(shard_set):
+    """diffusion.task_max_tail: asr answers get tails up to 24 EOS, the other tasks up to diffusion.max_tail."""
+    cfg = make_cfg([shard_set], seq_len=512)
+    cfg.diffusion.max_tail, cfg.diffusion.task_max_tail = 2, {"asr": 24}
+    stream = load_data(cfg).stream(cfg)
+    longest: dict[str, int] = {}
+    for _ in range(60):
+        for s in stream.next_row():
+            assert s.tail_mask.sum() >= 1 and (s.ids[s.tail_mask] == VOCAB.eos_id).all()
+            longest[s.task] = max(longest.get(s.task, 0), int(s.tail_mask.sum()))
+    assert longest["t2i"] <= 2 and longest["i2t"] <= 2 and 2 < longest["asr"] <= 24
+    with pytest.raises(ConfigError, match="task_max_tail"):
+        from_dict(TrainConfig, {"diffusion": {"task_max_tail": {"speech": 4}}})

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from model.configlib import from_dict
+from model.prompts import TASKS
 from model.vocab import Modality
 from pipelines import train
 from pipelines.config import TrainConfig
@@ -89,3 +90,31 @@ def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_gro
     assert off.grad_norm == 0.0
     with pytest.raises(ConfigError, match="task_weights"):
         from_dict(TrainConfig, {"diffusion": {"task_weights": {"captioning": 2.0}}})
+
+
+def test_prompt_dropout_masks_the_prompts_the_model_sees(one_rank_group, tmp_path):
+    """diffusion.prompt_dropout: t2i samples reach the model with their whole prompt masked (the sampler's
+    unconditional input), i2t samples never; answers are masked as without it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from model.configlib import ConfigError
+
+    shards = write_shard_set(tmp_path / "set", VOCAB, {"t2i": 8, "i2t": 8}, samples_per_shard=16)
+    cfg = from_dict(TrainConfig, {"data": {"shards": [str(shards)], "seq_len": 128, "micro_batch": 4},
+                                  "diffusion": {"prompt_dropout": {"t2i": 0.9999}}, "train": {"steps": 1}})
+    data = load_data(cfg)
+    model = train.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+    optimizer, scheduler = train.build_optimizer(model, cfg)
+    micro = [collate(r, 128, data.vocab) for r in data.stream(cfg).step_rows(1, 0, 4, 1)]
+    seen = []
+    model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
+    train.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=0, rank=0, world=1,
+                     device=torch.device("cpu"))
+    b, noisy = micro[0], seen[0]
+    prompt = ~b.answer_mask & (b.segment_ids > 0)
+    t2i, i2t = b.task_ids == TASKS.index("t2i"), b.task_ids == TASKS.index("i2t")
+    assert t2i.any() and i2t.any()
+    assert (noisy[prompt & t2i] == data.vocab.mask_id).all()
+    assert torch.equal(noisy[prompt & i2t], b.ids[prompt & i2t])
+    with pytest.raises(ConfigError, match="prompt_dropout"):
+        from_dict(TrainConfig, {"diffusion": {"prompt_dropout": {"t2i": 1.0}}})
