@@ -21,7 +21,6 @@ Outputs under <out>: corpus/, tok/ (shards + manifest), train/ (checkpoints, mlf
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -32,7 +31,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -72,7 +71,6 @@ class CorpusSection:
 @dataclass
 class GallerySection:
     samples: int = 8              # columns per digit row
-    temperature: float = 0.8      # t2i columns differ only by sampling noise (argmax would repeat one image)
 
 
 @dataclass
@@ -259,7 +257,7 @@ def evaluate(demo: DemoConfig, export: str, corpus: dict, out: Path, eval_limit:
 
     return ev.evaluate(export, corpus["test"], out=str(out / "eval"), presets=demo.sampler,
                        classifier_train_data=corpus["train"], limit=eval_limit or None, local=False,
-                       actors=demo.eval_actors, device="cpu", verbose=False)
+                       actors=demo.eval_actors, device="cpu", verbose=False, return_predictions=True)
 
 
 # ---- gallery -------------------------------------------------------------------------------------------------
@@ -283,7 +281,8 @@ def image_grid(rows: list[list[np.ndarray]], labels: Sequence[str], scale: int =
     return np.asarray(grid)
 
 
-def write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, samples: int) -> dict[str, str]:
+def write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, samples: int,
+                  judged: Sequence[dict] = ()) -> dict[str, str]:
     import torch
 
     # One thread: a few hundred small generate calls gain little from a second one, and on a busy machine
@@ -291,15 +290,18 @@ def write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, sample
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _write_gallery(demo, export, corpus, out, samples)
+        return _write_gallery(demo, export, corpus, out, samples, judged)
     finally:
         torch.set_num_threads(threads)
 
 
-def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, samples: int) -> dict[str, str]:
-    """t2i.png (rows: the ten captions, columns: samples at gallery.temperature), s2i.png (rows: the ten digits,
-    columns: held-out voices saying them, argmax decoding), real_heldout.png (real held-out images, for
-    comparison) and tts/<digit>.wav with what the model's own ASR hears in them (tts/heard.json)."""
+def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, samples: int,
+                   judged: Sequence[dict]) -> dict[str, str]:
+    """t2i.png (rows: the ten captions), s2i.png (rows: the ten digits, spoken by held-out voices),
+    real_heldout.png (real held-out images, for comparison) and tts/<digit>.wav with what the model's own ASR
+    hears in them (tts/heard.json). The cells are the evaluation's own generations (`judged`, the predictions
+    evaluate returns), so the gallery shows what was scored; only digits the evaluation did not cover (--small,
+    eval_limit) are generated here, with the same sampler."""
     from PIL import Image
 
     from pipelines.demo_corpus import DIGIT_WORDS, caption
@@ -307,41 +309,57 @@ def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, sampl
 
     gallery = out / "gallery"
     (gallery / "tts").mkdir(parents=True, exist_ok=True)
-    presets = dataclasses.replace(demo.sampler, t2i=dataclasses.replace(demo.sampler.t2i,
-                                                                        temperature=demo.gallery.temperature))
-    predictor = Predictor.from_export(export, "cpu", presets)
+    predictor = Predictor.from_export(export, "cpu", demo.sampler)
     labels = [f"{d} {w}" for d, w in enumerate(DIGIT_WORDS)]
+    scored: dict[tuple[str, int], list[dict]] = defaultdict(list)   # (task, digit) -> the eval's outputs
+    for p in judged:
+        if p.get("ok") and p.get("label") is not None:
+            scored[(p["task"], int(p["label"]))].append(p)
 
-    # t2i: one batch of 10 x samples prompts; the shared generator gives every row its own noise
-    reqs = [Request(task="t2i", text=caption(d)) for d in range(10) for _ in range(samples)]
-    images = [o.image for o in predictor.predict(reqs)]
-    grid = image_grid([images[d * samples:(d + 1) * samples] for d in range(10)], labels)
-    Image.fromarray(grid).save(gallery / "t2i.png")
-
-    # s2i and the real held-out images: the test split's lines, `samples` per digit
+    # test lines per digit: s2i prompts to fill gaps, and the real held-out images they show
     base = corpus["root"]
-    by_digit: dict[int, list] = defaultdict(list)
-    real: dict[int, list] = defaultdict(list)
+    lines: dict[int, list[dict]] = defaultdict(list)
     for raw in Path(corpus["test"]).read_text().splitlines():
         line = json.loads(raw)
-        d = line["label"]
-        if line["task"] == "s2i" and len(by_digit[d]) < samples:
-            by_digit[d].append(request_from_line(line, base)[0])
-            real[d].append(predictor.tokenizers.image.load((Path(base) / line["images"][0]).read_bytes()))
-    s2i = predictor.predict([r for d in range(10) for r in by_digit[d]])
-    it = iter(o.image for o in s2i)
-    Image.fromarray(image_grid([[next(it) for _ in by_digit[d]] for d in range(10)], labels)) \
-        .save(gallery / "s2i.png")
-    Image.fromarray(image_grid([real[d] for d in range(10)], labels)).save(gallery / "real_heldout.png")
+        if line["task"] == "s2i" and len(lines[line["label"]]) < samples:
+            lines[line["label"]].append(line)
+
+    def fill(task: str, request: Callable[[int, int], Request]) -> list[list[np.ndarray]]:
+        """`samples` images per digit: the eval's first, then generated for the rest (one batch)."""
+        rows = [[p["image"] for p in scored[(task, d)][:samples]] for d in range(10)]
+        need = [(d, k) for d in range(10) for k in range(len(rows[d]), samples)]
+        need = [(d, k) for d, k in need if task == "t2i" or k < len(lines[d])]
+        for (d, _), o in zip(need, predictor.predict([request(d, k) for d, k in need])):
+            rows[d].append(o.image)
+        return rows
+
+    t2i = fill("t2i", lambda d, k: Request(task="t2i", text=caption(d)))
+    Image.fromarray(image_grid(t2i, labels)).save(gallery / "t2i.png")
+    s2i = fill("s2i", lambda d, k: request_from_line(lines[d][k], base)[0])
+    Image.fromarray(image_grid(s2i, labels)).save(gallery / "s2i.png")
+    real = [[predictor.tokenizers.image.load((Path(base) / line["images"][0]).read_bytes()) for line in lines[d]]
+            for d in range(10)]
+    Image.fromarray(image_grid(real, labels)).save(gallery / "real_heldout.png")
 
     # TTS: waveforms through the offline codec's decoder (untrained: it renders the tokens, it does not make
     # them intelligible), and the model's own ASR on the generated tokens, which is what the eval scores
-    tts = predictor.predict([Request(task="tts", text=w) for w in DIGIT_WORDS])
-    heard = predictor.predict([Request(task="asr", audios=[o.audio_codes]) for o in tts], decode_audio=False)
+    codes: dict[int, np.ndarray] = {}
+    heard: dict[int, str] = {}
+    for d in range(10):
+        done = [p for p in scored[("tts", d)] if "audio_codes" in p]
+        if done:
+            codes[d], heard[d] = np.asarray(done[0]["audio_codes"], dtype=np.int64), done[0].get("transcript", "")
+    missing = [d for d in range(10) if d not in codes]
+    tts = predictor.predict([Request(task="tts", text=DIGIT_WORDS[d]) for d in missing], decode_audio=False)
+    asr = predictor.predict([Request(task="asr", audios=[o.audio_codes]) for o in tts], decode_audio=False)
+    for d, o, h in zip(missing, tts, asr):
+        codes[d], heard[d] = o.audio_codes, h.text
+    speech = predictor.tokenizers.speech
     record = {}
-    for d, (o, h) in enumerate(zip(tts, heard)):
-        (gallery / "tts" / f"{d}_{DIGIT_WORDS[d]}.wav").write_bytes(wav_bytes(o.wav, o.sample_rate))
-        record[DIGIT_WORDS[d]] = {"frames": int(o.audio_codes.shape[1]), "asr_hears": h.text}
+    for d in range(10):
+        wav = speech.decode(codes[d]) if codes[d].shape[1] else np.zeros(0, dtype=np.float32)
+        (gallery / "tts" / f"{d}_{DIGIT_WORDS[d]}.wav").write_bytes(wav_bytes(wav, speech.sample_rate))
+        record[DIGIT_WORDS[d]] = {"frames": int(codes[d].shape[1]), "asr_hears": heard[d]}
     (gallery / "tts" / "heard.json").write_text(json.dumps(record, indent=1) + "\n")
     return {"t2i": str(gallery / "t2i.png"), "s2i": str(gallery / "s2i.png"),
             "real_heldout": str(gallery / "real_heldout.png"), "tts": str(gallery / "tts")}
@@ -413,7 +431,7 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
             with stage("eval", timings):
                 ev = evaluate(demo, trained["export"], corpus, out, eval_limit)
             with stage("gallery", timings):
-                gallery = write_gallery(demo, trained["export"], corpus, out, samples)
+                gallery = write_gallery(demo, trained["export"], corpus, out, samples, ev.pop("predictions"))
         finally:
             if started_ray:
                 import ray

@@ -195,6 +195,7 @@ class EvalWorker:
                 p["image_png"] = png_bytes(out.image)
             if out.audio_codes is not None:
                 p["speech_frames"] = int(out.audio_codes.shape[1])
+                p["audio_codes"] = out.audio_codes.tolist()   # (n_q, T): what the judge heard, replayable
                 tts.append((p, out))
         if tts:
             self._transcribe(tts)
@@ -396,11 +397,13 @@ def log_to_mlflow(results: dict, run: tuple[str, str], step: int | None) -> None
 def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, limit: int | None = None,
              out: str | None = None, presets: SamplerPresets | None = None, classifier_train_data: str = "",
              asr_model: str = "", clip_model: str = "", local: bool | None = None, actors: int | None = None,
-             device: str = "auto", mlflow: bool = True, mlflow_tracking_uri: str = "", verbose: bool = True
-             ) -> dict:
+             device: str = "auto", mlflow: bool = True, mlflow_tracking_uri: str = "", verbose: bool = True,
+             return_predictions: bool = False) -> dict:
     """Evaluate `checkpoint` on `data` (messages JSONL or shards folder). Returns the results dict written to
     <out>/results.json: {"tasks": {task: {metric: value, "n": n, "n_failed": k}}, "checkpoint", "data",
-    "step", "sampler", "mlflow_run"}."""
+    "step", "sampler", "mlflow_run"}; with `return_predictions` the returned dict (not the file) also holds
+    "predictions": one dict per item with "task", "label", "ok" and its output ("hyp", "image" (H, W, C) uint8,
+    "audio_codes" + "transcript")."""
     from model.tokenizers import TokenizerSet
     from pipelines.inference import mlflow_run, read_export_config
 
@@ -454,6 +457,8 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
             results["mlflow_run"] = None
     if verbose:
         print(format_table(table))
+    if return_predictions:  # in memory only: images as arrays, with each item's label
+        return {**results, "predictions": [{**p, "label": items[i].get("label")} for i, p in enumerate(preds)]}
     return results
 
 

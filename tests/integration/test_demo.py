@@ -78,6 +78,16 @@ def test_gallery_has_a_row_per_digit(small_demo):
     assert len(wavs) == 10 and wavs[0] == "0_zero.wav"
     heard = json.loads((out / "gallery" / "tts" / "heard.json").read_text())
     assert set(heard) == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    # a digit the eval covered shows the eval's own clip and transcript (generated again only for the gaps)
+    preds = [json.loads(x) for x in (out / "eval" / "predictions.jsonl").read_text().splitlines()]
+    first = {}
+    for p in preds:
+        if p["task"] == "tts" and p["ok"]:
+            first.setdefault(p["ref"], p)
+    assert first
+    for word, p in first.items():
+        assert heard[word] == {"frames": p["speech_frames"], "asr_hears": p["transcript"]}
+        assert len(p["audio_codes"][0]) == p["speech_frames"]
 
 
 def test_scale_stages_keeps_proportions_and_total():
