@@ -51,8 +51,8 @@ CHECKPOINT = "encodec_24khz-d7cc33bc.th"
 SAMPLE_RATE = 24_000
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)
 CODEBOOK_SIZE = 1024
-# EnCodec's k-means measures every frame against every centroid in one (N, 1024, 128) float tensor: 2,048 frames
-# (~27 s of audio, two per code) keep that near 1 GB and a few seconds per codebook on one core.
+# Frames the offline k-means sees, at 1,024 codes (scaled by 1,024 / codebook_size for smaller codebooks): 2,048
+# frames (~27 s of audio, two per code) bound the fit to about a second per codebook (`_kmeans`).
 KMEANS_MAX_FRAMES = 2048
 FRAMES_PER_CODE = 2
 # The encoder's last convolution (kernel 7, causal) reflect-pads 6 frames on the left; on fewer than 7 frames it
