@@ -185,25 +185,20 @@ class TrainConfig:
                     raise ConfigError(f"data.stages[{i}].mixture has negative weights {bad}")
         from model.prompts import TASKS
 
-        unknown = sorted(set(self.diffusion.task_weights) - set(TASKS))
-        if unknown or any(w < 0 for w in self.diffusion.task_weights.values()):
-            raise ConfigError(f"diffusion.task_weights {self.diffusion.task_weights}: keys must be tasks {list(TASKS)} "
-                              f"(unknown: {unknown}) and weights >= 0")
-        unknown = sorted(set(self.diffusion.task_min_t) - set(TASKS))
-        if unknown or any(not 0 <= r < 1 for r in self.diffusion.task_min_t.values()):
-            raise ConfigError(f"diffusion.task_min_t {self.diffusion.task_min_t}: keys must be tasks {list(TASKS)} "
-                              f"(unknown: {unknown}) and floors in [0, 1)")
+        if self.diffusion.max_tail < 1:
+            raise ConfigError(f"diffusion.max_tail={self.diffusion.max_tail} must be >= 1")
+        # the per-task maps: key -> (valid value, what the error says values must be)
+        per_task = {"task_weights": (lambda w: w >= 0, ">= 0"), "task_max_tail": (lambda n: n >= 1, ">= 1"),
+                    "prompt_dropout": (lambda r: 0 <= r < 1, "in [0, 1)"),
+                    "task_min_t": (lambda r: 0 <= r < 1, "in [0, 1)")}
+        for key, (valid, rule) in per_task.items():
+            values = getattr(self.diffusion, key)
+            unknown = sorted(set(values) - set(TASKS))
+            if unknown or not all(valid(v) for v in values.values()):
+                raise ConfigError(f"diffusion.{key} {values}: keys must be tasks {list(TASKS)} (unknown: "
+                                  f"{unknown}) and values {rule}")
         if self.diffusion.task_min_t and self.diffusion.scheme != "per_token":
             raise ConfigError("diffusion.task_min_t needs diffusion.scheme=per_token")
-        unknown = sorted(set(self.diffusion.prompt_dropout) - set(TASKS))
-        if unknown or any(not 0 <= r < 1 for r in self.diffusion.prompt_dropout.values()):
-            raise ConfigError(f"diffusion.prompt_dropout {self.diffusion.prompt_dropout}: keys must be tasks "
-                              f"{list(TASKS)} (unknown: {unknown}) and rates in [0, 1)")
-        unknown = sorted(set(self.diffusion.task_max_tail) - set(TASKS))
-        if unknown or any(n < 1 for n in self.diffusion.task_max_tail.values()) or self.diffusion.max_tail < 1:
-            raise ConfigError(f"diffusion.task_max_tail {self.diffusion.task_max_tail}: keys must be tasks "
-                              f"{list(TASKS)} (unknown: {unknown}); it and diffusion.max_tail="
-                              f"{self.diffusion.max_tail} must be >= 1")
         names = [s.name for s in self.data.sources]
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"data.sources need unique non-empty names, got {names}")

@@ -97,6 +97,15 @@ class StepStats:
     masked: int            # loss normalizer over all ranks
 
 
+def per_position(per_task: dict[str, float], task_ids: torch.Tensor) -> torch.Tensor | None:
+    """A per-task value ({task: value}, 0 for the others and for padding) at every position of task_ids (B, L)
+    -> (B, L) float; None when every value is 0, so the knob costs nothing (and draws no randomness) when off."""
+    if not any(per_task.values()):
+        return None
+    table = torch.tensor([per_task.get(t, 0.0) for t in TASKS], device=task_ids.device)   # (num_tasks,)
+    return table[task_ids.clamp(min=0)] * (task_ids >= 0)                                  # (B, L)
+
+
 def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequence[Batch], *, vocab: Vocab,
                cfg: TrainConfig, step: int, rank: int, world: int, device: torch.device) -> StepStats:
     """One optimizer step over `grad_accum` micro-batches, loss normalized by the GLOBAL masked-token count."""
@@ -104,18 +113,14 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
     # 1. Mask every micro-batch first: the normalizer (summed over micro-batches and ranks) must be known
     #    before any backward (model/diffusion.py explains why a per-micro-batch mean would be biased).
     prepared = []
-    drop_rate = (torch.tensor([d.prompt_dropout.get(t, 0.0) for t in TASKS], device=device)   # (num_tasks,)
-                 if any(d.prompt_dropout.values()) else None)
-    t_floor = (torch.tensor([d.task_min_t.get(t, 0.0) for t in TASKS], device=device)        # (num_tasks,)
-               if any(d.task_min_t.values()) else None)
     for m, batch in enumerate(micro_batches):
         batch = batch.to(device)
         gen = step_generator(cfg.train.seed, step, rank, m, device)
-        t_min = None if t_floor is None else t_floor[batch.task_ids.clamp(min=0)]              # (B, L)
         masked = mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask, gen, mask_id=vocab.mask_id,
-                                    eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme, t_min=t_min)
-        if drop_rate is not None:
-            rate = drop_rate[batch.task_ids.clamp(min=0)] * (batch.task_ids >= 0)   # (B, L)
+                                    eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme,
+                                    t_min=per_position(d.task_min_t, batch.task_ids))
+        rate = per_position(d.prompt_dropout, batch.task_ids)
+        if rate is not None:
             masked = masked._replace(noisy_ids=drop_prompts(masked.noisy_ids, batch.answer_mask,
                                                             batch.segment_ids, rate, gen, mask_id=vocab.mask_id))
         weights, row_count = loss_weights(masked.is_masked, batch.answer_mask, masked.t, scheme=d.scheme)
