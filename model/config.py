@@ -32,6 +32,9 @@ class ModelConfig:
     # RoPE alone only gives relative offsets, so a small model from scratch needs many samples to learn which
     # pixel a token is; the pretrained backbones (Dream, LLaDA) have no such table and keep it at 0.
     media_positions: int = 0
+    # Dropout on each block's attention and MLP outputs before they join the residual stream, in training only
+    # (model.train()). A small model on a small corpus memorises its training set; the backbones use 0.
+    dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -40,6 +43,8 @@ class ModelConfig:
             raise ConfigError(f"model.n_heads={self.n_heads} is not divisible by model.n_kv_heads={self.n_kv_heads}")
         if self.media_positions < 0:
             raise ConfigError(f"model.media_positions={self.media_positions} must be >= 0 (0 = off)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"model head_dim={self.dim // self.n_heads} must be even for RoPE")
 

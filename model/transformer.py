@@ -157,11 +157,13 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
+        self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attn(self.attn_norm(x), cos, sin, mask)
-        return h + self.mlp(self.mlp_norm(h))
+        # F.dropout is the identity when p == 0 or in eval mode; activation checkpointing replays the same RNG
+        h = x + F.dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.dropout, self.training)
+        return h + F.dropout(self.mlp(self.mlp_norm(h)), self.dropout, self.training)
 
 
 class Transformer(nn.Module):

@@ -15,6 +15,10 @@ missed goal; the table says which goals are met.
               model, batch and optimizer; 2 workers vs 1; achieved FLOP/s vs a measured matmul peak (MFU).
     sample    one denoising step of model.sampling.generate vs one plain forward on the same batch; generated
               tokens/s vs batch size; MAGVIT-v2 encode images/s at 256x256.
+    fsdp      the trainer's own worker step (pipelines.train build_model + train_step: FSDP2, mixed precision,
+              activation checkpointing) on one device vs the same step on the plain module; no Ray, no data
+              shards (synthetic packed rows), so it runs on a bare GPU node: MFU vs a measured matmul peak,
+              peak memory vs `omnidiff plan`'s estimate, bf16 vs fp32 loss on the same first batch.
 
 Start-up is excluded from every throughput and reported on its own line: Ray start (once per suite), the
 tokenize job's fixed cost (from a run on a one-batch corpus: throughput = extra inputs / extra seconds), and
@@ -45,13 +49,14 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-BENCHES = ("tokenize", "read", "train", "sample")
+BENCHES = ("tokenize", "read", "train", "sample", "fsdp")
 GOALS = {
     "tokenize.job_vs_bare_per_core": (">=", 0.90),
     "tokenize.memory_10x": ("<=", 1.2),
     "read.reader_vs_training": (">=", 10.0),
     "train.ray_vs_bare": (">=", 0.90),
     "sample.step_vs_forward": ("<=", 1.15),
+    "fsdp.sharded_vs_bare": (">=", 0.90),
 }
 
 
@@ -93,6 +98,15 @@ class Plan:
     # machine (one core here, one GPU on a GPU node), so "2 workers vs 1" asks how throughput scales with it
     threads: int = 1
     demo_shard_samples: int = 16          # shards.max_samples of the demo shard set
+    # fsdp: the trainer's worker step on one device, synthetic packed rows (GPU sizes: Plan.for_device)
+    fsdp_model: str = "demo"
+    fsdp_seq_len: int = 256
+    fsdp_micro_batch: int = 4
+    fsdp_steps: int = 10                  # timed steps per side, after one warm-up step
+    fsdp_distinct_batches: int = 4        # batches cycled through, so the loss falls within the run
+    big_vocab: bool = False               # Dream's 168k-id vocabulary instead of the demo's (GPU sizes)
+    fsdp_overrides: tuple[str, ...] = ()  # TrainConfig overrides, e.g. train.activation_checkpointing=false
+    fsdp_profile: bool = False            # profile 2 more FSDP2 steps: <out>/fsdp_profile.txt
 
     @classmethod
     def for_mode(cls, mode: str) -> "Plan":
@@ -111,8 +125,19 @@ class Plan:
                        train_model="debug", bare_steps=2, ray_steps=4, log_every=2, seq_len=128, micro_batch=2,
                        sample_model="debug", sample_batches=(1, 2), prompt_len=8, gen_length=8, gen_steps=4,
                        magvit_preset="tiny", magvit_batches=(1, 2), magvit_repeats=1, matmul_n=256,
-                       tok_n0_runs=1)
+                       tok_n0_runs=1, fsdp_model="debug", fsdp_seq_len=128, fsdp_micro_batch=2, fsdp_steps=2,
+                       fsdp_distinct_batches=2)
         raise ValueError(f"unknown bench mode {mode!r}: full, quick or tiny")
+
+    def for_device(self, cuda: bool) -> "Plan":
+        """On a GPU the CPU sizes measure launch overheads, not the GPU: the fsdp and sample benchmarks use the
+        `1b` preset with Dream's vocabulary there (full: seq_len 2048 x 4 rows per step; quick: 1024 x 2)."""
+        if not cuda or self.mode == "tiny":
+            return self
+        full = self.mode == "full"
+        return replace(self, fsdp_model="1b", fsdp_seq_len=2048 if full else 1024,
+                       fsdp_micro_batch=4 if full else 2, fsdp_steps=20 if full else 8, big_vocab=True,
+                       sample_model="1b", prompt_len=64, gen_length=256, gen_steps=32, sample_batches=(1, 16))
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
@@ -165,13 +190,15 @@ def _cuda() -> bool:
 
 
 def host_info() -> dict[str, Any]:
+    import importlib.util
+
     import torch
 
-    import ray
-
+    # fsdp and sample run without Ray (a bare GPU node); the others need it
+    ray = importlib.import_module("ray") if importlib.util.find_spec("ray") else None
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": platform.node(), "cpus": os.cpu_count(),
             "loadavg": [round(x, 2) for x in os.getloadavg()], "python": platform.python_version(),
-            "torch": torch.__version__, "ray": ray.__version__, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "ray": ray and ray.__version__, "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
@@ -841,11 +868,14 @@ def bench_train(suite: Suite) -> dict[str, Any]:
 
 # ---- 5. sample ----------------------------------------------------------------------------------------------
 
-def _bench_vocab():
-    """The demo's vocabulary shape (BPE text, 8x8 pixel images, EnCodec 2 codebooks); speed does not depend on
-    which ids are which."""
-    from model.vocab import Vocab
+def _bench_vocab(big: bool = False):
+    """The demo's vocabulary shape (BPE text, 8x8 pixel images, EnCodec 2 codebooks), or with `big` Dream's
+    (Qwen2 text, MAGVIT-v2 8,192 codes, EnCodec 8 codebooks: 168,459 ids); speed does not depend on which ids
+    are which."""
+    from model.vocab import Vocab, dream_vocab
 
+    if big:
+        return dream_vocab()
     return Vocab(text_size=512, text_tokenizer="bench", n_q=2, audio_codebook_size=1024, image_codebook_size=17,
                  image_tokenizer="pixel-8x8x1-17", speech_tokenizer="encodec_24khz@1.5kbps")
 
@@ -866,11 +896,13 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
     from model.vocab import Modality
 
     plan = suite.plan
-    vocab = _bench_vocab()
+    vocab = _bench_vocab(plan.big_vocab)
     torch.manual_seed(0)
     device = torch.device("cuda" if _cuda() else "cpu")
     model = Transformer(ModelConfig.preset(plan.sample_model), vocab_size=vocab.size,
                         media_markers=vocab.media_markers).to(device).eval()
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)   # as pipelines.inference.load_model serves it on a GPU (dtype auto)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     lo, hi = vocab.text_range()
     per_batch = {}
@@ -907,6 +939,205 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
             **goal_check("sample.step_vs_forward", largest["step_vs_forward"]["median"]),
             "magvit2_encode": {"preset": plan.magvit_preset, "size": 256, "repeats": plan.magvit_repeats,
                                "images_per_s": {bs: spread([mag[bs]]) for bs in plan.magvit_batches}}}
+
+
+# ---- 6. fsdp ------------------------------------------------------------------------------------------------
+
+def synthetic_batches(vocab, seq_len: int, micro_batch: int, n: int, seed: int = 0) -> list:
+    """`n` collated (micro_batch, seq_len) batches of packed samples with random ids: each sample 1/4 prompt,
+    3/4 answer, a random task; the rows are packed to at least 90% as the trainer's packer fills them."""
+    from model.prompts import TASKS
+    from pipelines.data import Sample, collate
+
+    rng = np.random.default_rng(seed)
+    lo, hi = vocab.text_range()
+    batches = []
+    for _ in range(n):
+        rows = []
+        for _ in range(micro_batch):
+            row, used = [], 0
+            while used < 0.9 * seq_len:
+                length = int(min(seq_len - used, rng.integers(seq_len // 8, seq_len // 2 + 1)))
+                answer = np.arange(length) >= length // 4
+                row.append(Sample(key=f"s{len(row)}", task=str(rng.choice(TASKS)),
+                                  ids=rng.integers(lo, hi, length), answer_mask=answer,
+                                  tail_mask=np.zeros(length, dtype=bool)))
+                used += length
+            rows.append(row)
+        batches.append(collate(rows, seq_len, vocab))
+    return batches
+
+
+def _fsdp_config(plan: Plan):
+    from model import configlib
+    from pipelines.config import TrainConfig
+
+    # activation checkpointing on, as a model of this size is trained; everything else the trainer's defaults
+    return configlib.load(TrainConfig, None, [
+        f"model.preset={plan.fsdp_model}", f"data.seq_len={plan.fsdp_seq_len}",
+        f"data.micro_batch={plan.fsdp_micro_batch}", "data.grad_accum=1", "train.activation_checkpointing=true",
+        "optim.warmup_steps=1", f"train.steps={plan.fsdp_steps + 4}", *plan.fsdp_overrides])
+
+
+def fsdp_side(cfg, vocab, batches: list, steps: int, device, *, sharded: bool,
+              profile_to: Path | None = None) -> dict[str, Any]:
+    """One side of the fsdp benchmark: `steps` timed optimizer steps (after one warm-up) of
+    pipelines.train.train_step, on the trainer's FSDP2 model (`sharded`) or on the plain module with the same
+    activation checkpointing and, on a GPU, bf16 autocast (what FSDP's mixed precision computes in)."""
+    import gc
+
+    import torch
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    from model.transformer import Transformer
+    from pipelines.train import build_model, build_optimizer, train_step
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    out: dict[str, Any] = {}
+    if sharded:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = build_model(cfg, vocab, device, init_device_mesh(device.type, (1,)))
+        autocast = contextlib.nullcontext()
+    else:
+        torch.manual_seed(cfg.train.seed)   # build_model's seed: both sides start from the same weights
+        model = Transformer(cfg.model, vocab_size=vocab.size, media_markers=vocab.media_markers)
+        if cfg.train.activation_checkpointing:
+            for i, block in enumerate(model.layers):
+                model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        model = model.to(device)
+        model.set_requires_gradient_sync = lambda flag: None   # the one FSDP call train_step makes
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                    if cuda and cfg.train.mixed_precision == "bf16" else contextlib.nullcontext())
+        # the fp32 reference: the same first step's loss in full precision, weights left as they were (lr 0)
+        optimizer, scheduler = build_optimizer(model, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        scheduler.base_lrs = [0.0] * len(scheduler.base_lrs)
+        out["fp32_first_loss"] = train_step(model, optimizer, scheduler, [batches[0]], vocab=vocab, cfg=cfg,
+                                            step=0, rank=0, world=1, device=device).loss
+        del optimizer, scheduler
+    optimizer, scheduler = build_optimizer(model, cfg)
+    times, losses = [], []
+    for step in range(steps + 1):
+        sync()
+        t = time.perf_counter()
+        with autocast:
+            st = train_step(model, optimizer, scheduler, [batches[step % len(batches)]], vocab=vocab, cfg=cfg,
+                            step=step, rank=0, world=1, device=device)
+        sync()   # train_step's float() already waits; this also covers the optimizer's kernels
+        losses.append(st.loss)
+        if step > 0:   # step 0 is the warm-up (allocator, kernel selection)
+            times.append(time.perf_counter() - t)
+    if profile_to is not None:
+        out["profile"] = str(profile_steps(lambda k: train_step(
+            model, optimizer, scheduler, [batches[k % len(batches)]], vocab=vocab, cfg=cfg, step=steps + 1 + k,
+            rank=0, world=1, device=device), 2, device, profile_to))
+    processed = cfg.data.micro_batch * cfg.data.seq_len
+    out.update({"sharded": sharded, "steps": steps, "losses": losses, "first_loss": losses[0],
+                "step_s": spread(times), "steps_per_s": spread([1 / x for x in times]),
+                "tokens_per_s": spread([processed / x for x in times]), "processed_tokens_per_step": processed,
+                "flops_per_token": model.flops_per_token(cfg.data.seq_len), "params": model.num_params()})
+    if cuda:
+        out["peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    del model, optimizer, scheduler
+    return out
+
+
+def profile_steps(step_fn: Callable[[int], Any], n: int, device, path: Path) -> Path:
+    """Run `step_fn(k)` for k < n under torch.profiler; write the ops sorted by their own device time (self CPU
+    time on CPU) to `path`, a table, and return it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for k in range(n):
+            step_fn(k)
+        if cuda:
+            torch.cuda.synchronize()
+    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def _one_process_group(device) -> Iterator[None]:
+    """A torch.distributed group of this process alone (nccl on a GPU, gloo on CPU), as a Ray Train worker of a
+    one-worker run has; torn down afterwards."""
+    import socket
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise RuntimeError("bench fsdp runs in one process; start it without torchrun or Ray Train")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def bench_fsdp(suite: Suite) -> dict[str, Any]:
+    """The trainer's worker step, sharded vs plain, on one device: the bare side runs first with no process
+    group, then the FSDP2 side in a one-process group. The sides run one after the other, not interleaved:
+    holding both models would double the memory, and a dedicated GPU does not drift between them."""
+    import torch
+
+    from model.plan import plan as memory_plan
+
+    plan = suite.plan
+    device = torch.device("cuda", torch.cuda.current_device()) if _cuda() else torch.device("cpu")
+    cfg = _fsdp_config(plan)
+    vocab = _bench_vocab(plan.big_vocab)
+    seq_len, micro_batch = cfg.data.seq_len, cfg.data.micro_batch   # overrides may change them
+    batches = [b.to(device) for b in synthetic_batches(vocab, seq_len, micro_batch, plan.fsdp_distinct_batches)]
+    with torch_threads(plan.threads):
+        peak = (matmul_peak(8192, "bfloat16", "cuda") if device.type == "cuda"
+                else matmul_peak(plan.matmul_n))
+        bare = fsdp_side(cfg, vocab, batches, plan.fsdp_steps, device, sharded=False)
+        with _one_process_group(device):
+            fsdp = fsdp_side(cfg, vocab, batches, plan.fsdp_steps, device, sharded=True,
+                             profile_to=suite.out / "fsdp_profile.txt" if plan.fsdp_profile else None)
+    # the sides ran one after the other, so steps do not pair: a ratio of medians, with the extremes' ratios
+    f, b = fsdp["steps_per_s"], bare["steps_per_s"]
+    ratio = {"median": f["median"] / b["median"], "min": f["min"] / b["max"], "max": f["max"] / b["min"],
+             "n": f["n"]}
+
+    def mfu(side: dict[str, Any]) -> dict[str, Any]:
+        flops = side["flops_per_token"] * side["tokens_per_s"]["median"]
+        return {"gflops": flops / 1e9, "mfu": flops / 1e9 / peak["gflops"]["max"]}
+
+    dtype = "bf16" if device.type == "cuda" and cfg.train.mixed_precision == "bf16" else "fp32"
+    estimate = memory_plan(cfg.model, gpus=1, gpu_mem_gb=0.0, seq_len=seq_len, micro_batch=micro_batch,
+                           activation_checkpointing=cfg.train.activation_checkpointing, dtype=dtype,
+                           vocab_size=vocab.size)
+    presets = [o.split("=", 1)[1] for o in plan.fsdp_overrides if o.startswith("model.preset=")]
+    out = {"model": (presets or [plan.fsdp_model])[-1], "params": fsdp["params"], "vocab_size": vocab.size,
+           "seq_len": seq_len, "micro_batch": micro_batch, "device": str(device),
+           "distinct_batches": plan.fsdp_distinct_batches, "compute_dtype": dtype,
+           "overrides": list(plan.fsdp_overrides), "activation_checkpointing": cfg.train.activation_checkpointing,
+           "matmul_peak": peak, "bare": bare, "fsdp": fsdp,
+           "sharded_vs_bare": ratio, **goal_check("fsdp.sharded_vs_bare", ratio["median"]),
+           "mfu_bare": mfu(bare), "mfu_fsdp": mfu(fsdp),
+           # the same weights and first batch: how far the compute dtype moves the loss from fp32
+           "first_loss": {"fp32": bare["fp32_first_loss"], "bare": bare["first_loss"], "fsdp": fsdp["first_loss"]},
+           "plan_total_gib": estimate["total_gib"], "plan_memory_gib": estimate["memory_gib"]}
+    if "peak_allocated_gib" in fsdp:
+        out["allocated_vs_plan"] = fsdp["peak_allocated_gib"] / estimate["total_gib"]
+    return out
 
 
 # ---- table --------------------------------------------------------------------------------------------------
@@ -971,6 +1202,30 @@ def table_rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str, s
         m = r["magvit2_encode"]
         for bs, v in m["images_per_s"].items():
             rows.append((f"MAGVIT-v2 {m['preset']} encode 256x256, batch {bs} (images/s)", fmt(v), "", "", ""))
+    elif name == "fsdp":
+        b, f = r["bare"], r["fsdp"]
+        size = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e9 else f"{r['params'] / 1e6:.2f}M"
+        ac = "AC" if r["activation_checkpointing"] else "no AC"
+        rows.append((f"fsdp {r['model']} ({size} params, {r['micro_batch']} x {r['seq_len']}, "
+                     f"{r['compute_dtype']}, {ac}, {r['device']}): FSDP2 step vs plain module (steps/s)",
+                     f"{fmt(f['steps_per_s'])} vs {fmt(b['steps_per_s'])}", fmt(r["sharded_vs_bare"]),
+                     r["goal"], _met(r)))
+        rows.append((f"  MFU vs measured {r['matmul_peak']['dtype']} matmul peak "
+                     f"{fmt(r['matmul_peak']['gflops']['max'])} GFLOP/s",
+                     f"plain {r['mfu_bare']['gflops']:,.1f}, FSDP2 {r['mfu_fsdp']['gflops']:,.1f} GFLOP/s",
+                     f"{r['mfu_bare']['mfu']:.2f} / {r['mfu_fsdp']['mfu']:.2f}", "", ""))
+        fl = r["first_loss"]
+        rows.append(("  first-step loss, same weights and batch: fp32 / plain / FSDP2",
+                     f"{fl['fp32']:.4f} / {fl['bare']:.4f} / {fl['fsdp']:.4f}",
+                     f"{abs(fl['fsdp'] - fl['fp32']) / fl['fp32']:.1e}", "", ""))
+        rows.append((f"  loss, first -> last of {len(f['losses'])} steps cycling {r['distinct_batches']} batches: "
+                     "plain / FSDP2",
+                     f"{b['losses'][0]:.3f} -> {b['losses'][-1]:.3f} / {f['losses'][0]:.3f} -> {f['losses'][-1]:.3f}",
+                     "", "", ""))
+        if "allocated_vs_plan" in r:
+            rows.append(("  FSDP2 peak memory allocated / reserved vs `omnidiff plan` total (GiB)",
+                         f"{f['peak_allocated_gib']:.1f} / {f['peak_reserved_gib']:.1f} vs {r['plan_total_gib']:.1f}",
+                         fmt(r["allocated_vs_plan"]), "", ""))
     return rows
 
 
@@ -1000,7 +1255,8 @@ def markdown_table(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> 
 # ---- CLI ----------------------------------------------------------------------------------------------------
 
 RUNNERS: dict[str, Callable[[Suite], dict[str, Any]]] = {
-    "tokenize": bench_tokenize, "read": bench_read, "train": bench_train, "sample": bench_sample}
+    "tokenize": bench_tokenize, "read": bench_read, "train": bench_train, "sample": bench_sample,
+    "fsdp": bench_fsdp}
 
 
 def _json_default(o: Any) -> Any:
@@ -1068,6 +1324,8 @@ def build_parser() -> argparse.ArgumentParser:
   read      trainer data path vs raw tar reading of the same shards, and vs demo-model training consumption
   train     Ray Train FSDP2 (1 worker) vs a bare PyTorch loop; 2 workers vs 1; MFU vs measured matmul peak
   sample    denoising step vs one plain forward; generated tokens/s at batch 1/4/16; MAGVIT-v2 encode/s
+  fsdp      the trainer's FSDP2 step vs the plain module on one device, no Ray (runs on a bare GPU node):
+            MFU, peak memory vs `omnidiff plan`, bf16 vs fp32 first-step loss
   all       all of the above, Ray started once
 
 examples:
@@ -1083,13 +1341,18 @@ See docs/performance.md for what each ratio means.""")
                         "worker (default 1: a worker is one core, as it is one GPU on a GPU node). Tokenize always "
                         "compares 1 actor with 1 thread.")
     p.add_argument("--out", default="runs/bench", help="folder for <bench>.json and all.json (default runs/bench)")
+    p.add_argument("--profile", action="store_true",
+                   help="fsdp: profile two more FSDP2 steps with torch.profiler -> <out>/fsdp_profile.txt")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="fsdp: TrainConfig overrides of its run, e.g. train.activation_checkpointing=false "
+                        "data.micro_batch=8 model.preset=dream-7b")
     p.add_argument("--work", default=None,
                    help="keep corpora, shards and run dirs here (default: a temporary folder, deleted at the end)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)   # overrides may come after the options
     plan = Plan.for_mode("tiny" if args.tiny else "quick" if args.quick else "full")
     if args.repeats is not None:
         if args.repeats < 1:
@@ -1099,8 +1362,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1:
         print(f"omnidiff bench: --threads={args.threads} must be >= 1", file=sys.stderr)
         return 2
-    plan = replace(plan, threads=args.threads)
+    plan = replace(plan, threads=args.threads).for_device(_cuda())
+    plan = replace(plan, fsdp_overrides=tuple(args.overrides), fsdp_profile=args.profile)
     names = list(BENCHES) if args.bench == "all" else [args.bench]
+    if (args.overrides or args.profile) and "fsdp" not in names:
+        print("omnidiff bench: KEY=VALUE overrides and --profile apply to the fsdp benchmark only", file=sys.stderr)
+        return 2
     summary = run_benches(names, plan, Path(args.out), Path(args.work) if args.work else None)
     m = summary["meta"]
     print(f"\nomnidiff bench {args.bench} ({plan.mode}): {m['host_before']['cpus']} CPUs, load average "

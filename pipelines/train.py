@@ -70,9 +70,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     # anyone wants (GPT-2 / nanoGPT practice).
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    cuda = any(p.device.type == "cuda" for p in decay)
+    fused = o.impl == "fused" or (o.impl == "auto" and cuda)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+                                  lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                  fused=fused or None, foreach=True if o.impl == "foreach" else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     return optimizer, scheduler
 

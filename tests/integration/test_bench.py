@@ -53,7 +53,8 @@ def test_all_benches_write_json_and_table(tiny_suite):
     all_json = json.loads((out / "all.json").read_text())
     assert set(all_json["results"]) == set(bench.BENCHES)
     assert all_json["meta"]["ray_init_s"] > 0
-    for needle in ("tokenize text", "read: trainer stream", "Ray Train 1 worker vs bare", "denoising step"):
+    for needle in ("tokenize text", "read: trainer stream", "Ray Train 1 worker vs bare", "denoising step",
+                   "FSDP2 step vs plain module"):
         assert needle in summary["table"]
     assert summary["markdown"].startswith("| measure |")
 
@@ -85,6 +86,59 @@ def test_read_train_sample_figures(tiny_suite):
     sample = json.loads((out / "sample.json").read_text())
     assert set(sample["by_batch"]) == {"1", "2"}
     assert all(_finite(v["median"]) for v in sample["magvit2_encode"]["images_per_s"].values())
+
+
+def test_fsdp_sides_start_equal_and_both_learn(tiny_suite):
+    """On CPU both sides compute in fp32 from the same weights on the same first batch, so the sharded step's
+    loss must equal the plain one's; both must fall over the cycled batches."""
+    r = json.loads((tiny_suite[0] / "fsdp.json").read_text())
+    first = r["first_loss"]
+    assert first["fp32"] == pytest.approx(first["bare"], rel=1e-6) == pytest.approx(first["fsdp"], rel=1e-5)
+    for side in ("bare", "fsdp"):
+        losses = r[side]["losses"]
+        assert len(losses) == r[side]["steps"] + 1 and losses[-1] < losses[0], side
+        assert _finite(r[side]["steps_per_s"]["median"]) and r[side]["flops_per_token"] > 0
+    assert r["bare"]["losses"] == pytest.approx(r["fsdp"]["losses"], rel=1e-4)
+    assert _finite(r["sharded_vs_bare"]["median"]) and 0 < r["mfu_fsdp"]["mfu"]
+    assert r["plan_total_gib"] > 0 and r["activation_checkpointing"] is True
+
+
+def test_synthetic_batches_are_packed_like_the_trainers():
+    from model.prompts import TASKS
+
+    vocab = bench._bench_vocab()
+    batches = bench.synthetic_batches(vocab, 128, 3, 2, seed=1)
+    assert len(batches) == 2
+    for b in batches:
+        assert b.ids.shape == (3, 128) and b.n_tokens >= 0.9 * 3 * 128
+        assert int(b.ids[b.segment_ids > 0].max()) < vocab.text_range()[1]   # padding is the pad id
+        assert b.answer_mask.any(1).all() and (b.task_ids < len(TASKS)).all()
+        for row in range(3):   # each segment: a prompt quarter, then its answer
+            for seg in b.segment_ids[row].unique().tolist():
+                if seg:
+                    answer = b.answer_mask[row][b.segment_ids[row] == seg]
+                    assert not answer[0] and answer[-1]
+
+
+def test_fsdp_profile_and_overrides(tmp_path):
+    """--profile writes the op table; KEY=VALUE overrides reach the benchmark's TrainConfig; overrides are
+    refused for the benchmarks they do not apply to."""
+    out = tmp_path / "b"
+    assert bench.main(["fsdp", "--tiny", "--profile", "--out", str(out), "train.activation_checkpointing=false",
+                       "data.seq_len=64"]) == 0
+    r = json.loads((out / "fsdp.json").read_text())
+    assert r["activation_checkpointing"] is False and r["seq_len"] == 64
+    assert "aten::mm" in (out / "fsdp_profile.txt").read_text()
+    assert bench.main(["sample", "--tiny", "data.seq_len=64"]) == 2
+
+
+def test_gpu_sizes_only_on_a_gpu():
+    full = bench.Plan.for_mode("full")
+    assert full.for_device(False) == full
+    gpu = full.for_device(True)
+    assert (gpu.fsdp_model, gpu.fsdp_seq_len, gpu.sample_model, gpu.big_vocab) == ("1b", 2048, "1b", True)
+    assert bench.Plan.for_mode("tiny").for_device(True) == bench.Plan.for_mode("tiny")
+    assert bench._bench_vocab(big=True).size > 150_000
 
 
 def test_cli_help_and_bad_repeats(capsys):

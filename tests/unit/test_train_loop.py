@@ -118,3 +118,29 @@ def test_prompt_dropout_masks_the_prompts_the_model_sees(one_rank_group, tmp_pat
     assert torch.equal(noisy[prompt & i2t], b.ids[prompt & i2t])
     with pytest.raises(ConfigError, match="prompt_dropout"):
         from_dict(TrainConfig, {"diffusion": {"prompt_dropout": {"t2i": 1.0}}})
+
+
+def test_adamw_implementation_choice_and_fused_equals_foreach(one_rank_group):
+    """optim.impl picks AdamW's kernel (auto: fused on CUDA only); the fused step updates sharded (DTensor)
+    parameters as the foreach step does."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from model.config import ModelConfig
+
+    finals = {}
+    for impl in ("auto", "fused", "foreach"):
+        cfg = from_dict(TrainConfig, {"optim": {"impl": impl, "lr": 1e-2, "warmup_steps": 1}})
+        cfg.model = ModelConfig.preset("debug")
+        model = train.build_model(cfg, VOCAB, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+        optimizer, _ = train.build_optimizer(model, cfg)
+        assert bool(optimizer.defaults["fused"]) == (impl == "fused")
+        assert bool(optimizer.defaults["foreach"]) == (impl == "foreach")
+        for _ in range(3):
+            model(torch.arange(16)[None] % VOCAB.size).float().pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        finals[impl] = torch.cat([p.full_tensor().flatten() for p in model.parameters()])
+    assert torch.allclose(finals["fused"], finals["foreach"], atol=1e-6)
+    assert torch.allclose(finals["auto"], finals["foreach"], atol=1e-6)
+    with pytest.raises(Exception, match="impl"):
+        from_dict(TrainConfig, {"optim": {"impl": "apex"}})

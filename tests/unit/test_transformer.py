@@ -235,3 +235,35 @@ def test_only_returns_the_full_logits_at_the_chosen_positions(logits):
     full = model(ids, seg)
     assert torch.allclose(model(ids, seg, only=only), full[only], atol=1e-5)
     assert model(ids, only=torch.zeros(2, 10, dtype=torch.bool)).shape == (0, VOCAB.size)
+
+
+def test_dropout_only_in_training_and_replayed_by_checkpointing():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
+
+    with pytest.raises(ConfigError, match="dropout"):
+        ModelConfig(dropout=1.0)
+    cfg = dataclasses.replace(ModelConfig.preset("debug"), dropout=0.3)
+    torch.manual_seed(0)
+    model = Transformer(cfg, vocab_size=97)
+    ids = torch.randint(0, 97, (2, 16))
+    model.eval()
+    assert torch.equal(model(ids), model(ids))          # eval: dropout is the identity
+    plain = Transformer(dataclasses.replace(cfg, dropout=0.0), vocab_size=97).eval()
+    plain.load_state_dict(model.state_dict())
+    assert torch.equal(model(ids), plain(ids))
+    model.train()
+    torch.manual_seed(1)
+    a = model(ids)
+    assert not torch.allclose(a, model(ids))            # training: a fresh mask per call
+    # activation checkpointing recomputes each block in backward under the same RNG state: identical grads
+    grads = []
+    for ac in (False, True):
+        m = Transformer(cfg, vocab_size=97)
+        m.load_state_dict(model.state_dict())
+        if ac:
+            for i, block in enumerate(m.layers):
+                m.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        torch.manual_seed(2)
+        m(ids).float().pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
