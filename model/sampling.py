@@ -125,12 +125,13 @@ def generate(
     prompt_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_history: bool = False,
+    subset_head: bool = True,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate `gen_length` tokens after each prompt by iterative unmasking; returns the canvas (B, gen_length).
 
     model: called as `model(input_ids (B, L), segment_ids (B, L) | None, only=(B, L) bool) -> logits (N, V)` at
         the `only` positions in row-major order (the canvas block being decoded; see Transformer.forward),
-        aligned (position i predicts token i). Segment 0 marks padding; the prompt and canvas of a row are
+        aligned (position i predicts token i); with `subset_head`, also with `vocab_rows=(C,) ids` -> (N, C). Segment 0 marks padding; the prompt and canvas of a row are
         segment 1.
     prompt_ids: (B, P) int64 prompts, LEFT-padded when their lengths differ (the canvas then starts at column P
         for every row).
@@ -171,6 +172,10 @@ def generate(
     prompt_mask: (B, P) bool, True at real prompt tokens, False at left padding; None = no padding.
     generator: torch.Generator on the model's device for sampling and "random" confidence.
     return_history: also return the list of canvases (B, G) after every step (for tests and visualisation).
+    subset_head: when the ids the canvas may emit are at most a quarter of the model's rows (an image or speech
+        canvas), call the model with `vocab_rows=` those ids after the first step, so the head, the softmax and
+        the sampling run over them alone; the result is the same as masking the rest to -inf. The model must
+        then accept `vocab_rows` (Transformer does). False = always the full rows.
     """
     if alg not in ALGS:
         raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
@@ -231,6 +236,7 @@ def generate(
     if allowed is not None and modality is not None:
         raise ValueError("pass either modality or allowed to generate, not both")
     allowed_mask = None  # (V,) or (G, V) bool, built (or checked) at the first forward once V is known
+    rows = None          # (C,) the ids any canvas position may emit, when the head runs on them alone
     history: list[torch.Tensor] = []
     for block in range(num_blocks):
         lo, hi = block * block_length, (block + 1) * block_length
@@ -247,20 +253,35 @@ def generate(
                 x = torch.cat([x, torch.cat([uncond_prompt_ids, canvas], dim=1)], dim=0)  # (2B, P + G)
             only = torch.zeros(x.shape, dtype=torch.bool, device=device)
             only[:, P + lo:P + hi] = True  # the head runs on the block's columns only
-            logits = model(x, segments, only=only).float().view(x.shape[0], hi - lo, -1)  # (B or 2B, Lb, V)
+            extra = {} if rows is None else {"vocab_rows": rows}
+            logits = model(x, segments, only=only, **extra).float()               # (N, V) or (N, C)
+            logits = logits.view(x.shape[0], hi - lo, -1)                         # (B or 2B, Lb, V or C)
             if use_cfg:
                 cond, uncond = logits[:B], logits[B:]
                 logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
-            V = logits.shape[-1]
             if allowed_mask is None:
+                V = logits.shape[-1]
                 allowed_mask = (_allowed_ids(vocab, modality, V, G, device) if allowed is None
                                 else _explicit_allowed(allowed, vocab, V, G, device))
+                union = allowed_mask if allowed_mask.dim() == 1 else allowed_mask.any(0)   # (V,)
+                subset = subset_head and int(union.sum()) * 4 <= V
+            if rows is None and subset:
+                # from the next step on, logits come in `rows` order: narrow the masks to match
+                rows = union.nonzero().squeeze(1)                                # (C,)
+                logits = logits[..., rows]                                        # (B, Lb, C)
+                allowed_mask = allowed_mask[..., rows]                            # (C,) or (G, C)
+                canvas_index = torch.full((V,), -1, dtype=torch.long, device=device)
+                canvas_index[rows] = torch.arange(rows.numel(), device=device)    # id -> column; others -1
+            C = logits.shape[-1]
 
             if repetition_penalty != 1.0:
                 decoded = (canvas != mask_id) & ~fixed                               # (B, G)
-                # Still-masked slots write to a spare column V, dropped after the scatter.
-                seen = torch.zeros(B, V + 1, dtype=torch.bool, device=device)
-                seen = seen.scatter_(1, torch.where(decoded, canvas, V), True)[:, :V]  # (B, V)
+                # decoded ids as logit columns; still-masked slots (and ids outside `rows`) write to a spare
+                # column C, dropped after the scatter
+                cols = canvas if rows is None else canvas_index[canvas]
+                cols = torch.where(decoded & (cols >= 0), cols, C)
+                seen = torch.zeros(B, C + 1, dtype=torch.bool, device=device)
+                seen = seen.scatter_(1, cols, True)[:, :C]                          # (B, C)
                 penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
                 logits = torch.where(seen[:, None, :], penalized, logits)
             logits = logits.masked_fill(~(allowed_mask if allowed_mask.dim() == 1 else allowed_mask[lo:hi]),
@@ -270,12 +291,14 @@ def generate(
                 logits = logits / temperature
                 if top_p is not None and top_p < 1.0:
                     logits = top_p_filter(logits, top_p)
-                probs = logits.softmax(-1)  # (B, Lb, V)
-                x0 = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, -1)  # (B, Lb)
+                probs = logits.softmax(-1)  # (B, Lb, C)
+                x0 = sample_categorical(probs, generator)  # (B, Lb)
             else:
                 probs = logits.softmax(-1)
                 x0 = probs.argmax(-1)
             conf = confidence(probs, x0, alg, generator)  # (B, Lb)
+            if rows is not None:
+                x0 = rows[x0]   # columns -> ids
 
             still_masked = canvas == mask_id  # (B, G)
             if position_penalty != 1.0:
@@ -292,6 +315,16 @@ def generate(
             if return_history:
                 history.append(canvas.clone())
     return (canvas, history) if return_history else canvas
+
+
+def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One draw per row of probs (..., C) -> (...) int64, by inverting the CDF with one uniform per row. Unlike
+    torch.multinomial, a draw does not depend on zero-probability columns: the same uniforms pick the same ids
+    from the full vocabulary with -inf logits as from the allowed columns alone (generate's subset head)."""
+    cdf = probs.cumsum(-1)                                                          # (..., C)
+    u = torch.rand(cdf.shape[:-1] + (1,), generator=generator, device=probs.device, dtype=cdf.dtype)
+    pick = torch.searchsorted(cdf, u * cdf[..., -1:], right=True)                   # (..., 1)
+    return pick.clamp(max=probs.shape[-1] - 1).squeeze(-1)
 
 
 def _left_pad(ids: torch.Tensor, mask: torch.Tensor, length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -218,14 +218,16 @@ class Transformer(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None, *,
-                only: torch.Tensor | None = None) -> torch.Tensor:
+                only: torch.Tensor | None = None, vocab_rows: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, segment_ids (B, L) int or None -> aligned logits (B, L, V) float32.
         See the module docstring for the segment and logit conventions.
 
         only: optional (B, L) bool; then the output head runs at those positions alone and the result is
         (N, V) float32, rows in `only.nonzero()` order (row-major). The loss needs logits at masked positions
         and the sampler at canvas positions only; the head is V x dim per position, so skipping the rest
-        saves a large share of a small model's FLOPs."""
+        saves a large share of a small model's FLOPs.
+        vocab_rows: optional (C,) int64 ids; the head then computes only those rows' logits, (..., C) with column
+        j = id vocab_rows[j]. The sampler passes the ids its canvas may emit (8,192 image codes of 176k ids)."""
         B, L = input_ids.shape
         positions, mask, starts = positions_and_mask(segment_ids, B, L, input_ids.device)
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
@@ -240,6 +242,8 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, mask)
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
+        if vocab_rows is not None:
+            head = head[vocab_rows]                                         # (C, dim)
         if only is not None:
             if only.shape != (B, L):
                 raise ValueError(f"only has shape {tuple(only.shape)}, expected input_ids' {(B, L)}")

@@ -928,13 +928,32 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
             ratio = paired_ratio(step_s, fwd_s)
             per_batch[B] = {"step_s": spread(step_s), "forward_s": spread(fwd_s), "step_vs_forward": ratio,
                             "tokens_per_s": spread([B * plan.gen_length / g for g in gen_s])}
+        # an image canvas at the largest batch: the head over the image codes alone (generate's subset head, the
+        # default) vs every vocabulary row with the rest masked to -inf; the same canvases come out
+        B = max(plan.sample_batches)
+        prompt = torch.randint(lo, hi, (B, plan.prompt_len), generator=torch.Generator().manual_seed(B)).to(device)
+        image_s: dict[bool, list[float]] = {True: [], False: []}
+        canvases = {}
+        for subset in (True, False):   # warm-up
+            canvases[subset] = generate(model, prompt, vocab=vocab, gen_length=plan.gen_length, steps=plan.gen_steps,
+                                        modality=Modality.IMAGE, subset_head=subset)
+        for _ in range(plan.repeats):
+            for subset in (True, False):
+                image_s[subset].append(_seconds(lambda: (generate(  # noqa: B023
+                    model, prompt, vocab=vocab, gen_length=plan.gen_length, steps=plan.gen_steps,
+                    modality=Modality.IMAGE, subset_head=subset), sync())) / plan.gen_steps)
+        lo_i, hi_i = vocab.image_range()
+        image = {"batch": B, "image_ids": hi_i - lo_i, "vocab_rows": model.cfg.vocab_size or vocab.size,
+                 "subset_step_s": spread(image_s[True]), "full_step_s": spread(image_s[False]),
+                 "subset_vs_full": paired_ratio(image_s[True], image_s[False]),
+                 "same_canvas": bool(torch.equal(canvases[True], canvases[False]))}
     largest = per_batch[max(plan.sample_batches)]
     with torch_threads(plan.threads):
         # one call: its own warm-up per batch size, then `magvit_repeats` timed calls (their mean)
         mag = bench_encode(256, plan.magvit_batches, preset=plan.magvit_preset, repeats=plan.magvit_repeats,
                            device="cuda" if _cuda() else "cpu")
     return {"model": plan.sample_model, "prompt_len": plan.prompt_len, "gen_length": plan.gen_length,
-            "gen_steps": plan.gen_steps, "by_batch": per_batch,
+            "gen_steps": plan.gen_steps, "by_batch": per_batch, "image_canvas": image,
             "step_vs_forward": largest["step_vs_forward"],
             **goal_check("sample.step_vs_forward", largest["step_vs_forward"]["median"]),
             "magvit2_encode": {"preset": plan.magvit_preset, "size": 256, "repeats": plan.magvit_repeats,
@@ -1072,18 +1091,14 @@ def profile_steps(step_fn: Callable[[int], Any], n: int, device, path: Path) -> 
 @contextlib.contextmanager
 def _one_process_group(device) -> Iterator[None]:
     """A torch.distributed group of this process alone (nccl on a GPU, gloo on CPU), as a Ray Train worker of a
-    one-worker run has; torn down afterwards."""
-    import socket
-
+    one-worker run has; torn down afterwards. Its store is in memory: a TCP store would listen on every
+    interface for the rest of the process."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         raise RuntimeError("bench fsdp runs in one process; start it without torchrun or Ray Train")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1, device_id=device if device.type == "cuda" else None)
     try:
         yield
     finally:
@@ -1199,6 +1214,10 @@ def table_rows(name: str, r: dict[str, Any]) -> list[tuple[str, str, str, str, s
                          f"{fmt(e['step_s'])} vs {fmt(e['forward_s'])}", fmt(e["step_vs_forward"]), g["goal"],
                          _met(g)))
             rows.append((f"  B={B}: generated tokens/s", fmt(e["tokens_per_s"]), "", "", ""))
+        im = r["image_canvas"]
+        rows.append((f"sample B={im['batch']} image canvas: head over {im['image_ids']:,} image ids vs all "
+                     f"{im['vocab_rows']:,} rows (s per step)",
+                     f"{fmt(im['subset_step_s'])} vs {fmt(im['full_step_s'])}", fmt(im["subset_vs_full"]), "", ""))
         m = r["magvit2_encode"]
         for bs, v in m["images_per_s"].items():
             rows.append((f"MAGVIT-v2 {m['preset']} encode 256x256, batch {bs} (images/s)", fmt(v), "", "", ""))

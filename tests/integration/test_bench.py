@@ -85,6 +85,8 @@ def test_read_train_sample_figures(tiny_suite):
     assert _finite(train["ray_1"]["startup_s"]) and 0 < train["mfu_bare"]["mfu"]
     sample = json.loads((out / "sample.json").read_text())
     assert set(sample["by_batch"]) == {"1", "2"}
+    # the subset head is only faster, never different
+    assert sample["image_canvas"]["same_canvas"] and _finite(sample["image_canvas"]["subset_vs_full"]["median"])
     assert all(_finite(v["median"]) for v in sample["magvit2_encode"]["images_per_s"].values())
 
 

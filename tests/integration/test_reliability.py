@@ -143,7 +143,9 @@ def test_local_ray_started_by_the_jobs_listens_on_127_0_0_1_only(env):
     listening = [(c.pid, c.laddr.ip, c.laddr.port) for c in psutil.net_connections("inet")
                  if c.status == psutil.CONN_LISTEN and c.pid in pids]
     assert len(listening) >= 3, listening          # GCS, raylet, object manager at least
-    assert all(ip in ("127.0.0.1", "::ffff:127.0.0.1") for _, ip, _ in listening), listening
+    exposed = [(pid, ip, port, " ".join(psutil.Process(pid).cmdline())[:120]) for pid, ip, port in listening
+               if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert not exposed, exposed
 
 
 # ---- the bad-input matrix -----------------------------------------------------------------------------------------

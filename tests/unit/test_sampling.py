@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from model.sampling import (asr_length, default_steps, generate, num_transfer_tokens, position_penalty_factor,
-                            tts_length)
+                            sample_categorical, tts_length)
 from model.vocab import Modality, Vocab
 
 VOCAB = Vocab(text_size=300, n_q=2, image_codebook_size=17)
@@ -27,10 +27,12 @@ class TinyMixer(nn.Module):
         for p in self.parameters():
             p.data = torch.randn(p.shape, generator=g) * 0.5
         self.calls: list[torch.Tensor] = []
+        self.rows_seen: list[torch.Tensor | None] = []
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None, *,
-                only: torch.Tensor | None = None) -> torch.Tensor:
+                only: torch.Tensor | None = None, vocab_rows: torch.Tensor | None = None) -> torch.Tensor:
         self.calls.append(input_ids.clone())
+        self.rows_seen.append(vocab_rows)
         B, L = input_ids.shape
         seg = torch.ones_like(input_ids) if segment_ids is None else segment_ids
         idx = torch.arange(L).expand(B, L)
@@ -41,6 +43,7 @@ class TinyMixer(nn.Module):
         same = (seg[:, :, None] == seg[:, None, :]).float()  # (B, L, L)
         ctx = (same @ h) / same.sum(-1, keepdim=True)
         logits = self.out(torch.tanh(h + self.mix(ctx)))  # (B, L, V)
+        logits = logits if vocab_rows is None else logits[..., vocab_rows]   # (B, L, C)
         return logits if only is None else logits[only]   # (N, V) at the chosen positions
 
 
@@ -246,3 +249,61 @@ def test_explicit_allowed_mask_per_position(model):
         generate(model, _prompt(5), vocab=VOCAB, gen_length=4, steps=2, allowed=torch.zeros(4, VOCAB.size).bool())
     with pytest.raises(ValueError, match="not both"):
         generate(model, _prompt(5), vocab=VOCAB, gen_length=4, steps=2, allowed=only_eos, modality=Modality.TEXT)
+
+
+@pytest.mark.parametrize("temperature,alg,rep", [(0.0, "entropy", 1.0), (0.8, "maskgit_plus", 1.0),
+                                                 (1.0, "random", 1.3), (0.7, "topk_margin", 1.2)])
+def test_subset_head_matches_the_full_head(model, temperature, alg, rep):
+    """An image canvas may emit 17 of ~2.4k ids: after the first step the model computes those rows alone, and
+    the canvas is the one the full rows with -inf elsewhere give, sampled draws included."""
+    prompt = torch.randint(0, 300, (3, 6), generator=torch.Generator().manual_seed(1))
+    out = {}
+    for subset in (False, True):
+        model.rows_seen.clear()
+        out[subset] = generate(model, prompt, vocab=VOCAB, gen_length=12, steps=6, alg=alg, temperature=temperature,
+                               repetition_penalty=rep, cfg_scale=1.0, modality=Modality.IMAGE, subset_head=subset,
+                               generator=torch.Generator().manual_seed(7))
+        rows = model.rows_seen
+        if subset:
+            assert rows[0] is None and all(r is not None for r in rows[1:])
+            lo, hi = VOCAB.image_range()
+            assert rows[1].tolist() == list(range(lo, hi))
+        else:
+            assert all(r is None for r in rows)
+    assert torch.equal(out[False], out[True])
+
+
+def test_subset_head_is_skipped_for_wide_canvases(model):
+    """A text canvas may emit most ids: the head keeps every row."""
+    prompt = torch.randint(0, 300, (2, 5), generator=torch.Generator().manual_seed(2))
+    model.rows_seen.clear()
+    generate(model, prompt, vocab=VOCAB, gen_length=8, steps=4, modality=None)
+    assert all(r is None for r in model.rows_seen)
+
+
+def test_transformer_vocab_rows_are_the_full_logits_columns():
+    from model.config import ModelConfig
+    from model.transformer import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(ModelConfig.preset("debug"), vocab_size=VOCAB.size).eval()
+    ids = torch.randint(0, VOCAB.size, (2, 10))
+    only = torch.zeros(2, 10, dtype=torch.bool)
+    only[:, 6:] = True
+    rows = torch.tensor([3, 17, 400, VOCAB.size - 1])
+    with torch.no_grad():
+        full = net(ids, None, only=only)                 # (8, V)
+        part = net(ids, None, only=only, vocab_rows=rows)   # (8, 4)
+    assert part.shape == (8, 4) and torch.allclose(part, full[:, rows], atol=1e-5)
+
+
+def test_sample_categorical_frequencies_and_zero_columns():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.0, 0.3])
+    draws = sample_categorical(probs.expand(20000, 5), torch.Generator().manual_seed(0))   # (20000,)
+    freq = torch.bincount(draws, minlength=5).float() / draws.numel()
+    assert freq[1] == 0 and freq[3] == 0 and torch.allclose(freq, probs, atol=0.01)
+    # the same uniforms pick the same ids with or without the zero columns
+    kept = torch.tensor([0, 2, 4])
+    a = sample_categorical(probs.expand(500, 5), torch.Generator().manual_seed(3))
+    b = kept[sample_categorical(probs[kept].expand(500, 3), torch.Generator().manual_seed(3))]
+    assert torch.equal(a, b)
