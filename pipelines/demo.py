@@ -158,19 +158,13 @@ class LoadSampler:
 
 def start_ray() -> bool:
     """One Ray for every stage. True if this call started it (and the demo must shut it down)."""
-    import ray
+    from pipelines.rayutil import init_ray
 
-    if ray.is_initialized():
-        return False
     # ray.train.report() blocks until the controller polls (default every 2 s); a short poll keeps the few
     # checkpoint reports of the demo from idling.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-    else:
-        # address="local": a fresh instance even when another Ray runs on this machine
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-    return True
+    # joins $RAY_ADDRESS; else a fresh loopback-only local Ray, even when another Ray runs on this machine
+    return init_ray(logging_level="WARNING")
 
 
 # ---- stages --------------------------------------------------------------------------------------------------

@@ -13,11 +13,22 @@ Ray 2.60 also requires its auth token (written to ~/.ray/auth_token) from every 
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 LOOPBACK = "127.0.0.1"
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray Train's placement-group cleaner asks the State API, served by the dashboard, whether the controller is
+# alive, once a second; a local Ray without the dashboard answers every ask with a warning (~300 lines in a
+# `make demo` run). The cleaner still removes the placement group when the controller dies.
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_worker_logs() -> None:
+    """worker_process_setup_hook of a local Ray started without the dashboard (see QUIET_LOGGERS)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, include_dashboard: bool = False,
@@ -38,8 +49,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, include
         from ray._private import ray_constants
 
         ray_constants.ENABLE_RAY_CLUSTER = False
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    if not include_dashboard:
+        runtime_env.setdefault("worker_process_setup_hook", f"{__name__}.quiet_worker_logs")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=include_dashboard, dashboard_host=LOOPBACK,
-             **kwargs)
+             runtime_env=runtime_env, **kwargs)
     return True
 
 

@@ -131,6 +131,11 @@ def test_local_ray_started_by_the_jobs_listens_on_127_0_0_1_only(env):
     assert rayutil.node_ip() == "127.0.0.1"
     assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    # without the dashboard, Ray Train's placement-group cleaner would warn once a second (rayutil.QUIET_LOGGERS)
+    assert ray.get_runtime_context().runtime_env.get("worker_process_setup_hook") == \
+        "pipelines.rayutil.quiet_worker_logs"
+    rayutil.quiet_worker_logs()
+    assert all(logging.getLogger(n).getEffectiveLevel() == logging.ERROR for n in rayutil.QUIET_LOGGERS)
     # every listening socket of this Ray session's processes is bound to the loopback address
     name = env["session"].name
     pids = {os.getpid()}
