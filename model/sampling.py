@@ -131,8 +131,8 @@ def generate(
 
     model: called as `model(input_ids (B, L), segment_ids (B, L) | None, only=(B, L) bool) -> logits (N, V)` at
         the `only` positions in row-major order (the canvas block being decoded; see Transformer.forward),
-        aligned (position i predicts token i); with `subset_head`, also with `vocab_rows=(C,) ids` -> (N, C). Segment 0 marks padding; the prompt and canvas of a row are
-        segment 1.
+        aligned (position i predicts token i); with `subset_head`, also with `vocab_rows=(C,) ids` -> (N, C).
+        Segment 0 marks padding; the prompt and canvas of a row are segment 1.
     prompt_ids: (B, P) int64 prompts, LEFT-padded when their lengths differ (the canvas then starts at column P
         for every row).
     vocab: the vocabulary; supplies the mask id and the modality id ranges. Ids >= vocab.size (embedding
