@@ -37,6 +37,13 @@ def mixed_precision_policy(mixed_precision: MixedPrecision, device_type: str) ->
     raise ValueError(f"mixed_precision={mixed_precision!r}; expected 'bf16', 'fp32' or None")
 
 
+def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
+    """Wrap each block of `model.layers` in non-reentrant activation checkpointing, in place; returns `model`."""
+    for i, block in enumerate(model.layers):
+        model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    return model
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh, *, activation_checkpointing: bool,
                 mixed_precision: MixedPrecision, shard_unit: Literal["block", "model"] = "block") -> nn.Module:
     """Shard `model` (a Transformer with `.layers`) over the 1-D data-parallel `mesh`, in place; returns it.
@@ -54,8 +61,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh, *, activation_checkpointing:
     if shard_unit not in ("block", "model"):
         raise ValueError(f"shard_unit={shard_unit!r}; expected 'block' or 'model'")
     if activation_checkpointing:
-        for i, block in enumerate(model.layers):
-            model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+        apply_activation_checkpointing(model)
     mp_policy = mixed_precision_policy(mixed_precision, mesh.device_type)
     n = len(model.layers)
     for i, block in enumerate(model.layers if shard_unit == "block" else ()):

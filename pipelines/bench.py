@@ -1006,8 +1006,8 @@ def fsdp_side(cfg, vocab, batches: list, steps: int, device, *, sharded: bool,
     import gc
 
     import torch
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
 
+    from model.parallelize import apply_activation_checkpointing
     from model.transformer import Transformer
     from pipelines.train import build_model, build_optimizer, train_step
 
@@ -1027,8 +1027,7 @@ def fsdp_side(cfg, vocab, batches: list, steps: int, device, *, sharded: bool,
         torch.manual_seed(cfg.train.seed)   # build_model's seed: both sides start from the same weights
         model = Transformer(cfg.model, vocab_size=vocab.size, media_markers=vocab.media_markers)
         if cfg.train.activation_checkpointing:
-            for i, block in enumerate(model.layers):
-                model.layers[i] = checkpoint_wrapper(block, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+            apply_activation_checkpointing(model)   # as parallelize() does on the sharded side
         model = model.to(device)
         model.set_requires_gradient_sync = lambda flag: None   # the one FSDP call train_step makes
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
