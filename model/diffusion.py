@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-Scheme = Literal["per_token", "per_sequence"]
-SCHEMES = ("per_token", "per_sequence")
+Scheme = Literal["per_token", "per_sample", "per_sequence"]
+SCHEMES = ("per_token", "per_sample", "per_sequence")
 
 
 # ---- EOS tail padding (collate time, one sample, numpy) ----------------------------------------------------
@@ -117,16 +117,25 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
 def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: torch.Tensor | None,
                        generator: torch.Generator | None, *, mask_id: int, eps: float = 1e-3,
                        tail_factor: float = 0.6, scheme: Scheme = "per_token",
-                       t_min: torch.Tensor | None = None) -> Masked:
+                       t_min: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                       shared_t: torch.Tensor | None = None) -> Masked:
     """Mask answer tokens for one training step. Prompt (non-answer) positions are never masked.
 
     ids, answer_mask, tail_mask: (B, L); tail_mask may be None (no EOS tail).
     scheme="per_token": t ~ U(eps, 1) per answer position; masked when a second uniform < t, or
         < tail_factor * t on EOS-tail positions (attenuated tail padding, as in the reference).
         Expected masking rate (1 + eps) / 2 on answer tokens, tail_factor times that on the tail.
-        t_min: optional (B, L) floor for t per position (per_token only): t ~ U(max(eps, t_min), 1), so a task
-        whose answer is easy to complete from its own visible tokens (an image from its neighbours) trains
-        mostly where only the prompt can tell the answer.
+        t_min: optional (B, L) floor for t per position (per_token, per_sample): t ~ U(max(eps, t_min), 1), so
+        a task whose answer is easy to complete from its own visible tokens (an image from its neighbours)
+        trains mostly where only the prompt can tell the answer.
+        With independent t per position the masked FRACTION of an answer concentrates near E[t] (0.5 +- 0.06
+        for a 64-token image), while sampling walks it from 1 down to 0: the first and last steps of
+        `generate` see fractions training never showed.
+    scheme="per_sample": as per_token (same tail discount, floor and per-token loss), but one t per packed
+        sample (segment_ids (B, L) required), shared by its answer positions: the masked fraction of each
+        answer is itself ~U(floor, 1), covering every fraction the sampler visits.
+        shared_t: optional (B, L) bool for per_token: positions that draw t per sample as per_sample does (the
+        tasks that use it); None draws exactly as plain per_token.
     scheme="per_sequence": t ~ U(0, 1) per sequence, p_mask = (1 - eps) t + eps on every answer position
         (LLaDA SFT; the tail gets no discount).
     Returns (noisy_ids, is_masked, t) with t the per-position masking probability, broadcast to (B, L), which
@@ -139,9 +148,16 @@ def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: 
                          f"{None if tail_mask is None else tuple(tail_mask.shape)} must have the same (B, L) shape")
     B, L = ids.shape
     answer_mask = answer_mask.bool()
-    if scheme == "per_token":
+    if scheme in ("per_token", "per_sample"):
         lo = torch.full((B, L), eps, device=ids.device) if t_min is None else t_min.clamp(min=eps)   # (B, L)
-        t = lo + (1.0 - lo) * _uniform((B, L), generator, ids.device)
+        u = _uniform((B, L), generator, ids.device) if scheme == "per_token" else None
+        if scheme == "per_sample" or shared_t is not None:
+            if segment_ids is None or segment_ids.shape != ids.shape:
+                raise ValueError("per_sample masking needs segment_ids with the (B, L) shape of ids")
+            u_seg = _uniform((B, L + 1), generator, ids.device)                  # (B, L + 1): one per segment id
+            u_seg = torch.gather(u_seg, 1, segment_ids.clamp(0, L).long())      # (B, L): the sample's uniform
+            u = u_seg if u is None else torch.where(shared_t.bool(), u_seg, u)
+        t = lo + (1.0 - lo) * u
         if tail_mask is not None:
             t = torch.where(tail_mask.bool(), t * tail_factor, t)
     else:
@@ -184,13 +200,14 @@ def loss_weights(is_masked: torch.Tensor, answer_mask: torch.Tensor, t: torch.Te
     """Per-position CE weights and per-row normalizer contributions of a scheme -> (weights (B, L) | None,
     row_count (B,) float32).
 
-    per_token: no weight; each row contributes its number of masked positions (loss = mean CE over masked).
+    per_token, per_sample: no weight; each row contributes its number of masked positions (loss = mean CE over
+        masked).
     per_sequence: weight 1 / (p_mask * answer_length) and each row with an answer contributes 1, so
         loss = mean over sequences of sum(CE / p_mask) / answer_length (LLaDA SFT).
     row_count is known before the forward pass: sum it over micro-batches and ranks (`global_count`)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown loss scheme {scheme!r}; expected one of {SCHEMES}")
-    if scheme == "per_token":
+    if scheme in ("per_token", "per_sample"):
         return None, is_masked.sum(1).float()
     answer_mask = answer_mask.bool()
     answer_len = answer_mask.sum(1, keepdim=True).float()  # (B, 1)

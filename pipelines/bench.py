@@ -741,7 +741,8 @@ def bare_train_loop(cfg, steps: int) -> dict[str, Any]:
             batch = batch.to(device)
             masked = mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask,
                                         step_generator(cfg.train.seed, step, 0, m, device), mask_id=vocab.mask_id,
-                                        eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme)
+                                        eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme,
+                                        segment_ids=batch.segment_ids)
             weights, row_count = loss_weights(masked.is_masked, batch.answer_mask, masked.t, scheme=d.scheme)
             count += float(row_count.sum())
             prepared.append((batch, masked, weights, row_count))

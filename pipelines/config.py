@@ -15,7 +15,7 @@ overrides. The resolved tree is what MLflow records as params and what every Ray
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from model.config import ModelConfig
@@ -65,7 +65,9 @@ class DataConfig:
 
 @dataclass
 class DiffusionConfig:
-    scheme: Literal["per_token", "per_sequence"] = "per_token"
+    # per_token: t per answer position (the masked fraction of an answer stays near 0.5); per_sample: one t per
+    # packed sample (every masked fraction, as sampling visits them); per_sequence: LLaDA's 1/t-weighted loss.
+    scheme: Literal["per_token", "per_sample", "per_sequence"] = "per_token"
     eps: float = 1e-3
     tail_factor: float = 0.6     # EOS tail masked at 0.6x the answer rate (attenuated tail padding, reference)
     max_tail: int = 16           # 1..max_tail EOS appended after each answer
@@ -83,6 +85,9 @@ class DiffusionConfig:
     # answers. An image answer is mostly predictable from its visible pixels; a floor keeps its training where
     # the prompt decides the answer (speech-to-image learns its conditioning from those steps).
     task_min_t: dict[str, float] = field(default_factory=dict)
+    # Per-task masking scheme under scheme=per_token ({} = the scheme for all): {tts: per_sample} draws t per
+    # sample for that task's answers (see scheme above).
+    task_scheme: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -129,11 +134,19 @@ class TrainLoopConfig:
     fail_at_step: int = 0
     fail_rank: int = 1
     fail_mode: Literal["raise", "kill"] = "raise"   # kill = SIGKILL of the worker process
+    # Wall-clock budget of the training loop in seconds (0 = off). After `budget_probe_steps` steps the run
+    # times them and lowers train.steps to what fits (never raises it); stages and the LR schedule shrink with
+    # it, so a slow host trains fewer steps on the same schedule instead of overrunning. Host-dependent by
+    # design: the fitted length is logged and kept in checkpoints, so a resumed run keeps it.
+    time_budget_s: float = 0.0
+    budget_probe_steps: int = 20
 
     def __post_init__(self) -> None:
-        for key in ("steps", "log_every", "checkpoint_every", "keep_last"):
+        for key in ("steps", "log_every", "checkpoint_every", "keep_last", "budget_probe_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
+        if self.time_budget_s < 0:
+            raise ConfigError(f"train.time_budget_s={self.time_budget_s} must be >= 0 (0 = no budget)")
 
 
 @dataclass
@@ -193,18 +206,35 @@ class TrainConfig:
         # the per-task maps: key -> (valid value, what the error says values must be)
         per_task = {"task_weights": (lambda w: w >= 0, ">= 0"), "task_max_tail": (lambda n: n >= 1, ">= 1"),
                     "prompt_dropout": (lambda r: 0 <= r < 1, "in [0, 1)"),
-                    "task_min_t": (lambda r: 0 <= r < 1, "in [0, 1)")}
+                    "task_min_t": (lambda r: 0 <= r < 1, "in [0, 1)"),
+                    "task_scheme": (lambda x: x in ("per_token", "per_sample"), "per_token or per_sample")}
         for key, (valid, rule) in per_task.items():
             values = getattr(self.diffusion, key)
             unknown = sorted(set(values) - set(TASKS))
             if unknown or not all(valid(v) for v in values.values()):
                 raise ConfigError(f"diffusion.{key} {values}: keys must be tasks {list(TASKS)} (unknown: "
                                   f"{unknown}) and values {rule}")
-        if self.diffusion.task_min_t and self.diffusion.scheme != "per_token":
-            raise ConfigError("diffusion.task_min_t needs diffusion.scheme=per_token")
+        for key in ("task_min_t", "task_scheme"):
+            if getattr(self.diffusion, key) and self.diffusion.scheme == "per_sequence":
+                raise ConfigError(f"diffusion.{key} needs diffusion.scheme=per_token or per_sample")
         names = [s.name for s in self.data.sources]
         if any(not n for n in names) or len(set(names)) != len(names):
             raise ConfigError(f"data.sources need unique non-empty names, got {names}")
+
+    def with_steps(self, steps: int) -> TrainConfig:
+        """This config with train.steps = `steps` and the stages shrunk or stretched to match, keeping their
+        proportions (each keeps >= 1 step; the last takes the rounding)."""
+        if steps < max(1, len(self.data.stages)):
+            raise ConfigError(f"{steps} steps: the curriculum has {len(self.data.stages)} stages, each needs "
+                              f"at least one step")
+        stages, used, old = [], 0, sum(s.steps for s in self.data.stages)
+        for i, s in enumerate(self.data.stages):
+            left = len(self.data.stages) - 1 - i
+            n = steps - used if left == 0 else max(1, round(s.steps * steps / old))
+            n = min(n, steps - used - left)
+            stages.append(replace(s, steps=n))
+            used += n
+        return replace(self, train=replace(self.train, steps=steps), data=replace(self.data, stages=stages))
 
     def stage_bounds(self) -> list[tuple[int, int]]:
         """[start, end) optimizer steps of each stage; one stage covering the run when none are given."""

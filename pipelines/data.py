@@ -437,7 +437,7 @@ def mask_batch(batch: Batch, vocab: Vocab, generator: torch.Generator, *, scheme
                tail_factor: float):
     """The forward diffusion process on a collated batch (model/diffusion.mask_answer_tokens)."""
     return mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask, generator, mask_id=vocab.mask_id,
-                              eps=eps, tail_factor=tail_factor, scheme=scheme)
+                              eps=eps, tail_factor=tail_factor, scheme=scheme, segment_ids=batch.segment_ids)
 
 
 def step_generator(seed: int, step: int, rank: int, micro: int, device: torch.device | str = "cpu"

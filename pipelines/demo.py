@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -82,6 +82,17 @@ class SmallSection:
 
 
 @dataclass
+class TimeSection:
+    """The wall-clock target. Training gets what the other stages leave: at the train stage the demo sets
+    train.time_budget_s = target_s - elapsed - train_overhead_s - after_train_s (unless the train config or an
+    override already sets one), and the trainer fits its step count to it (train.steps stays the maximum)."""
+    target_s: float = 0.0         # 0 = no target: train.steps as configured
+    train_overhead_s: float = 45.0   # Ray Train start-up, shard loading, export (measured ~41 s)
+    after_train_s: float = 80.0      # eval + gallery + summary (measured 64-73 s on 2 cores)
+    min_train_s: float = 60.0        # never fit a run shorter than this
+
+
+@dataclass
 class DemoConfig:
     train_config: str = "configs/train/demo.yaml"   # relative to the repository root
     corpus: CorpusSection = field(default_factory=CorpusSection)
@@ -91,37 +102,26 @@ class DemoConfig:
     small: SmallSection = field(default_factory=SmallSection)
     eval_actors: int = 2          # Ray Data actors generating for the eval (one per core)
     eval_limit: int = 0           # items per task; 0 = the whole held-out split
+    time: TimeSection = field(default_factory=TimeSection)
 
 
-def scale_stages(stages: list[dict], steps: int) -> list[dict]:
-    """The curriculum's stages shrunk or stretched to `steps` in total, keeping their proportions (every stage
-    keeps >= 1 step; the last takes the rounding)."""
-    if steps < len(stages):
-        raise ConfigError(f"--steps {steps}: the curriculum has {len(stages)} stages, each needs >= 1 step")
-    total = sum(s["steps"] for s in stages)
-    out, used = [], 0
-    for i, s in enumerate(stages):
-        n = steps - used if i == len(stages) - 1 else max(1, round(s["steps"] * steps / total))
-        n = min(n, steps - used - (len(stages) - 1 - i))
-        out.append({**s, "steps": n})
-        used += n
-    return out
+def time_budget(cfg, t: TimeSection, elapsed_s: float):
+    """`cfg` with the training loop's time budget for a demo that has used `elapsed_s` so far (see
+    TimeSection); unchanged when there is no target or the train config already has a budget."""
+    if t.target_s <= 0 or cfg.train.time_budget_s > 0:
+        return cfg
+    budget = max(t.min_train_s, t.target_s - elapsed_s - t.train_overhead_s - t.after_train_s)
+    return replace(cfg, train=replace(cfg.train, time_budget_s=round(budget, 1)))
 
 
 def train_config(demo: DemoConfig, shards: str, run_dir: str, steps: int | None, overrides: Sequence[str]):
     """The TrainConfig of the demo run: configs/train/demo.yaml <- --steps (stages rescaled) <- overrides."""
-    from model.configlib import from_dict, to_dict
-    from pipelines.config import TrainConfig
     from pipelines.train import resolve_config
 
     cfg = resolve_config(str(REPO / demo.train_config), [shards], run_dir, list(overrides))
     if steps is not None:
-        d = to_dict(cfg)
-        d["train"]["steps"] = steps
-        if d["data"]["stages"]:
-            d["data"]["stages"] = scale_stages(d["data"]["stages"], steps)
-        d["train"]["checkpoint_every"] = min(d["train"]["checkpoint_every"], steps)
-        cfg = from_dict(TrainConfig, d)   # validated again: stages must add up to train.steps
+        cfg = cfg.with_steps(steps)
+        cfg = replace(cfg, train=replace(cfg.train, checkpoint_every=min(cfg.train.checkpoint_every, steps)))
     return cfg
 
 
@@ -420,6 +420,9 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
                 tok = tokenize(demo, corpus, out)
                 print(f"tokenize: {tok['samples_written']:,} samples, {tok['tokens']:,} tokens, "
                       f"{tok['inputs_quarantined']} quarantined")
+            cfg = time_budget(cfg, demo.time, time.perf_counter() - t0)
+            if cfg.train.time_budget_s:
+                print(f"train: time budget {cfg.train.time_budget_s:.0f}s for at most {cfg.train.steps} steps")
             with stage("train", timings):
                 trained = train(cfg)
             with stage("eval", timings):
@@ -445,7 +448,8 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
         "stage_seconds": timings,
         "load_average": load.summary(),
         "small": small,
-        "train": {"steps": trained["step"], "model": configlib.to_dict(cfg.model),
+        "train": {"steps": trained["step"], "max_steps": cfg.train.steps, "time_budget_s": cfg.train.time_budget_s,
+                  "model": configlib.to_dict(cfg.model),
                   "loss": loss_history(tracking_uri, trained["mlflow_run_id"]) if trained["mlflow_run_id"] else {}},
         "mlflow": {"tracking_uri": tracking_uri, "run_id": trained["mlflow_run_id"],
                    "experiment": cfg.mlflow.experiment,

@@ -80,6 +80,19 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     return optimizer, scheduler
 
 
+def refit_schedule(scheduler, cfg: TrainConfig) -> None:
+    """Point the LR schedule at `cfg`'s run length (after a time budget changed train.steps): LambdaLR
+    evaluates its lambda at every step, so the remaining steps follow the new cosine."""
+    scheduler.lr_lambdas = [lambda s: lr_factor(s, cfg)] * len(scheduler.optimizer.param_groups)
+
+
+def fit_steps(step: int, elapsed_s: float, step_s: float, budget_s: float, max_steps: int) -> int:
+    """Run length that fits a wall-clock budget: the steps done plus what the remaining seconds buy at the
+    measured step time, at most `max_steps` (a budget only shortens a run) and at least the steps done."""
+    more = int(max(0.0, budget_s - elapsed_s) // max(step_s, 1e-9))
+    return max(step, min(max_steps, step + more))
+
+
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to optim.lr, then cosine decay to optim.lr * min_lr_ratio at train.steps."""
     o, total = cfg.optim, cfg.train.steps
@@ -109,6 +122,12 @@ def per_position(per_task: dict[str, float], task_ids: torch.Tensor) -> torch.Te
     return table[task_ids.clamp(min=0)] * (task_ids >= 0)                                  # (B, L)
 
 
+def shared_t_positions(task_scheme: dict[str, str], task_ids: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) bool: positions of the tasks that `diffusion.task_scheme` masks per sample; None when none do."""
+    rate = per_position({t: 1.0 for t, s in task_scheme.items() if s == "per_sample"}, task_ids)
+    return None if rate is None else rate > 0
+
+
 def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequence[Batch], *, vocab: Vocab,
                cfg: TrainConfig, step: int, rank: int, world: int, device: torch.device) -> StepStats:
     """One optimizer step over `grad_accum` micro-batches, loss normalized by the GLOBAL masked-token count."""
@@ -121,7 +140,8 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
         gen = step_generator(cfg.train.seed, step, rank, m, device)
         masked = mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask, gen, mask_id=vocab.mask_id,
                                     eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme,
-                                    t_min=per_position(d.task_min_t, batch.task_ids))
+                                    t_min=per_position(d.task_min_t, batch.task_ids), segment_ids=batch.segment_ids,
+                                    shared_t=shared_t_positions(d.task_scheme, batch.task_ids))
         rate = per_position(d.prompt_dropout, batch.task_ids)
         if rate is not None:
             masked = masked._replace(noisy_ids=drop_prompts(masked.noisy_ids, batch.answer_mask,
@@ -316,6 +336,14 @@ def train_func(config: dict[str, Any]) -> None:
     prompts = eval_prompts(data, cfg.train.eval_samples)
     tokenizers = load_tokenizers(data, say) if rank == 0 else None
 
+    budget = cfg.train.time_budget_s
+    fitted = state.extra.get("budget_steps") if restored is not None and budget else None
+    if fitted:   # a resumed budgeted run keeps the length it fitted, and so its LR schedule
+        cfg = cfg.with_steps(fitted)
+        refit_schedule(scheduler, cfg)
+        say(f"[train] time budget: keeping the fitted {fitted} steps")
+    # The budget's probe skips the first step (allocation, first collectives) and times the next ones.
+    probe_from, probe_t = step + 1, 0.0
     total, bounds = cfg.train.steps, cfg.stage_bounds()
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = metrics.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
@@ -331,6 +359,18 @@ def train_func(config: dict[str, Any]) -> None:
         window_tokens += last.tokens
         window_steps += 1
         maybe_fail(cfg, step, rank, run_uri)
+        if budget and not fitted and step == probe_from:
+            probe_t = time.perf_counter()
+        elif budget and not fitted and step == probe_from + cfg.train.budget_probe_steps:
+            now = time.perf_counter()
+            step_s = (now - probe_t) / cfg.train.budget_probe_steps
+            # rank 0's measurement for every rank: all must stop at the same step
+            fitted = _broadcast(max(len(bounds), fit_steps(step, now - started, step_s, budget, total)))
+            say(f"[train] time budget {budget:.0f}s: {step_s:.3f}s a step -> {fitted} of {total} steps")
+            tracker.log_metrics({"budget/steps": fitted, "budget/step_time_s": step_s}, step)
+            cfg = cfg.with_steps(fitted)
+            refit_schedule(scheduler, cfg)
+            total, bounds = cfg.train.steps, cfg.stage_bounds()
 
         if step % cfg.train.log_every == 0 or step == total:
             elapsed = time.perf_counter() - window_t
@@ -351,6 +391,8 @@ def train_func(config: dict[str, Any]) -> None:
         if step % cfg.train.checkpoint_every == 0 or step == total:
             state.extra = {"step": step, "stage": stream.state.stage, "data": stream.state.to_dict(),
                            "mlflow_run_id": _broadcast(tracker.run_id), "world_size": world}
+            if fitted:
+                state.extra["budget_steps"] = fitted
             ckpt.report(state, {"step": step, "loss": last.loss, "stage": stream.state.stage}, rank=rank,
                         world_size=world, attempt=attempt)
 

@@ -24,7 +24,10 @@ def small_demo(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False)
     out = tmp_path_factory.mktemp("demo") / "run"
     try:
-        rc = demo.main(["--small", "--out", str(out), "--steps", "24", "train.log_every=4"])
+        # A 40-step run under a budget it cannot meet: the trainer times steps 2-24 and stops at 24, the end
+        # of its probe (deterministic on any host).
+        rc = demo.main(["--small", "--out", str(out), "--steps", "40", "train.log_every=4",
+                        "train.time_budget_s=0.01", "train.budget_probe_steps=23"])
         assert ray.is_initialized()   # the demo did not shut down a Ray it did not start
     finally:
         ray.shutdown()
@@ -49,7 +52,8 @@ def test_results_json_has_the_agreed_keys(small_demo):
         assert 0.0 <= metrics["accuracy"] <= 1.0, task
         assert metrics["n"] == 10, task            # small.eval_limit items of each task were judged
     assert 0.0 <= results["classifier_accuracy_on_real_heldout"] <= 1.0
-    assert results["train"]["steps"] == 24
+    assert results["train"]["steps"] == 24 and results["train"]["max_steps"] == 40
+    assert results["train"]["time_budget_s"] == 0.01   # an override wins over the demo's own budget
     assert results["mlflow"]["ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
 
 
@@ -65,6 +69,17 @@ def test_training_loss_falls_and_mlflow_has_the_run(small_demo):
     run = client.get_run(results["mlflow"]["run_id"])
     assert run.data.params["model.dim"] == str(results["train"]["model"]["dim"])
     assert "eval/i2t/exact_match" in run.data.metrics   # the eval logged onto the training run
+    assert run.data.metrics["budget/steps"] == 24
+
+
+def test_demo_gives_training_the_time_the_other_stages_leave():
+    cfg = demo.train_config(demo.DemoConfig(), "/tmp/shards", "/tmp/run", None, [])
+    t = demo.TimeSection(target_s=600, train_overhead_s=45, after_train_s=80, min_train_s=60)
+    assert demo.time_budget(cfg, t, 95.0).train.time_budget_s == 380.0
+    assert demo.time_budget(cfg, t, 500.0).train.time_budget_s == 60.0       # the floor
+    assert demo.time_budget(cfg, demo.TimeSection(), 95.0) is cfg           # no target: unchanged
+    budgeted = demo.time_budget(cfg, t, 95.0)
+    assert demo.time_budget(budgeted, t, 200.0) is budgeted                 # a set budget is kept
 
 
 def test_gallery_has_a_row_per_digit(small_demo):
@@ -88,13 +103,3 @@ def test_gallery_has_a_row_per_digit(small_demo):
     for word, p in first.items():
         assert heard[word] == {"frames": p["speech_frames"], "asr_hears": p["transcript"]}
         assert len(p["audio_codes"][0]) == p["speech_frames"]
-
-
-def test_scale_stages_keeps_proportions_and_total():
-    stages = [{"name": "a", "steps": 200, "mixture": {"t2i": 1}}, {"name": "b", "steps": 150, "mixture": {"x": 1}},
-              {"name": "c", "steps": 150, "mixture": {"y": 1}}]
-    scaled = demo.scale_stages(stages, 24)
-    assert [s["steps"] for s in scaled] == [10, 7, 7]
-    assert [s["steps"] for s in demo.scale_stages(stages, 3)] == [1, 1, 1]
-    with pytest.raises(demo.ConfigError, match="3 stages"):
-        demo.scale_stages(stages, 2)

@@ -258,3 +258,42 @@ def test_t_min_floors_the_masking_rate_per_position():
     plain = mask_answer_tokens(ids, ans, None, _gen(3), mask_id=7)
     zero = mask_answer_tokens(ids, ans, None, _gen(3), mask_id=7, t_min=torch.zeros(400, 50))
     assert torch.equal(plain.is_masked, zero.is_masked) and torch.equal(plain.t, zero.t)
+
+
+def test_per_sample_shares_t_within_a_sample_and_spreads_the_masked_fraction():
+    # 2 packed samples of 64 answer tokens per row (segments 1 and 2), 2,000 rows
+    ids = torch.zeros(2000, 128, dtype=torch.long)
+    ans = torch.ones(2000, 128, dtype=torch.bool)
+    seg = torch.cat([torch.ones(2000, 64), torch.full((2000, 64), 2)], 1).long()
+    m = mask_answer_tokens(ids, ans, None, _gen(5), mask_id=7, scheme="per_sample", segment_ids=seg)
+    assert (m.t[:, :64] == m.t[:, :1]).all() and (m.t[:, 64:] == m.t[:, 64:65]).all()   # one t per sample
+    assert not torch.equal(m.t[:, 0], m.t[:, 64])                                          # drawn per sample
+    frac = m.is_masked[:, :64].float().mean(1)                                             # (2000,) per sample
+    # the masked fraction of an answer covers [0, 1] (~uniform), as iterative unmasking visits it ...
+    assert (frac > 0.9).float().mean() > 0.07 and (frac < 0.1).float().mean() > 0.07
+    # ... where per_token concentrates it near 0.5
+    tok = mask_answer_tokens(ids, ans, None, _gen(5), mask_id=7, scheme="per_token").is_masked[:, :64]
+    assert (tok.float().mean(1) > 0.75).float().mean() < 0.01
+    assert abs(m.is_masked.float().mean() - 0.5) < 0.03
+    floored = mask_answer_tokens(ids, ans, None, _gen(5), mask_id=7, scheme="per_sample", segment_ids=seg,
+                                 t_min=torch.full((2000, 128), 0.8))
+    assert floored.t.min() >= 0.8
+    weights, count = loss_weights(m.is_masked, ans, m.t, scheme="per_sample")
+    assert weights is None and torch.equal(count, m.is_masked.sum(1).float())   # per-token loss, as per_token
+    with pytest.raises(ValueError, match="segment_ids"):
+        mask_answer_tokens(ids, ans, None, _gen(5), mask_id=7, scheme="per_sample")
+
+
+def test_shared_t_draws_per_sample_only_where_asked():
+    ids = torch.zeros(500, 128, dtype=torch.long)
+    ans = torch.ones(500, 128, dtype=torch.bool)
+    seg = torch.cat([torch.ones(500, 64), torch.full((500, 64), 2)], 1).long()
+    shared = torch.zeros(500, 128, dtype=torch.bool)
+    shared[:, 64:] = True                                  # the second sample's task masks per sample
+    m = mask_answer_tokens(ids, ans, None, _gen(2), mask_id=7, segment_ids=seg, shared_t=shared)
+    assert (m.t[:, 64:] == m.t[:, 64:65]).all()
+    assert (m.t[:, :64].std(1) > 0.1).all()                # per token in the first sample
+    # without shared_t, per_token draws exactly the same stream as before the knob existed
+    a = mask_answer_tokens(ids, ans, None, _gen(2), mask_id=7)
+    b = mask_answer_tokens(ids, ans, None, _gen(2), mask_id=7, segment_ids=seg)
+    assert torch.equal(a.t, b.t) and torch.equal(a.is_masked, b.is_masked)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.configlib import from_dict
+from model.configlib import ConfigError, from_dict
 from model.prompts import TASKS
 from model.vocab import Modality
 from pipelines import train
@@ -22,6 +22,34 @@ def test_lr_warms_up_then_decays_to_the_floor():
     f = [train.lr_factor(s, cfg) for s in range(21)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[20] == pytest.approx(0.1)
+
+
+def test_fit_steps_spends_the_remaining_budget_and_only_shortens():
+    # 21 steps done in 5 s at 0.25 s a step: 55 s left buy 220 more
+    assert train.fit_steps(21, 5.0, 0.25, 60.0, 1000) == 241
+    assert train.fit_steps(21, 5.0, 0.25, 60.0, 100) == 100      # a budget never lengthens the run
+    assert train.fit_steps(21, 90.0, 0.25, 60.0, 100) == 21      # already over: stop where it is
+
+
+def test_with_steps_rescales_stages_and_refit_schedule_follows():
+    cfg = from_dict(TrainConfig, {"optim": {"warmup_steps": 2, "min_lr_ratio": 0.1}, "train": {"steps": 500},
+                                  "data": {"stages": [{"name": "a", "steps": 200, "mixture": {"t2i": 1}},
+                                                      {"name": "b", "steps": 150, "mixture": {"i2t": 1}},
+                                                      {"name": "c", "steps": 150, "mixture": {"asr": 1}}]}})
+    short = cfg.with_steps(24)
+    assert short.train.steps == 24 and [s.steps for s in short.data.stages] == [10, 7, 7]
+    assert [s.steps for s in cfg.with_steps(3).data.stages] == [1, 1, 1]
+    assert cfg.train.steps == 500                                  # a new config; the old one is unchanged
+    with pytest.raises(ConfigError, match="3 stages"):
+        cfg.with_steps(2)
+    model = torch.nn.Linear(2, 2)
+    optimizer, scheduler = train.build_optimizer(model, cfg)
+    train.refit_schedule(scheduler, short)
+    for _ in range(24):
+        optimizer.step()
+        scheduler.step()
+    # the cosine now ends at step 24: the floor, not the ~0.99 of a 500-step schedule
+    assert scheduler.get_last_lr()[0] == pytest.approx(cfg.optim.lr * 0.1)
 
 
 def test_generation_request_keeps_the_media_bracket_in_the_prompt():
@@ -144,3 +172,14 @@ def test_adamw_implementation_choice_and_fused_equals_foreach(one_rank_group):
     assert torch.allclose(finals["auto"], finals["foreach"], atol=1e-6)
     with pytest.raises(Exception, match="impl"):
         from_dict(TrainConfig, {"optim": {"impl": "apex"}})
+
+
+def test_task_scheme_config_picks_the_shared_t_positions():
+    cfg = from_dict(TrainConfig, {"diffusion": {"task_scheme": {"tts": "per_sample", "t2i": "per_token"}}})
+    task_ids = torch.tensor([[TASKS.index("tts"), TASKS.index("t2i"), -1]])
+    assert train.shared_t_positions(cfg.diffusion.task_scheme, task_ids).tolist() == [[True, False, False]]
+    assert train.shared_t_positions({}, task_ids) is None
+    with pytest.raises(ConfigError, match="per_token or per_sample"):
+        from_dict(TrainConfig, {"diffusion": {"task_scheme": {"tts": "per_sequence"}}})
+    with pytest.raises(ConfigError, match="task_scheme needs"):
+        from_dict(TrainConfig, {"diffusion": {"scheme": "per_sequence", "task_scheme": {"tts": "per_sample"}}})
