@@ -336,12 +336,13 @@ def train_func(config: dict[str, Any]) -> None:
     prompts = eval_prompts(data, cfg.train.eval_samples)
     tokenizers = load_tokenizers(data, say) if rank == 0 else None
 
-    budget = cfg.train.time_budget_s
-    fitted = state.extra.get("budget_steps") if restored is not None and budget else None
-    if fitted:   # a resumed budgeted run keeps the length it fitted, and so its LR schedule
+    budget, max_steps = cfg.train.time_budget_s, cfg.train.steps
+    kept = state.extra.get("budget") if restored is not None and budget else None
+    fitted = kept["steps"] if kept and kept["max_steps"] == max_steps else None
+    if fitted:   # a resumed budgeted run keeps the length it fitted, and so its LR schedule (unless steps changed)
         cfg = cfg.with_steps(fitted)
         refit_schedule(scheduler, cfg)
-        say(f"[train] time budget: keeping the fitted {fitted} steps")
+        say(f"[train] time budget: keeping the fitted {fitted} of {max_steps} steps")
     # The budget's probe skips the first step (allocation, first collectives) and times the next ones.
     probe_from, probe_t = step + 1, 0.0
     total, bounds = cfg.train.steps, cfg.stage_bounds()
@@ -392,7 +393,7 @@ def train_func(config: dict[str, Any]) -> None:
             state.extra = {"step": step, "stage": stream.state.stage, "data": stream.state.to_dict(),
                            "mlflow_run_id": _broadcast(tracker.run_id), "world_size": world}
             if fitted:
-                state.extra["budget_steps"] = fitted
+                state.extra["budget"] = {"steps": fitted, "max_steps": max_steps}
             ckpt.report(state, {"step": step, "loss": last.loss, "stage": stream.state.stage}, rank=rank,
                         world_size=world, attempt=attempt)
 

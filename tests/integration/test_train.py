@@ -69,7 +69,9 @@ def first_fit(ray_local, shard_set, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = train.resolve_config(str(DEBUG_YAML), [str(shard_set)], str(run_dir),
                                ["run.name=itest", "train.fail_at_step=6", "train.fail_mode=kill",
-                                "train.fail_rank=1"])
+                                "train.fail_rank=1",
+                                # a budget that fits every step: fitted after step 3, kept by the restarted group
+                                "train.time_budget_s=3600", "train.budget_probe_steps=2"])
     result = train.run(cfg)
     return cfg, result, run_dir
 
@@ -78,7 +80,7 @@ def first_fit(ray_local, shard_set, tmp_path_factory):
 def second_fit(first_fit):
     cfg, _, run_dir = first_fit
     d = to_dict(cfg)
-    d["train"].update(steps=16, fail_at_step=0)
+    d["train"].update(steps=16, fail_at_step=0, time_budget_s=0)
     d["data"]["stages"][2]["steps"] = 8
     d["scaling"]["num_workers"] = 1
     cfg2 = from_dict(TrainConfig, d)
@@ -97,6 +99,8 @@ def test_fit_survives_a_killed_worker_and_the_loss_falls(first_fit):
     assert loss[12] < loss[2] - 0.5
     # the restarted group resumed from the step-4 checkpoint (not from 0) and went on counting
     assert history(client, run_id, "resumed_from_step") == {4: 4.0}
+    # the budget was fitted once (all 12 steps fit an hour) and the restarted group kept it instead of refitting
+    assert history(client, run_id, "budget/steps") == {3: 12.0}
     # 12 steps x 2 workers x micro_batch 2 x grad_accum 2 rows: the resumed stream neither repeated nor skipped
     assert history(client, run_id, "data/rows")[12] == 12 * 2 * 2 * 2
 
