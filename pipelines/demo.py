@@ -84,12 +84,17 @@ class SmallSection:
 @dataclass
 class TimeSection:
     """The wall-clock target. Training gets what the other stages leave: at the train stage the demo sets
-    train.time_budget_s = target_s - elapsed - train_overhead_s - after_train_s (unless the train config or an
-    override already sets one), and the trainer fits its step count to it (train.steps stays the maximum)."""
+    train.time_budget_s = target_s - elapsed - train_overhead_s and train.budget_reserve_steps =
+    after_train_steps (unless the train config or an override already sets a budget), and the trainer fits its
+    step count to the budget minus that many of its measured steps (train.steps stays the maximum). The eval is
+    reserved in steps, not seconds, because it slows down with the host as a training step does."""
     target_s: float = 0.0         # 0 = no target: train.steps as configured
-    train_overhead_s: float = 45.0   # Ray Train start-up, shard loading, export (measured ~41 s)
-    after_train_s: float = 80.0      # eval + gallery + summary (measured 64-73 s on 2 cores)
-    min_train_s: float = 60.0        # never fit a run shorter than this
+    train_overhead_s: float = 45.0   # Ray Train start-up, shard loading, export (measured 30-52 s)
+    # eval + gallery + summary in training steps of the same host: 52-71 s = ~300 steps of 0.17-0.24 s on quiet
+    # hosts, 117 s = 320 steps with a competing process; the rest is margin for a probe that reads the step time
+    # up to 12% fast on a contended host (0.326 s measured, 0.365 s over the run): docs/demo.md.
+    after_train_steps: int = 550
+    min_train_s: float = 60.0        # never give the loop less than this
 
 
 @dataclass
@@ -110,8 +115,9 @@ def time_budget(cfg, t: TimeSection, elapsed_s: float):
     TimeSection); unchanged when there is no target or the train config already has a budget."""
     if t.target_s <= 0 or cfg.train.time_budget_s > 0:
         return cfg
-    budget = max(t.min_train_s, t.target_s - elapsed_s - t.train_overhead_s - t.after_train_s)
-    return replace(cfg, train=replace(cfg.train, time_budget_s=round(budget, 1)))
+    budget = max(t.min_train_s, t.target_s - elapsed_s - t.train_overhead_s)
+    return replace(cfg, train=replace(cfg.train, time_budget_s=round(budget, 1),
+                                      budget_reserve_steps=t.after_train_steps))
 
 
 def train_config(demo: DemoConfig, shards: str, run_dir: str, steps: int | None, overrides: Sequence[str]):
@@ -422,7 +428,8 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
                       f"{tok['inputs_quarantined']} quarantined")
             cfg = time_budget(cfg, demo.time, time.perf_counter() - t0)
             if cfg.train.time_budget_s:
-                print(f"train: time budget {cfg.train.time_budget_s:.0f}s for at most {cfg.train.steps} steps")
+                print(f"train: time budget {cfg.train.time_budget_s:.0f}s for at most {cfg.train.steps} steps, "
+                      f"{cfg.train.budget_reserve_steps} steps' worth of it kept for the eval")
             with stage("train", timings):
                 trained = train(cfg)
             with stage("eval", timings):
@@ -449,6 +456,7 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
         "load_average": load.summary(),
         "small": small,
         "train": {"steps": trained["step"], "max_steps": cfg.train.steps, "time_budget_s": cfg.train.time_budget_s,
+                  "budget_reserve_steps": cfg.train.budget_reserve_steps,
                   "model": configlib.to_dict(cfg.model),
                   "loss": loss_history(tracking_uri, trained["mlflow_run_id"]) if trained["mlflow_run_id"] else {}},
         "mlflow": {"tracking_uri": tracking_uri, "run_id": trained["mlflow_run_id"],

@@ -86,10 +86,13 @@ def refit_schedule(scheduler, cfg: TrainConfig) -> None:
     scheduler.lr_lambdas = [lambda s: lr_factor(s, cfg)] * len(scheduler.optimizer.param_groups)
 
 
-def fit_steps(step: int, elapsed_s: float, step_s: float, budget_s: float, max_steps: int) -> int:
+def fit_steps(step: int, elapsed_s: float, step_s: float, budget_s: float, max_steps: int,
+              reserve_steps: int = 0) -> int:
     """Run length that fits a wall-clock budget: the steps done plus what the remaining seconds buy at the
-    measured step time, at most `max_steps` (a budget only shortens a run) and at least the steps done."""
-    more = int(max(0.0, budget_s - elapsed_s) // max(step_s, 1e-9))
+    measured step time, after `reserve_steps` steps' worth of them is set aside (work after the loop that is as
+    slow as the host); at most `max_steps` (a budget only shortens a run) and at least the steps done."""
+    step_s = max(step_s, 1e-9)
+    more = int(max(0.0, budget_s - elapsed_s - reserve_steps * step_s) // step_s)
     return max(step, min(max_steps, step + more))
 
 
@@ -366,7 +369,8 @@ def train_func(config: dict[str, Any]) -> None:
             now = time.perf_counter()
             step_s = (now - probe_t) / cfg.train.budget_probe_steps
             # rank 0's measurement for every rank: all must stop at the same step
-            fitted = _broadcast(max(len(bounds), fit_steps(step, now - started, step_s, budget, total)))
+            fitted = _broadcast(max(len(bounds), fit_steps(step, now - started, step_s, budget, total,
+                                                           cfg.train.budget_reserve_steps)))
             say(f"[train] time budget {budget:.0f}s: {step_s:.3f}s a step -> {fitted} of {total} steps")
             tracker.log_metrics({"budget/steps": fitted, "budget/step_time_s": step_s}, step)
             cfg = cfg.with_steps(fitted)

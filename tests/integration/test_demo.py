@@ -74,9 +74,10 @@ def test_training_loss_falls_and_mlflow_has_the_run(small_demo):
 
 def test_demo_gives_training_the_time_the_other_stages_leave():
     cfg = demo.train_config(demo.DemoConfig(), "/tmp/shards", "/tmp/run", None, [])
-    t = demo.TimeSection(target_s=600, train_overhead_s=45, after_train_s=80, min_train_s=60)
-    assert demo.time_budget(cfg, t, 95.0).train.time_budget_s == 380.0
-    assert demo.time_budget(cfg, t, 500.0).train.time_budget_s == 60.0       # the floor
+    t = demo.TimeSection(target_s=600, train_overhead_s=45, after_train_steps=450, min_train_s=60)
+    fitted = demo.time_budget(cfg, t, 95.0).train
+    assert fitted.time_budget_s == 460.0 and fitted.budget_reserve_steps == 450
+    assert demo.time_budget(cfg, t, 550.0).train.time_budget_s == 60.0       # the floor
     assert demo.time_budget(cfg, demo.TimeSection(), 95.0) is cfg           # no target: unchanged
     budgeted = demo.time_budget(cfg, t, 95.0)
     assert demo.time_budget(budgeted, t, 200.0) is budgeted                 # a set budget is kept

@@ -29,6 +29,8 @@ def test_fit_steps_spends_the_remaining_budget_and_only_shortens():
     assert train.fit_steps(21, 5.0, 0.25, 60.0, 1000) == 241
     assert train.fit_steps(21, 5.0, 0.25, 60.0, 100) == 100      # a budget never lengthens the run
     assert train.fit_steps(21, 90.0, 0.25, 60.0, 100) == 21      # already over: stop where it is
+    # 100 steps' worth (25 s at this step time) kept for after the loop: 30 s buy 120
+    assert train.fit_steps(21, 5.0, 0.25, 60.0, 1000, reserve_steps=100) == 141
 
 
 def test_with_steps_rescales_stages_and_refit_schedule_follows():
