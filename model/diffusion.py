@@ -114,6 +114,15 @@ def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: 
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
+def _segment_uniform(segment_ids: torch.Tensor, generator: torch.Generator | None,
+                     device: torch.device) -> torch.Tensor:
+    """One uniform per (row, segment id), gathered to positions: (B, L) -> (B, L); a packed sample's positions
+    share their draw."""
+    B, L = segment_ids.shape
+    u = _uniform((B, L + 1), generator, device)                     # (B, L + 1): one per possible segment id
+    return torch.gather(u, 1, segment_ids.clamp(0, L).long())       # (B, L): the sample's uniform
+
+
 def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: torch.Tensor | None,
                        generator: torch.Generator | None, *, mask_id: int, eps: float = 1e-3,
                        tail_factor: float = 0.6, scheme: Scheme = "per_token",
@@ -154,8 +163,7 @@ def mask_answer_tokens(ids: torch.Tensor, answer_mask: torch.Tensor, tail_mask: 
         if scheme == "per_sample" or shared_t is not None:
             if segment_ids is None or segment_ids.shape != ids.shape:
                 raise ValueError("per_sample masking needs segment_ids with the (B, L) shape of ids")
-            u_seg = _uniform((B, L + 1), generator, ids.device)                  # (B, L + 1): one per segment id
-            u_seg = torch.gather(u_seg, 1, segment_ids.clamp(0, L).long())      # (B, L): the sample's uniform
+            u_seg = _segment_uniform(segment_ids, generator, ids.device)        # (B, L): the sample's uniform
             u = u_seg if u is None else torch.where(shared_t.bool(), u_seg, u)
         t = lo + (1.0 - lo) * u
         if tail_mask is not None:
@@ -179,9 +187,7 @@ def drop_prompts(noisy_ids: torch.Tensor, answer_mask: torch.Tensor, segment_ids
     noisy_ids, answer_mask, segment_ids: (B, L) (segment 0 = padding); rate: (B, L) float dropout probability of
     the sample each position belongs to (0 = never). One uniform per (row, segment): a sample drops all of its
     prompt or none of it. Returns the new noisy ids."""
-    B, L = noisy_ids.shape
-    u = _uniform((B, L + 1), generator, noisy_ids.device)                   # (B, L + 1): one per segment id
-    u_pos = torch.gather(u, 1, segment_ids.clamp(0, L).long())              # (B, L): the sample's uniform
+    u_pos = _segment_uniform(segment_ids, generator, noisy_ids.device)      # (B, L): the sample's uniform
     drop = (u_pos < rate) & ~answer_mask.bool() & (segment_ids > 0)
     return torch.where(drop, torch.full_like(noisy_ids, mask_id), noisy_ids)
 

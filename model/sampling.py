@@ -7,7 +7,7 @@ shares the canvas layout, so each step unmasks the same number of positions per 
 from __future__ import annotations
 
 import math
-from typing import Literal, Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,15 @@ from model.vocab import Modality, Vocab
 
 Alg = Literal["entropy", "maskgit_plus", "topk_margin", "random"]
 ALGS = ("entropy", "maskgit_plus", "topk_margin", "random")
+
+
+class Block(NamedTuple):
+    """One of `generate`'s explicit blocks: `length` canvas positions filled in `steps` model calls, with its own
+    temperature and cfg_scale (None = generate's)."""
+    length: int
+    steps: int
+    temperature: float | None = None
+    cfg_scale: float | None = None
 
 
 # ---- schedule and lengths -----------------------------------------------------------------------------------
@@ -49,6 +58,33 @@ def tts_length(n_text_tokens: int, ratio: float = 3.5, multiple: int = 1) -> int
 def default_steps(length: int, tokens_per_step: int = 2) -> int:
     """Steps for a canvas of `length`: `length // 2` by default (two tokens per model call)."""
     return max(1, length // tokens_per_step)
+
+
+def block_spans(gen_length: int, steps: int, block_length: int | None = None,
+                blocks: Sequence[tuple] | None = None) -> list[tuple[int, int, Block]]:
+    """The canvas blocks `generate` fills left to right, as [(start, end, Block), ...]: equal blocks of
+    `block_length` sharing `steps` evenly (None = one block), or the explicit `blocks` ((length, steps) pairs or
+    `Block`s)."""
+    G = gen_length
+    if blocks is not None:
+        if block_length is not None:
+            raise ValueError("pass either block_length or blocks to generate, not both")
+        blocks = [Block(*b) for b in blocks]
+        if not blocks or any(b.length < 1 or b.steps < 1 for b in blocks) or sum(b.length for b in blocks) != G \
+                or sum(b.steps for b in blocks) != steps:
+            raise ValueError(f"blocks={[tuple(b[:2]) for b in blocks]} must be (length >= 1, steps >= 1) whose "
+                             f"lengths sum to gen_length={G} and steps to steps={steps}")
+        ends = [sum(b.length for b in blocks[:i + 1]) for i in range(len(blocks))]
+        return [(end - b.length, end, b) for end, b in zip(ends, blocks)]
+    block_length = block_length or G
+    if G < 1 or G % block_length:
+        raise ValueError(f"gen_length={G} must be a positive multiple of block_length={block_length}")
+    num_blocks = G // block_length
+    if steps < 1 or steps % num_blocks:
+        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
+                         f"gen_length/block_length = {num_blocks}; change steps or block_length")
+    per_block = Block(block_length, steps // num_blocks)
+    return [(b * block_length, (b + 1) * block_length, per_block) for b in range(num_blocks)]
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -110,12 +146,14 @@ def generate(
     gen_length: int,
     steps: int,
     block_length: int | None = None,
+    blocks: Sequence[tuple | Block] | None = None,
     alg: Alg = "entropy",
     temperature: float = 0.0,
     top_p: float | None = None,
     cfg_scale: float = 0.0,
     uncond_prompt_ids: torch.Tensor | None = None,
     uncond_prompt_mask: torch.Tensor | None = None,
+    uncond_hidden: torch.Tensor | None = None,
     position_penalty: float = 1.0,
     penalty_start: int = 100,
     pre_infill: Sequence[tuple[int, float]] | None = None,
@@ -142,6 +180,10 @@ def generate(
         the canvas is full after exactly `steps` steps (fewer calls when a step has nothing to unmask).
     block_length: semi-autoregressive decoding (LLaDA §2.4): the canvas is cut into G / block_length blocks
         filled left to right, each with steps / num_blocks steps. None = one block. Both must divide evenly.
+    blocks: explicit blocks instead, [(length, steps), ...] or `Block`s left to right, lengths summing to
+        gen_length and steps to `steps`; a Block may set its own temperature and cfg_scale. E.g.
+        [Block(1, 1, 0.0, 0.0), Block(66, 16)] decides a one-token transcript by argmax without guidance, then
+        the image after it (a chain of modalities, pipelines/inference.py). Excludes block_length.
     alg: which masked positions to fill first, by confidence — "entropy" (negative entropy, default),
         "maskgit_plus" (probability of the sampled token), "topk_margin" (top-1 minus top-2 probability),
         "random". Only masked positions of the current block compete.
@@ -152,6 +194,8 @@ def generate(
         (no unconditional forward at all, so the output equals the plain conditional path exactly).
     uncond_prompt_ids, uncond_prompt_mask: the unconditional prompt (B, P') (left-padded, mask True = real
         token); default: the prompt with every real token replaced by the mask id (Dream / LLaDA).
+    uncond_hidden: (gen_length,) bool canvas positions the unconditional rows see masked even once decoded (a
+        chain's transcript: guidance then contrasts the image with neither the prompt nor the transcript).
     position_penalty: raster-order bias (images, reference Omni-Diffusion): after the first `penalty_start`
         masked positions of the canvas, confidence is divided (if >= 0) or multiplied (if < 0) by a factor
         ramping from 1 to position_penalty, which lowers it either way (entropy confidences are negative, so
@@ -182,14 +226,7 @@ def generate(
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
     G = gen_length
-    block_length = block_length or G
-    if G < 1 or G % block_length:
-        raise ValueError(f"gen_length={G} must be a positive multiple of block_length={block_length}")
-    num_blocks = G // block_length
-    if steps < 1 or steps % num_blocks:
-        raise ValueError(f"steps={steps} must be a positive multiple of the number of blocks "
-                         f"gen_length/block_length = {num_blocks}; change steps or block_length")
-    steps_per_block = steps // num_blocks
+    spans = block_spans(G, steps, block_length, blocks)   # [(lo, hi, Block), ...]
     mask_id = vocab.mask_id
     device = prompt_ids.device
     B = prompt_ids.shape[0]
@@ -197,7 +234,7 @@ def generate(
         prompt_mask = torch.ones_like(prompt_ids, dtype=torch.bool)
     prompt_mask = prompt_mask.bool()
 
-    use_cfg = cfg_scale != 0.0
+    use_cfg = cfg_scale != 0.0 or any(b.cfg_scale for *_, b in spans)
     if use_cfg:
         if uncond_prompt_ids is None:
             uncond_prompt_ids = prompt_ids.masked_fill(prompt_mask, mask_id)
@@ -235,13 +272,19 @@ def generate(
 
     if allowed is not None and modality is not None:
         raise ValueError("pass either modality or allowed to generate, not both")
+    if uncond_hidden is not None:
+        if uncond_hidden.shape != (G,):
+            raise ValueError(f"uncond_hidden must be (gen_length={G},) bool, got {tuple(uncond_hidden.shape)}")
+        uncond_hidden = uncond_hidden.to(device=device, dtype=torch.bool)
     allowed_mask = None  # (V,) or (G, V) bool, built (or checked) at the first forward once V is known
     rows = None          # (C,) the ids any canvas position may emit, when the head runs on them alone
     history: list[torch.Tensor] = []
-    for block in range(num_blocks):
-        lo, hi = block * block_length, (block + 1) * block_length
-        schedule = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), steps_per_block)  # (B, S)
-        for step in range(steps_per_block):
+    for lo, hi, block in spans:
+        block_cfg = cfg_scale if block.cfg_scale is None else block.cfg_scale
+        block_temperature = temperature if block.temperature is None else block.temperature
+        block_segments = segments if segments is None or block_cfg else segments[:B]
+        schedule = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), block.steps)  # (B, S)
+        for step in range(block.steps):
             k = schedule[:, step]  # (B,)
             k_max = int(k.max())
             if k_max == 0:
@@ -249,16 +292,17 @@ def generate(
                     history.append(canvas.clone())
                 continue
             x = torch.cat([prompt_ids, canvas], dim=1)  # (B, P + G)
-            if use_cfg:
-                x = torch.cat([x, torch.cat([uncond_prompt_ids, canvas], dim=1)], dim=0)  # (2B, P + G)
+            if block_cfg:
+                seen = canvas if uncond_hidden is None else canvas.masked_fill(uncond_hidden, mask_id)
+                x = torch.cat([x, torch.cat([uncond_prompt_ids, seen], dim=1)], dim=0)  # (2B, P + G)
             only = torch.zeros(x.shape, dtype=torch.bool, device=device)
             only[:, P + lo:P + hi] = True  # the head runs on the block's columns only
             extra = {} if rows is None else {"vocab_rows": rows}
-            logits = model(x, segments, only=only, **extra).float()               # (N, V) or (N, C)
+            logits = model(x, block_segments, only=only, **extra).float()         # (N, V) or (N, C)
             logits = logits.view(x.shape[0], hi - lo, -1)                         # (B or 2B, Lb, V or C)
-            if use_cfg:
+            if block_cfg:
                 cond, uncond = logits[:B], logits[B:]
-                logits = uncond + (cfg_scale + 1.0) * (cond - uncond)
+                logits = uncond + (block_cfg + 1.0) * (cond - uncond)
             if allowed_mask is None:
                 V = logits.shape[-1]
                 allowed_mask = (_allowed_ids(vocab, modality, V, G, device) if allowed is None
@@ -287,8 +331,8 @@ def generate(
             logits = logits.masked_fill(~(allowed_mask if allowed_mask.dim() == 1 else allowed_mask[lo:hi]),
                                         float("-inf"))
 
-            if temperature > 0:
-                logits = logits / temperature
+            if block_temperature > 0:
+                logits = logits / block_temperature
                 if top_p is not None and top_p < 1.0:
                     logits = top_p_filter(logits, top_p)
                 probs = logits.softmax(-1)  # (B, Lb, C)

@@ -83,8 +83,12 @@ class DiffusionConfig:
     prompt_dropout: dict[str, float] = field(default_factory=dict)
     # Per-task floor on the masking rate t (per_token scheme; {} = eps for all): t ~ U(floor, 1) for that task's
     # answers. An image answer is mostly predictable from its visible pixels; a floor keeps its training where
-    # the prompt decides the answer (speech-to-image learns its conditioning from those steps).
+    # the prompt decides the answer (speech-to-image learns its conditioning from those steps). Media and special
+    # positions only: text inside an answer (an s2i transcript before its image) trains at every rate.
     task_min_t: dict[str, float] = field(default_factory=dict)
+    # Per-task loss multiplier at the TEXT positions of a task's answer ({} = 1), on top of task_weights: an s2i
+    # answer that writes its transcript before the image has one text token beside ~64 image tokens.
+    task_text_weights: dict[str, float] = field(default_factory=dict)
     # Per-task masking scheme under scheme=per_token ({} = the scheme for all): {tts: per_sample} draws t per
     # sample for that task's answers (see scheme above).
     task_scheme: dict[str, str] = field(default_factory=dict)
@@ -210,6 +214,7 @@ class TrainConfig:
             raise ConfigError(f"diffusion.max_tail={self.diffusion.max_tail} must be >= 1")
         # the per-task maps: key -> (valid value, what the error says values must be)
         per_task = {"task_weights": (lambda w: w >= 0, ">= 0"), "task_max_tail": (lambda n: n >= 1, ">= 1"),
+                    "task_text_weights": (lambda w: w >= 0, ">= 0"),
                     "prompt_dropout": (lambda r: 0 <= r < 1, "in [0, 1)"),
                     "task_min_t": (lambda r: 0 <= r < 1, "in [0, 1)"),
                     "task_scheme": (lambda x: x in ("per_token", "per_sample"), "per_token or per_sample")}
@@ -219,7 +224,7 @@ class TrainConfig:
             if unknown or not all(valid(v) for v in values.values()):
                 raise ConfigError(f"diffusion.{key} {values}: keys must be tasks {list(TASKS)} (unknown: "
                                   f"{unknown}) and values {rule}")
-        for key in ("task_min_t", "task_scheme"):
+        for key in ("task_min_t", "task_scheme", "task_text_weights"):
             if getattr(self.diffusion, key) and self.diffusion.scheme == "per_sequence":
                 raise ConfigError(f"diffusion.{key} needs diffusion.scheme=per_token or per_sample")
         names = [s.name for s in self.data.sources]

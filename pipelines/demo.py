@@ -66,6 +66,9 @@ class CorpusSection:
     # full corpus costs ~390 CPU-s to tokenize; the cap keeps the stage near a minute. Lines are shuffled, so the
     # first N of a task are a random sample of it (every voice, speed and pitch stays represented).
     speech_lines_per_task: int = 0
+    # Speech-to-image answers as the spoken word, then the image (a chain of modalities, pipelines/demo_corpus.py);
+    # the sampler must then write that one-token transcript first (sampler.s2i.transcript=1).
+    s2i_transcript: bool = False
 
 
 @dataclass
@@ -108,6 +111,13 @@ class DemoConfig:
     eval_actors: int = 2          # Ray Data actors generating for the eval (one per core)
     eval_limit: int = 0           # items per task; 0 = the whole held-out split
     time: TimeSection = field(default_factory=TimeSection)
+
+    def __post_init__(self) -> None:
+        if self.corpus.s2i_transcript != bool(self.sampler.s2i.transcript):
+            raise ConfigError(f"corpus.s2i_transcript={self.corpus.s2i_transcript} with sampler.s2i.transcript="
+                              f"{self.sampler.s2i.transcript}: a model trained on transcript-then-image s2i answers "
+                              f"samples them with sampler.s2i.transcript=1 (a digit word is one text token), one "
+                              f"trained on image answers with 0")
 
 
 def time_budget(cfg, t: TimeSection, elapsed_s: float):
@@ -196,7 +206,8 @@ def build_corpus(demo: DemoConfig, out: Path, small: bool) -> dict:
     c = demo.corpus
     result = build_demo_corpus(out / "corpus", small=small, seed=c.seed,
                                n_train_images=None if small or not c.n_train_images else c.n_train_images,
-                               n_test_images=None if small or not c.n_test_images else c.n_test_images)
+                               n_test_images=None if small or not c.n_test_images else c.n_test_images,
+                               s2i_transcript=c.s2i_transcript)
     n = result["counts"]
     print(f"corpus: {sum(n['train'].values())} training lines, {sum(n['test'].values())} held-out lines "
           f"({n['images']} images, {n['audio']} clips; held-out voices {', '.join(result['held_out_voices'])})")
@@ -391,7 +402,9 @@ def format_results(results: dict) -> str:
         mark = "" if bar is None or acc is None else ("  ok" if acc >= bar else "  BELOW")
         lines.append(f"{task:<6} {'-' if acc is None else f'{100 * acc:8.1f}%'} "
                      f"{'' if bar is None else f'{100 * bar:5.0f}%'}{mark:<6} {m.get('n', 0):>4}  "
-                     f"{ACCURACY_MEANING[task]}")
+                     f"{ACCURACY_MEANING[task]}"
+                     + (f" (its transcript, written first: {100 * m['transcript_exact_match']:.1f}% right)"
+                        if m.get("transcript_exact_match") is not None else ""))
     real = results["classifier_accuracy_on_real_heldout"]
     if real is not None:
         lines.append(f"digit classifier (fitted on training images) on REAL held-out images: {100 * real:.1f}%")

@@ -16,6 +16,9 @@ same label distribution:
     s2i   "<|audio|>\\nGenerate an image of what is said."         -> <|image|>
     svqa  "<|image|>\\n<|audio|>"  (audio: a spoken question)       -> "seven"
 
+With `s2i_transcript`, speech-to-image answers with the transcript first, then the image (a chain of
+modalities: `-> "seven<|image|>"`), which the sampler decodes in that order (`sampler.s2i.transcript=1`).
+
 Held out for test.jsonl only: a stratified 20% of the images (fixed by the seed, whatever subset is written)
 and the voices marked `held_out` in data/demo_speech/index.jsonl. Speech tasks reuse each digit's clips in
 turn (a training clip appears in about three asr, three tts and three s2i lines); test lines use each held-out
@@ -148,9 +151,10 @@ def task_line(task: str, templates: TaskTemplates, *, text: str, answer: str, la
 
 
 def build_lines(slots: list[tuple[int, int]], digit_clips: list[Clip], question_clips: list[Clip],
-                rng: np.random.Generator) -> list[dict]:
+                rng: np.random.Generator, s2i_transcript: bool = False) -> list[dict]:
     """All six tasks for each (sklearn index, digit) slot. Each speech task draws from its own picker, so an
-    image is paired with different clips in s2i than the clips asr and tts see."""
+    image is paired with different clips in s2i than the clips asr and tts see. `s2i_transcript`: speech-to-image
+    answers are the spoken word, then the image."""
     templates = TaskTemplates()
     pickers = {task: ClipPicker(digit_clips, rng, f"{task} digit") for task in ("asr", "tts", "s2i")}
     questions = ClipPicker(question_clips, rng, "question")
@@ -165,7 +169,8 @@ def build_lines(slots: list[tuple[int, int]], digit_clips: list[Clip], question_
                       audios=[_audio_path(pickers["asr"].next(digit))]),
             task_line("tts", templates, text=word, answer=AUDIO_PLACEHOLDER, label=digit,
                       audios=[_audio_path(pickers["tts"].next(digit))]),
-            task_line("s2i", templates, text="", answer=IMAGE_PLACEHOLDER, label=digit, images=[image],
+            task_line("s2i", templates, text="", answer=(word if s2i_transcript else "") + IMAGE_PLACEHOLDER,
+                      label=digit, images=[image],
                       audios=[_audio_path(pickers["s2i"].next(digit))]),
             task_line("svqa", templates, text="", answer=word, label=digit, images=[image],
                       audios=[_audio_path(questions.next())]),
@@ -187,7 +192,7 @@ def _write_jsonl(path: Path, lines: list[dict]) -> None:
 
 def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None = None,
                       n_test_images: int | None = None, seed: int = 0, small: bool = False,
-                      speech_dir: str | os.PathLike = SPEECH_DIR) -> dict:
+                      speech_dir: str | os.PathLike = SPEECH_DIR, s2i_transcript: bool = False) -> dict:
     """Write the demo corpus under `out_dir` (see the module docstring) and return what was written:
     {"root", "train", "test", "summary" (corpus.json path), "counts": {"train": {task: n}, "test": {task: n},
     "images", "audio"}, "held_out_voices"}.
@@ -195,6 +200,7 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None 
     n_train_images: training image slots (default all ~1,437 of the train split; 10 with small); each slot
         gives one line per task. n_test_images: test image slots (default 120; 10 with small).
     seed: fixes the image split, which clips go with which slot, and the training line order.
+    s2i_transcript: speech-to-image answers are the transcript, then the image (module docstring).
     """
     from sklearn.datasets import load_digits  # ships its data; imported here to keep module import light
 
@@ -225,11 +231,11 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None 
     rng = np.random.default_rng(seed)
     train_lines = build_lines([(i, int(labels[i])) for i in train_idx],
                               [c for c in clips if not c.held_out and c.kind == "digit"],
-                              [c for c in clips if not c.held_out and c.kind == "question"], rng)
+                              [c for c in clips if not c.held_out and c.kind == "question"], rng, s2i_transcript)
     rng.shuffle(train_lines)   # tasks interleaved: a streaming trainer sees every direction from the start
     test_lines = build_lines([(i, int(labels[i])) for i in test_idx],
                              [c for c in clips if c.held_out and c.kind == "digit"],
-                             [c for c in clips if c.held_out and c.kind == "question"], rng)
+                             [c for c in clips if c.held_out and c.kind == "question"], rng, s2i_transcript)
     test_lines.sort(key=lambda line: DEMO_TASKS.index(line["task"]))   # stable: grouped by task for reading
 
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -246,7 +252,7 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None 
     counts = {"train": dict(Counter(line["task"] for line in train_lines)),
               "test": dict(Counter(line["task"] for line in test_lines)),
               "images": len(train_idx) + len(test_idx), "audio": len(audio)}
-    summary = {"seed": seed, "small": small, "counts": counts, "held_out_voices": held_out_voices,
+    summary = {"seed": seed, "small": small, "s2i_transcript": s2i_transcript, "counts": counts, "held_out_voices": held_out_voices,
                "train_image_indices": sorted(train_idx), "test_image_indices": sorted(test_idx),
                "speech_dir": str(speech_dir)}
     (out / "corpus.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -269,9 +275,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"test image slots (default {DEFAULT_TEST_IMAGES}; {SMALL_IMAGES} with --small)")
     parser.add_argument("--seed", type=int, default=0, help="fixes the split, clip pairing and line order")
     parser.add_argument("--speech-dir", default=str(SPEECH_DIR), help="folder with the clips and index.jsonl")
+    parser.add_argument("--s2i-transcript", action="store_true",
+                        help="speech-to-image answers are the transcript, then the image (chain of modalities)")
     args = parser.parse_args(argv)
     result = build_demo_corpus(args.out, n_train_images=args.n_train_images, n_test_images=args.n_test_images,
-                               seed=args.seed, small=args.small, speech_dir=args.speech_dir)
+                               seed=args.seed, small=args.small, speech_dir=args.speech_dir,
+                               s2i_transcript=args.s2i_transcript)
     c = result["counts"]
     print(f"demo corpus in {result['root']}: train {sum(c['train'].values())} lines {c['train']}, "
           f"test {sum(c['test'].values())} lines {c['test']}; {c['images']} images, {c['audio']} clips; "

@@ -18,7 +18,8 @@ word WER with jiwer):
     t2i s2i          class_accuracy: generated images classified by an image classifier fitted on real images of
                      --classifier-train-data (lines/samples with a label), next to real_accuracy, the same
                      classifier on the real held-out reference images (the ceiling the generator is judged
-                     against); clip_score with `--clip-model <dir>` (needs `transformers`)
+                     against); clip_score with `--clip-model <dir>` (needs `transformers`); for answers that
+                     write a transcript before the image (`s2i.transcript`), transcript_exact_match
 
 Writes a table (stdout), <out>/results.json ({"tasks": {task: {metric: value, "n": n}}, ...}) and
 <out>/predictions.jsonl, and logs `eval/<task>/<metric>` to the training run's MLflow run when the export names
@@ -94,6 +95,9 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
             elif templates.get(task).answer == "image":
                 lo, hi = vocab.image_range()
                 item["ref_image"] = (answer[(answer >= lo) & (answer < hi)] - lo).tolist()
+                said = answer[: int(np.argmax(answer == vocab.boi_id))] if (answer == vocab.boi_id).any() else []
+                if len(said):   # an s2i transcript before the image
+                    item["ref_text"] = tokenizers.text.decode([int(t) for t in said if t < vocab.text_size])
             counts[task] += 1
             items.append(item)
     else:
@@ -361,6 +365,9 @@ def task_metrics(task: str, items: list[dict], preds: list[dict], *, classifier:
                      if real_images and it["idx"] in real_images]
             if reals:
                 out["real_accuracy"] = classifier.accuracy(np.stack([r for r, _ in reals]), [y for _, y in reals])
+        said = [(it["ref_text"], p.get("hyp") or "") for it, p in zip(items, preds) if it.get("ref_text")]
+        if said and any("hyp" in p for p in preds):   # the transcript a chain-of-modalities answer wrote first
+            out["transcript_exact_match"] = scoring.exact_match([r for r, _ in said], [h for _, h in said])
         if clip_model:
             pairs = [(p["image"], it.get("spoken") or "") for it, p in zip(items, preds)
                      if p.get("image") is not None and it.get("spoken")]

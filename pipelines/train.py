@@ -125,6 +125,16 @@ def per_position(per_task: dict[str, float], task_ids: torch.Tensor) -> torch.Te
     return table[task_ids.clamp(min=0)] * (task_ids >= 0)                                  # (B, L)
 
 
+def media_floor(task_min_t: dict[str, float], batch: Batch, vocab: Vocab) -> torch.Tensor | None:
+    """(B, L) floor on the masking rate: `diffusion.task_min_t` of each position's task, at non-text positions
+    only. The floor is for media answers; the text of an answer (an s2i transcript written before its image)
+    trains at every rate, so the image is also learned with the transcript visible. None when no task has one."""
+    floor = per_position(task_min_t, batch.task_ids)
+    if floor is None:
+        return None
+    return floor * (vocab.modality_of(batch.ids) != int(Modality.TEXT))
+
+
 def shared_t_positions(task_scheme: dict[str, str], task_ids: torch.Tensor) -> torch.Tensor | None:
     """(B, L) bool: positions of the tasks that `diffusion.task_scheme` masks per sample; None when none do."""
     rate = per_position({t: 1.0 for t, s in task_scheme.items() if s == "per_sample"}, task_ids)
@@ -143,7 +153,7 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
         gen = step_generator(cfg.train.seed, step, rank, m, device)
         masked = mask_answer_tokens(batch.ids, batch.answer_mask, batch.tail_mask, gen, mask_id=vocab.mask_id,
                                     eps=d.eps, tail_factor=d.tail_factor, scheme=d.scheme,
-                                    t_min=per_position(d.task_min_t, batch.task_ids), segment_ids=batch.segment_ids,
+                                    t_min=media_floor(d.task_min_t, batch, vocab), segment_ids=batch.segment_ids,
                                     shared_t=shared_t_positions(d.task_scheme, batch.task_ids))
         rate = per_position(d.prompt_dropout, batch.task_ids)
         if rate is not None:
@@ -161,20 +171,26 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
         # the head runs at masked positions only: (N_masked, V), rows in is_masked.nonzero() order
         logits = model(masked.noisy_ids, batch.segment_ids, only=masked.is_masked)
         rows, cols = masked.is_masked.nonzero(as_tuple=True)
-        task_of = batch.task_ids[rows, cols]                                  # (N_masked,)
         # zero-valued but connected to the graph: every rank must run backward (FSDP's collectives) even with
         # no masked token in its micro-batch
         loss_sum = logits[..., :1].sum() * 0.0
+        is_text = vocab.modality_of(batch.ids) == int(Modality.TEXT) if d.task_text_weights else None   # (B, L)
         for ti in batch.task_ids.unique().tolist():
             if ti < 0:
                 continue
             sel = batch.task_ids == ti                                        # (B, L)
-            rc = None if d.scheme == "per_token" else row_count * sel.any(1)
-            terms = masked_diffusion_loss(logits[task_of == ti], batch.ids, masked.is_masked & sel,
-                                          weights=weights, row_count=rc)
-            loss_sum = loss_sum + d.task_weights.get(TASKS[ti], 1.0) * terms.loss_sum
-            task_sum[ti] += terms.loss_sum.detach()
-            task_count[ti] += terms.count
+            text_weight = d.task_text_weights.get(TASKS[ti], 1.0)
+            # the text of a media answer (an s2i transcript) weighs text_weight: its own loss term, logged unweighted
+            parts = [(sel, 1.0)] if text_weight == 1.0 else [(sel & ~is_text, 1.0), (sel & is_text, text_weight)]
+            for part, w in parts:
+                # per_token / per_sample: a part's share of the normalizer is its masked positions
+                rc = None if d.scheme != "per_sequence" else row_count * part.any(1)
+                picked = masked.is_masked & part
+                terms = masked_diffusion_loss(logits[picked[rows, cols]], batch.ids, picked, weights=weights,
+                                              row_count=rc)
+                loss_sum = loss_sum + d.task_weights.get(TASKS[ti], 1.0) * w * terms.loss_sum
+                task_sum[ti] += terms.loss_sum.detach()
+                task_count[ti] += terms.count
         # FSDP averages gradients over ranks; * world makes the result the gradient of sum(loss) / global count
         (loss_sum * world / count).backward()
 

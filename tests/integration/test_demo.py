@@ -52,6 +52,8 @@ def test_results_json_has_the_agreed_keys(small_demo):
         assert 0.0 <= metrics["accuracy"] <= 1.0, task
         assert metrics["n"] == 10, task            # small.eval_limit items of each task were judged
     assert 0.0 <= results["classifier_accuracy_on_real_heldout"] <= 1.0
+    # speech-to-image writes the transcript first (corpus.s2i_transcript); the eval scores it beside the image
+    assert 0.0 <= results["tasks"]["s2i"]["transcript_exact_match"] <= 1.0
     assert results["train"]["steps"] == 24 and results["train"]["max_steps"] == 40
     assert results["train"]["time_budget_s"] == 0.01   # an override wins over the demo's own budget
     assert results["mlflow"]["ui"].startswith("mlflow ui --backend-store-uri sqlite:///")

@@ -140,3 +140,16 @@ def test_committed_speech_clips_are_small_and_readable(clips):
 def test_missing_speech_index_names_the_fix(tmp_path):
     with pytest.raises(FileNotFoundError, match="make_demo_speech"):
         dc.build_demo_corpus(tmp_path / "out", small=True, speech_dir=tmp_path)
+
+
+def test_s2i_transcript_answers_with_the_word_then_the_image(tmp_path):
+    result = dc.build_demo_corpus(tmp_path / "chain", small=True, seed=0, s2i_transcript=True)
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in open(result[split])]
+        s2i = [r for r in rows if r["task"] == "s2i"]
+        assert s2i and all(r["messages"][-1]["content"] == dc.DIGIT_WORDS[r["label"]] + IMAGE_PLACEHOLDER
+                           for r in s2i)
+        assert all(infer_task(r["messages"]) == "s2i" for r in s2i)
+        t2i = [r for r in rows if r["task"] == "t2i"]
+        assert all(r["messages"][-1]["content"] == IMAGE_PLACEHOLDER for r in t2i)   # only s2i changes
+    assert json.loads(open(result["summary"]).read())["s2i_transcript"] is True

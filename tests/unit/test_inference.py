@@ -149,6 +149,29 @@ def test_spoken_vqa_speech_answer_preinfills_boa(loaded, media):
     assert v.allowed_ids(Modality.TEXT)[torch.from_numpy(out.canvas[:8])].all()
 
 
+def test_speech_to_image_chain_writes_the_transcript_then_the_image(loaded, media):
+    """s2i.transcript=1: one canvas, <im_start><assistant> | word <boi> codes <eoi> <im_end>, the word first."""
+    p = predictor(loaded, "s2i.transcript=1", "s2i.steps=4", "s2i.temperature=1", "s2i.alg=random")
+    prep = p.prepare(Request("s2i", audios=[str(media["seven.wav"])]))
+    v, n = loaded.vocab, loaded.tokenizers.image.tokens_per_image
+    c = prep.canvas
+    assert prep.prompt[-2:].tolist() == [v.im_start_id, v.role_id("assistant")]   # no <boi>: the text comes first
+    assert (c.kind, c.length, c.split, c.steps) == ("text+image", n + 4, 1, 1 + 4)
+    assert c.fixed == ((1, v.boi_id), (n + 2, v.eoi_id), (n + 3, v.im_end_id))
+    assert p.blocks(c) == [(1, 1, 0.0, 0.0), (n + 3, 4, None, None)]   # the transcript by argmax, unguided
+    allowed = p.allowed(c)
+    assert set(allowed[0].nonzero().flatten().tolist()) == set(range(v.text_size))   # a text token, not a stop
+    lo, hi = v.image_range()
+    assert set(allowed[2].nonzero().flatten().tolist()) == set(range(lo, hi))
+    out = p.run([prep])[0]
+    assert out.canvas[0] < v.text_size and out.canvas[1] == v.boi_id
+    assert ((out.canvas[2:n + 2] >= lo) & (out.canvas[2:n + 2] < hi)).all()
+    assert out.text == p.decode_text(out.canvas[:1]) and out.image.shape == (8, 8, 1)
+    # the image is the canvas after <boi>: the same codes the tokenizer decodes
+    np.testing.assert_array_equal(out.image, loaded.tokenizers.image.decode(v.image_codes(out.canvas[2:n + 2])[None])[0])
+    assert predictor(loaded).prepare(Request("s2i", audios=[str(media["seven.wav"])])).canvas.kind == "image"
+
+
 def test_block_length_and_seq_len_limits(loaded):
     p = predictor(loaded, "text.length=10", "text.block_length=4", "text.steps=5")
     c = p.prepare(Request("text", text="hi")).canvas
@@ -188,6 +211,10 @@ def test_request_from_line_splits_prompt_and_reference():
     req, ref = request_from_line(lines[5], "/data", id=9)            # s2i: answer image is the reference
     assert req.task == "s2i" and req.audios == ["audio/seven.wav"] and req.images == [] and req.id == 9
     assert ref.images == ["images/seven.png"] and ref.label == 7 and ref.text is None
+    chain = json.loads(json.dumps(lines[5]))
+    chain["messages"][-1]["content"] = "seven" + IMAGE_PLACEHOLDER               # transcript, then the image
+    req, ref = request_from_line(chain, "/data")
+    assert req.task == "s2i" and ref.images == ["images/seven.png"] and ref.text == "seven"
     req, ref = request_from_line(lines[2], "")                       # i2t: prompt image, text reference
     assert req.images == ["images/seven.png"] and ref.text == "seven" and req.messages[-1]["role"] == "user"
     req, _ = request_from_line({"messages": [{"role": "user", "content": "<|audio|>"}], "audios": ["a.wav"]})
@@ -311,6 +338,11 @@ def test_task_metrics_tts_and_images():
     m = evaluate.task_metrics("t2i", items, preds, classifier=ByMean(), real_images={0: white, 1: black, 2: white})
     assert m["class_accuracy"] == pytest.approx(1 / 3)   # the failed generation counts as wrong
     assert m["real_accuracy"] == pytest.approx(2 / 3)
+    assert "transcript_exact_match" not in m
+    chain = [{**it, "ref_text": w} for it, w in zip(items, ["one", "zero", "zero", "three"])]
+    said = [{**p, "hyp": h} for p, h in zip(preds[:2], ["one", "nine"])] + preds[2:]
+    m = evaluate.task_metrics("s2i", chain, said, classifier=ByMean())
+    assert m["transcript_exact_match"] == 0.25 and m["class_accuracy"] == pytest.approx(1 / 3)
     with pytest.raises(RuntimeError, match="transformers"):
         evaluate.clip_score([white], ["a"], "/nonexistent")
 

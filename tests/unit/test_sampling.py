@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from model.sampling import (asr_length, default_steps, generate, num_transfer_tokens, position_penalty_factor,
-                            sample_categorical, tts_length)
+from model.sampling import (Block, asr_length, block_spans, default_steps, generate, num_transfer_tokens,
+                            position_penalty_factor, sample_categorical, tts_length)
 from model.vocab import Modality, Vocab
 
 VOCAB = Vocab(text_size=300, n_q=2, image_codebook_size=17)
@@ -166,6 +166,57 @@ def test_blockwise_fills_left_to_right(model):
         generate(model, _prompt(4), vocab=VOCAB, gen_length=12, steps=6, block_length=5)
     with pytest.raises(ValueError, match="number of blocks"):
         generate(model, _prompt(4), vocab=VOCAB, gen_length=12, steps=4, block_length=4)
+
+
+def test_explicit_blocks_decide_the_first_block_first(model):
+    """blocks=[(1, 1), (11, 3)]: a one-token transcript in the first step, then the rest in three steps."""
+    out, history = generate(model, _prompt(4), vocab=VOCAB, gen_length=12, steps=4, blocks=[(1, 1), (11, 3)],
+                            alg="random", generator=torch.Generator().manual_seed(0), return_history=True)
+    assert len(history) == 4 and not (out == VOCAB.mask_id).any()
+    assert (history[0][:, 0] != VOCAB.mask_id).all() and (history[0][:, 1:] == VOCAB.mask_id).all()
+    assert [int((h[0] != VOCAB.mask_id).sum()) for h in history] == [1, 5, 9, 12]
+    assert block_spans(12, 6, 4) == [(0, 4, Block(4, 2)), (4, 8, Block(4, 2)), (8, 12, Block(4, 2))]
+    assert block_spans(12, 4, blocks=[(1, 1), (11, 3)]) == [(0, 1, Block(1, 1)), (1, 12, Block(11, 3))]
+    for bad in ([(1, 1), (10, 3)], [(1, 2), (11, 3)], [(0, 1), (12, 3)]):
+        with pytest.raises(ValueError, match="blocks"):
+            generate(model, _prompt(4), vocab=VOCAB, gen_length=12, steps=4, blocks=bad)
+    with pytest.raises(ValueError, match="not both"):
+        generate(model, _prompt(4), vocab=VOCAB, gen_length=12, steps=4, blocks=[(12, 4)], block_length=4)
+
+
+def test_a_block_can_decode_by_argmax_without_guidance(model):
+    """Block(4, 2, 0.0, 0.0) under cfg_scale=2, temperature=1: the first block is what plain argmax decoding
+    gives (the rest of the canvas is masked in both), with conditional rows only; the second block is guided."""
+    batch_sizes = []
+
+    def counting(x, *args, **kwargs):
+        batch_sizes.append(x.shape[0])
+        return model(x, *args, **kwargs)
+
+    prompt = _prompt(4).repeat(2, 1)
+    mixed = generate(counting, prompt, vocab=VOCAB, gen_length=12, steps=6, cfg_scale=2.0, temperature=1.0,
+                     blocks=[Block(4, 2, 0.0, 0.0), Block(8, 4)], generator=torch.Generator().manual_seed(0))
+    assert batch_sizes == [2, 2, 4, 4, 4, 4]       # guidance doubles the rows of the second block only
+    plain = generate(model, prompt, vocab=VOCAB, gen_length=12, steps=6, blocks=[(4, 2), (8, 4)])
+    assert torch.equal(mixed[:, :4], plain[:, :4])
+
+
+def test_uncond_hidden_keeps_decoded_positions_masked_for_the_unconditional_rows(model):
+    seen = []
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.clone())
+        return model(x, *args, **kwargs)
+
+    hidden = torch.zeros(12, dtype=torch.bool)
+    hidden[:4] = True
+    out = generate(recording, _prompt(4), vocab=VOCAB, gen_length=12, steps=6, cfg_scale=2.0,
+                   blocks=[Block(4, 2, 0.0, 0.0), Block(8, 4)], uncond_hidden=hidden)
+    cond, uncond = seen[-1][0, 4:], seen[-1][1, 4:]     # the last call: (2B, P + G), canvas after the prompt
+    assert torch.equal(cond[:4], out[0, :4]) and (uncond[:4] == VOCAB.mask_id).all()
+    assert torch.equal(cond[4:], uncond[4:])            # the rest of the canvas is shared
+    with pytest.raises(ValueError, match="uncond_hidden"):
+        generate(model, _prompt(4), vocab=VOCAB, gen_length=12, steps=6, cfg_scale=2.0, uncond_hidden=hidden[:5])
 
 
 def test_repetition_penalty_reduces_repeats(model):

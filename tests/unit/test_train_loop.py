@@ -103,9 +103,10 @@ def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_gro
 
     shards = write_shard_set(tmp_path / "set", VOCAB, {"t2i": 8, "i2t": 8}, samples_per_shard=16)
 
-    def one_step(weights):
+    def one_step(weights, text_weights=None):
         cfg = from_dict(TrainConfig, {"data": {"shards": [str(shards)], "seq_len": 128, "micro_batch": 2},
-                                      "diffusion": {"task_weights": weights}, "train": {"steps": 1}})
+                                      "diffusion": {"task_weights": weights, "task_text_weights": text_weights or {}},
+                                      "train": {"steps": 1}})
         data = load_data(cfg)
         torch.manual_seed(0)
         model = train.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
@@ -120,6 +121,16 @@ def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_gro
     assert off.grad_norm == 0.0
     with pytest.raises(ConfigError, match="task_weights"):
         from_dict(TrainConfig, {"diffusion": {"task_weights": {"captioning": 2.0}}})
+    # task_text_weights: only the text positions of a task's answer (an image answer has none); logged unweighted
+    assert one_step({}, {"t2i": 3.0}).grad_norm == pytest.approx(plain.grad_norm, rel=1e-5)
+    i2t_only = one_step({"t2i": 0.0})
+    text_heavy, text_off = one_step({"t2i": 0.0}, {"i2t": 3.0}), one_step({"t2i": 0.0}, {"i2t": 0.0})
+    assert text_heavy.loss == pytest.approx(i2t_only.loss) == pytest.approx(text_off.loss)
+    assert text_off.grad_norm < i2t_only.grad_norm < text_heavy.grad_norm
+    assert text_off.grad_norm > 0                  # the answer's <im_end> and EOS tail still train
+    assert one_step({"t2i": 0.0, "i2t": 0.0}, {"i2t": 5.0}).grad_norm == 0.0   # on top of task_weights
+    with pytest.raises(ConfigError, match="task_text_weights needs"):
+        from_dict(TrainConfig, {"diffusion": {"scheme": "per_sequence", "task_text_weights": {"s2i": 4.0}}})
 
 
 def test_prompt_dropout_masks_the_prompts_the_model_sees(one_rank_group, tmp_path):
@@ -185,3 +196,14 @@ def test_task_scheme_config_picks_the_shared_t_positions():
         from_dict(TrainConfig, {"diffusion": {"task_scheme": {"tts": "per_sequence"}}})
     with pytest.raises(ConfigError, match="task_scheme needs"):
         from_dict(TrainConfig, {"diffusion": {"scheme": "per_sequence", "task_scheme": {"tts": "per_sample"}}})
+
+
+def test_media_floor_spares_the_text_of_an_answer():
+    """task_min_t floors an answer's media positions; an s2i transcript before its image trains at every rate."""
+    class B:   # the part of a Batch the floor reads
+        ids = torch.tensor([[5, VOCAB.boi_id, VOCAB.image_offset + 1, VOCAB.eoi_id, VOCAB.im_end_id, 7]])
+        task_ids = torch.tensor([[TASKS.index("s2i")] * 5 + [TASKS.index("i2t")]])
+
+    floor = train.media_floor({"s2i": 0.8}, B, VOCAB)
+    assert torch.allclose(floor, torch.tensor([[0.0, 0.8, 0.8, 0.8, 0.8, 0.0]]))
+    assert train.media_floor({}, B, VOCAB) is None
