@@ -252,9 +252,9 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None 
     counts = {"train": dict(Counter(line["task"] for line in train_lines)),
               "test": dict(Counter(line["task"] for line in test_lines)),
               "images": len(train_idx) + len(test_idx), "audio": len(audio)}
-    summary = {"seed": seed, "small": small, "s2i_transcript": s2i_transcript, "counts": counts, "held_out_voices": held_out_voices,
-               "train_image_indices": sorted(train_idx), "test_image_indices": sorted(test_idx),
-               "speech_dir": str(speech_dir)}
+    summary = {"seed": seed, "small": small, "s2i_transcript": s2i_transcript, "counts": counts,
+               "held_out_voices": held_out_voices, "train_image_indices": sorted(train_idx),
+               "test_image_indices": sorted(test_idx), "speech_dir": str(speech_dir)}
     (out / "corpus.json").write_text(json.dumps(summary, indent=1) + "\n")
     _write_jsonl(out / "test.jsonl", test_lines)
     _write_jsonl(out / "train.jsonl", train_lines)

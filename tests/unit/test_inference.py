@@ -168,7 +168,8 @@ def test_speech_to_image_chain_writes_the_transcript_then_the_image(loaded, medi
     assert ((out.canvas[2:n + 2] >= lo) & (out.canvas[2:n + 2] < hi)).all()
     assert out.text == p.decode_text(out.canvas[:1]) and out.image.shape == (8, 8, 1)
     # the image is the canvas after <boi>: the same codes the tokenizer decodes
-    np.testing.assert_array_equal(out.image, loaded.tokenizers.image.decode(v.image_codes(out.canvas[2:n + 2])[None])[0])
+    drawn = loaded.tokenizers.image.decode(v.image_codes(out.canvas[2:n + 2])[None])[0]   # (1, N) -> (H, W, C)
+    np.testing.assert_array_equal(out.image, drawn)
     assert predictor(loaded).prepare(Request("s2i", audios=[str(media["seven.wav"])])).canvas.kind == "image"
 
 

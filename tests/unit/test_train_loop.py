@@ -105,7 +105,8 @@ def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_gro
 
     def one_step(weights, text_weights=None):
         cfg = from_dict(TrainConfig, {"data": {"shards": [str(shards)], "seq_len": 128, "micro_batch": 2},
-                                      "diffusion": {"task_weights": weights, "task_text_weights": text_weights or {}},
+                                      "diffusion": {"task_weights": weights,
+                                                    "task_text_weights": text_weights or {}},
                                       "train": {"steps": 1}})
         data = load_data(cfg)
         torch.manual_seed(0)
