@@ -59,6 +59,7 @@ EXPORT_FILES = ("model.safetensors", "vocab.json")
 # model_config.json (the ModelConfig alone) with export.json ({"step", "run_name", "mlflow_run_id", ...}).
 CONFIG_FILES = ("config.json", "model_config.json")
 TOKENIZERS_DIR = "tokenizers"
+IMAGE_KINDS = ("image", "text+image")   # canvases that end in an image of known length (module docstring)
 
 
 # ---- sampler presets ----------------------------------------------------------------------------------------
@@ -505,7 +506,7 @@ class Predictor:
         v = self.vocab
         fixed: tuple[tuple[int, int], ...] = ()
         split = 0
-        if kind in ("image", "text+image"):
+        if kind in IMAGE_KINDS:
             n_codes = s.length or self.tokenizers.image.tokens_per_image
             if n_codes != self.tokenizers.image.tokens_per_image:
                 raise ValueError(f"{task}.length={s.length}: an image is exactly "
@@ -529,14 +530,14 @@ class Predictor:
             if kind == "text+audio":
                 split = int(s.boa_fraction * length)
                 fixed = ((split, v.boa_id),)
-        if s.block_length and kind not in ("image", "text+image"):
+        if s.block_length and kind not in IMAGE_KINDS:
             length = -(-length // s.block_length) * s.block_length
         n_free = length - len(fixed)
         steps = math.ceil(s.steps_ratio * n_free) if s.steps_ratio > 0 else s.steps
         steps = max(1, min(steps, n_free))
         if kind == "text+image":
             steps = split + max(1, min(steps, n_free - split))   # one step per transcript token, then the image's
-        if s.block_length and kind not in ("image", "text+image"):
+        if s.block_length and kind not in IMAGE_KINDS:
             blocks = length // s.block_length
             steps = max(blocks, steps // blocks * blocks)
         limit = self.loaded.model_config.seq_len
@@ -596,7 +597,7 @@ class Predictor:
             mask = v.allowed_ids(Modality.TEXT)
         else:
             mask = torch.zeros(canvas.length, v.size, dtype=torch.bool)
-            if canvas.kind in ("image", "text+image"):
+            if canvas.kind in IMAGE_KINDS:
                 mask[canvas.split:, v.image_offset: v.size] = True
                 # the transcript has the length the model was trained on: text ids, no end-of-turn or EOS
                 mask[:canvas.split] = v.allowed_ids(Modality.TEXT)
@@ -675,7 +676,7 @@ class Predictor:
         out = Output(task=c.task, id=item.request.id, canvas=row, prompt_len=len(item.prompt))
         if c.kind == "text":
             out.text = self.decode_text(row)
-        elif c.kind in ("image", "text+image"):
+        elif c.kind in IMAGE_KINDS:
             n = self.tokenizers.image.tokens_per_image
             start = c.split + 1 if c.kind == "text+image" else 0   # after the transcript and its <boi>
             if c.kind == "text+image":
