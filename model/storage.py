@@ -4,39 +4,123 @@ S3 settings come from the standard AWS environment (AWS_ACCESS_KEY_ID, AWS_SECRE
 AWS_DEFAULT_REGION) plus AWS_ENDPOINT_URL for S3-compatible stores (MinIO, moto in tests). Credentials are
 never passed through configs, so they never reach manifests, logs or MLflow params.
 
+Every call here is retried on transient faults (endpoint unreachable, timeouts, dropped connections, 5xx such
+as 503 SlowDown) with doubling, jittered waits; when the retries run out it raises `StorageError` naming the
+URI. `StorageError` is deliberately not an `OSError`: code that reads corpus files treats `OSError` from
+*content* (PIL, pyarrow) as a bad input, and a storage fault must never become one. A missing object stays a
+`FileNotFoundError` (that is a fact about the data, not a fault).
+
 Writes are atomic: locally a temp file in the same folder + rename; on S3 a single PUT (an object appears whole
-or not at all).
+or not at all). Retrying either is safe: a repeated PUT or rename writes the same bytes.
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
 import posixpath
+import random
+import time
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import fsspec
+
+T = TypeVar("T")
+
+
+class StorageError(RuntimeError):
+    """A storage call failed for a reason that is not the data's: retries exhausted, or access refused."""
+
+    def __init__(self, message: str, uri: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How every storage call of this process retries. A job sets it from its config (`set_policy`) on the
+    driver and ships it to its tasks; the defaults ride out a throttled bucket for about two minutes."""
+    attempts: int = 8             # tries per call, the first included
+    backoff_s: float = 0.5        # first wait; doubles per retry, +-25% jitter
+    max_backoff_s: float = 30.0   # cap on one wait
+    timeout_s: float = 0.0        # S3 connect/read timeout per request; 0 = botocore's (60 s)
+
+    def waits(self) -> list[float]:
+        return [min(self.backoff_s * 2 ** i, self.max_backoff_s) for i in range(max(0, self.attempts - 1))]
+
+
+_POLICY = RetryPolicy()
+
+
+def set_policy(policy: RetryPolicy | dict[str, Any]) -> None:
+    global _POLICY
+    policy = RetryPolicy(**policy) if isinstance(policy, dict) else policy
+    if policy.attempts < 1 or policy.backoff_s < 0 or policy.max_backoff_s < 0 or policy.timeout_s < 0:
+        raise ValueError(f"storage retry policy out of range: {policy}")
+    if policy != _POLICY:
+        _FS.clear()   # the timeout is a client setting
+    _POLICY = policy
+
+
+def policy() -> RetryPolicy:
+    return _POLICY
+
+
+def policy_dict() -> dict[str, Any]:
+    """The policy as plain data, for Ray tasks (`set_policy(d)` there)."""
+    return asdict(_POLICY)
 
 
 def is_s3(uri: str) -> bool:
     return str(uri).startswith("s3://")
 
 
-def filesystem(uri: str) -> fsspec.AbstractFileSystem:
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3") or ""
+
+
+def filesystem(uri: str, *, s3fs_retries: int = 5) -> fsspec.AbstractFileSystem:
+    """A fresh filesystem object for `uri` (callers that hold one across calls: the lock, tests)."""
     if is_s3(uri):
-        kwargs = {}
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
+        kwargs: dict[str, Any] = {}
+        if _endpoint():
+            kwargs["client_kwargs"] = {"endpoint_url": _endpoint()}
+        if _POLICY.timeout_s:
+            kwargs["config_kwargs"] = {"connect_timeout": _POLICY.timeout_s, "read_timeout": _POLICY.timeout_s}
         # fresh instance: a cached one may hold a dead connection pool after a fault
-        return fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
+        fs = fsspec.filesystem("s3", skip_instance_cache=True, **kwargs)
+        fs.retries = s3fs_retries   # a class attribute of S3FileSystem, not a constructor argument
+        return fs
     return fsspec.filesystem("file")
+
+
+_FS: dict[tuple[str, str, str], fsspec.AbstractFileSystem] = {}
+
+
+def _fs(uri: str) -> fsspec.AbstractFileSystem:
+    """One filesystem object per process and endpoint: building an S3 client costs ~0.2 s before its first
+    request, far too slow per media file. A transient fault drops it (`_forget`), so the retry reconnects."""
+    key = ("s3" if is_s3(uri) else "file", _endpoint(), os.environ.get("AWS_ACCESS_KEY_ID", ""))
+    if key not in _FS:
+        # s3fs's own retry loop off: `call` is the one retry layer, so its policy is the whole budget
+        _FS[key] = filesystem(uri, s3fs_retries=1)
+    return _FS[key]
+
+
+def _forget(uri: str) -> None:
+    _FS.pop(("s3" if is_s3(uri) else "file", _endpoint(), os.environ.get("AWS_ACCESS_KEY_ID", "")), None)
 
 
 def is_transient(e: BaseException) -> bool:
     """A storage error worth retrying: the endpoint unreachable or timing out, a dropped connection, a 5xx.
     Not a missing object or a refused permission (retrying cannot fix those)."""
-    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+    if isinstance(e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if isinstance(e, OSError) and e.errno == errno.EINVAL:
+        return False  # s3fs's translation of a refused request (InvalidArgument, PreconditionFailed)
     if isinstance(e, (OSError, TimeoutError, ConnectionError)):
         return True
     # botocore raises its connection errors (endpoint unreachable, read timeout, connection closed) as its own
@@ -49,20 +133,79 @@ def is_transient(e: BaseException) -> bool:
     return isinstance(e, (BotoConnectionError, HTTPClientError))
 
 
+def _retried(uri: str) -> bool:
+    """Local disks are not retried: their errors (disk full, I/O error) do not pass in seconds."""
+    return is_s3(uri)
+
+
+def call(fn: Callable[[fsspec.AbstractFileSystem], T], uri: str, what: str) -> T:
+    """`fn(fs)` for `uri`'s filesystem, retried on transient faults; raises `StorageError` naming `uri` when
+    the retries run out or access is refused. Missing objects raise `FileNotFoundError` at once."""
+    waits = _POLICY.waits() if _retried(uri) else []
+    t0 = time.monotonic()
+    for attempt in range(len(waits) + 1):
+        try:
+            return fn(_fs(uri))
+        except (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError):
+            raise
+        except PermissionError as e:
+            raise StorageError(f"{what} {uri}: access refused ({e}); check the credentials and the bucket policy",
+                               uri) from e
+        except StorageError:
+            raise
+        except Exception as e:  # noqa: BLE001 - sorted below
+            if not is_transient(e):
+                raise  # a bug or a client misconfiguration, not a storage fault
+            _forget(uri)
+            if attempt == len(waits):
+                cause = ("The storage is unreachable or throttling" if waits else "The local disk refused it")
+                raise StorageError(
+                    f"{what} {uri} failed after {attempt + 1} attempt(s) over {time.monotonic() - t0:.1f} s: "
+                    f"{type(e).__name__}: {e}. {cause}; nothing that depends on it was recorded as done: rerun "
+                    f"once it answers.", uri) from e
+            wait = waits[attempt] * random.uniform(0.75, 1.25)
+            print(f"[storage] {what} {uri} failed ({type(e).__name__}: {str(e)[:200]}); retry "
+                  f"{attempt + 1}/{len(waits)} in {wait:.1f} s", flush=True)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def join(base: str, *parts: str) -> str:
     if is_s3(base):
         return posixpath.join(base, *parts)
     return str(Path(base, *parts))
 
 
+# ---- reads --------------------------------------------------------------------------------------------------------
+
 def exists(uri: str) -> bool:
-    return filesystem(uri).exists(uri)
+    return call(lambda fs: fs.exists(uri), uri, "checking")
 
 
-def read_bytes(uri: str) -> bytes:
+def isdir(uri: str) -> bool:
+    return call(lambda fs: fs.isdir(uri), uri, "checking")
+
+
+def isfile(uri: str) -> bool:
+    return call(lambda fs: fs.isfile(uri), uri, "checking")
+
+
+def info(uri: str) -> dict[str, Any]:
+    return call(lambda fs: fs.info(uri), uri, "reading the size of")
+
+
+def find(uri: str, detail: bool = False) -> Any:
+    """Every file under `uri` (fsspec's protocol-less paths; with `detail`, path -> info)."""
+    return call(lambda fs: fs.find(uri, detail=detail), uri, "listing")
+
+
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The object's bytes (at most `limit` + 1 of them, so a caller can tell it was over `limit`)."""
+    def read(fs):
+        with fs.open(uri, "rb") as f:
+            return f.read() if limit is None else f.read(limit + 1)
     try:
-        with filesystem(uri).open(uri, "rb") as f:
-            return f.read()
+        return call(read, uri, "reading")
     except FileNotFoundError:
         raise FileNotFoundError(f"{uri} does not exist") from None
 
@@ -71,26 +214,115 @@ def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 
 
-def write_bytes_atomic(uri: str, data: bytes) -> None:
-    """Write the whole object or nothing: temp + rename locally, one PUT on S3."""
-    if is_s3(uri):
-        fs = filesystem(uri)
-        fs.pipe_file(uri, data)
-        return
-    path = Path(uri)
+def read_many(uris: list[str]) -> dict[str, bytes]:
+    """Several objects at once (one concurrent batch of GETs on S3), keyed by the URIs given."""
+    if not uris:
+        return {}
+    if not is_s3(uris[0]):
+        return {u: read_bytes(u) for u in uris}
+
+    def cat(fs):
+        blobs = fs.cat(uris)   # keyed by protocol-less path; a failed GET comes back as an exception value
+        return {u: blobs[fs._strip_protocol(u)] for u in uris}
+    got = call(cat, uris[0], f"reading {len(uris)} objects starting at")
+    for u, b in got.items():
+        if isinstance(b, BaseException):
+            got[u] = read_bytes(u)   # retried alone (raises what it finds)
+    return got
+
+
+class RetryingReader(io.RawIOBase):
+    """A read-only stream over `uri` that survives faults mid-read: a failed read reopens the object at the
+    same offset (an S3 range GET) under the retry policy. For streaming large corpus files (JSONL, parquet)."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri, self._pos, self._f = uri, 0, None
+        self._size = int(info(uri).get("size") or 0)
+
+    def _read(self, fs, n: int) -> bytes:
+        if self._f is None:
+            self._f = fs.open(self.uri, "rb")
+            self._f.seek(self._pos)
+        try:
+            return self._f.read(n)
+        except BaseException:
+            self._drop()
+            raise
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except Exception:  # noqa: BLE001 - a broken stream may fail to close; it is dropped either way
+                pass
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        self._drop()
+        return self._pos
+
+    def size(self) -> int:
+        return self._size
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = max(0, self._size - self._pos)
+        data = call(lambda fs: self._read(fs, n), self.uri, f"reading (offset {self._pos:,})")
+        self._pos += len(data)
+        return data
+
+    def readinto(self, b) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self._drop()
+        super().close()
+
+
+def open_read(uri: str) -> RetryingReader:
+    try:
+        return RetryingReader(uri)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} does not exist") from None
+
+
+# ---- writes -------------------------------------------------------------------------------------------------------
+
+def _write_local(path: Path, write: Callable[[Any], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     # Not mkstemp: its files are 0600, and shards/manifests must stay readable by other users (0666 & ~umask,
     # as any file open() creates). "xb" fails rather than reuse a name (the uuid makes that practically never).
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write the whole object or nothing: temp + rename locally, one PUT on S3."""
+    if is_s3(uri):
+        call(lambda fs: fs.pipe_file(uri, data), uri, "writing")
+        return
+    call(lambda fs: _write_local(Path(uri), lambda f: f.write(data)), uri, "writing")
 
 
 def write_text_atomic(uri: str, text: str) -> None:
@@ -100,28 +332,29 @@ def write_text_atomic(uri: str, text: str) -> None:
 def upload_file_atomic(local_path: str | Path, uri: str) -> None:
     """Copy a finished local file to `uri` atomically (rename locally; one upload on S3)."""
     if is_s3(uri):
-        filesystem(uri).put_file(str(local_path), uri)
+        call(lambda fs: fs.put_file(str(local_path), uri), uri, "uploading")
         return
-    dest = Path(uri)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(local_path, "rb") as src, open(tmp, "wb") as out:
+
+    def copy(out) -> None:
+        with open(local_path, "rb") as src:
             while chunk := src.read(1 << 20):
                 out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    call(lambda fs: _write_local(Path(uri), copy), uri, "writing")
 
 
 def download_to(uri: str, local_path: str | Path) -> Path:
     local_path = Path(local_path)
     local_path.parent.mkdir(parents=True, exist_ok=True)
     if is_s3(uri):
-        filesystem(uri).get_file(uri, str(local_path))
+        call(lambda fs: fs.get_file(uri, str(local_path)), uri, "downloading")
     else:
         upload_file_atomic(uri, local_path)
     return local_path
+
+
+def remove(uri: str) -> None:
+    """Delete an object; one already gone counts as deleted (a retried delete may find it so)."""
+    try:
+        call(lambda fs: fs.rm_file(uri), uri, "deleting")
+    except FileNotFoundError:
+        pass

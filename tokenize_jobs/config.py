@@ -93,8 +93,23 @@ class LockConfig:
 
 @dataclass
 class StorageConfig:
-    retries: int = 4                # attempts for each shard/index/manifest write
-    backoff_s: float = 1.0          # first wait; doubles on each retry
+    """Every storage call of the job (listing, reading inputs, writing shards) retries transient faults
+    (unreachable endpoint, timeouts, resets, 503 SlowDown) this way, then fails naming the URI. Defaults wait
+    0.5, 1, 2, ... 30 s: about two minutes of throttling ridden out per call."""
+    retries: int = 8                # attempts per call, the first included
+    backoff_s: float = 0.5          # first wait; doubles on each retry (+-25% jitter)
+    max_backoff_s: float = 30.0     # cap on one wait
+    timeout_s: float = 0.0          # S3 connect/read timeout per request; 0 keeps botocore's 60 s
+
+    def policy(self):
+        from model.storage import RetryPolicy
+
+        return RetryPolicy(attempts=self.retries, backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s,
+                           timeout_s=self.timeout_s)
+
+    def __post_init__(self) -> None:
+        if self.retries < 1 or self.backoff_s < 0 or self.max_backoff_s < 0 or self.timeout_s < 0:
+            raise ConfigError(f"storage: retries must be >= 1 and times >= 0 (got {self})")
 
 
 @dataclass

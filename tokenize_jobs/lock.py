@@ -114,7 +114,7 @@ class OutputLock:
     def acquire(self) -> "OutputLock":
         self._record = self._new_record()
         if storage.is_s3(self.uri):
-            self._acquire_s3()
+            self._retrying(self._acquire_s3, "taking the lock")
         else:
             self._acquire_local()
         self._thread = threading.Thread(target=self._heartbeat_loop, name="tokenize-lock-heartbeat", daemon=True)
@@ -134,7 +134,7 @@ class OutputLock:
             return
         try:
             if storage.is_s3(self.uri):
-                self._release_s3()
+                self._retrying(self._release_s3, "releasing the lock")
             else:
                 self._release_local()
         except Exception as e:  # noqa: BLE001 - release runs in `finally`: it must not hide the run's own error
@@ -171,6 +171,25 @@ class OutputLock:
             f"output {self.out} is locked by {who}{extra}. Only one tokenize run may write an output at a time: "
             f"wait for it to finish, or, if that run is dead, wait for the lock to expire (lock.ttl_s) or delete "
             f"{self.uri} by hand.")
+
+    def _retrying(self, fn, what: str) -> None:
+        """`fn()` retried on transient storage faults under the storage retry policy, with a fresh client each
+        time. Safe for the conditional requests: a retried create or take-over that had in fact succeeded
+        finds its own token in the lock (`_acquire_s3`)."""
+        waits = storage.policy().waits()
+        for attempt in range(len(waits) + 1):
+            try:
+                return fn()
+            except (LockHeld, LockLost):
+                raise
+            except Exception as e:  # noqa: BLE001 - sorted below
+                if not storage.is_transient(e) or attempt == len(waits):
+                    raise storage.StorageError(f"{what} {self.uri} failed after {attempt + 1} attempt(s): "
+                                               f"{type(e).__name__}: {e}", self.uri) from e
+                self._fs = None
+                print(f"[tokenize] {what} {self.uri} failed ({type(e).__name__}: {str(e)[:200]}); retry "
+                      f"{attempt + 1}/{len(waits)}", flush=True)
+                time.sleep(waits[attempt])
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -277,6 +296,9 @@ class OutputLock:
             out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
             self._etag = out["ETag"]
             return
+        if current is not None and current.token == self._record.token:
+            self._etag = etag   # our own earlier attempt succeeded; only its answer was lost
+            return
         if not is_stale(current):
             raise self._held_error(current)
         try:
@@ -307,5 +329,11 @@ class OutputLock:
 
     def _release_s3(self) -> None:
         fs, bucket, key = self._s3()
-        with contextlib.suppress(FileNotFoundError, OSError):  # not ours any more, or already gone
+        try:
             fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=self._etag)
+        except FileNotFoundError:
+            pass  # already gone
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise  # a transient fault: retried
+            # a precondition failure: the lock is not ours any more, and not ours to delete

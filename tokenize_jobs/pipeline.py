@@ -84,18 +84,6 @@ def _quarantine(row: dict[str, Any], reason: str, detail: str) -> dict[str, Any]
     return {**row, "status": "quarantined", "reason": reason, "detail": detail[:2000], "spec": "{}", "data": b""}
 
 
-class TransientReadError(RuntimeError):
-    """An input could not be read because its storage failed (not because the input is bad)."""
-
-
-def _storage_unreachable(e: BaseException) -> bool:
-    """A connection-level storage failure (endpoint down, timeout, dropped connection). Narrower than
-    storage.is_transient: a plain OSError here is usually a bad file (PIL raises OSError for broken images)."""
-    if isinstance(e, (ConnectionError, TimeoutError)):
-        return True
-    return storage.is_transient(e) and not isinstance(e, OSError)
-
-
 def _unexpected(row: dict[str, Any], e: Exception, stage: str) -> dict[str, Any]:
     # A bug or an unforeseen kind of bad file: the input is quarantined (the job must go on), with the traceback
     # tail so the summary's `unexpected_error` count can be investigated.
@@ -109,6 +97,7 @@ def _unexpected(row: dict[str, Any], e: Exception, stage: str) -> dict[str, Any]
 def expand(unit: dict[str, Any], ctx: dict[str, Any], input_cfg: dict[str, Any]) -> Iterator[dict[str, Any]]:
     from tokenize_jobs.config import InputConfig
 
+    storage.set_policy(ctx["storage"])
     cfg = configlib.from_dict(InputConfig, input_cfg)
     done = set(unit.pop("done", None) or ())
     yield from sources.expand_unit(ctx, unit, cfg, done)
@@ -117,6 +106,7 @@ def expand(unit: dict[str, Any], ctx: dict[str, Any], input_cfg: dict[str, Any])
 # ---- stage 2: read + decode ---------------------------------------------------------------------------------------
 
 def decode(batch: dict[str, Any], ctx: dict[str, Any], job: dict[str, Any], artifacts_dir: str) -> dict[str, list]:
+    storage.set_policy(ctx["storage"])
     cfg = job_config_for(job)
     tok = tokenizers_for(artifacts_dir, job["tokenizers"])
     out = []
@@ -129,13 +119,11 @@ def decode(batch: dict[str, Any], ctx: dict[str, Any], job: dict[str, Any], arti
             out.append({**row, "spec": json.dumps(record, ensure_ascii=False), "data": sources.pack_media(media)})
         except BadInput as e:
             out.append(_quarantine(row, e.reason, str(e)))
+        except storage.StorageError:
+            # Storage that fails past its retries says nothing about the input: quarantining would record it as
+            # done and lose it. The task fails, nothing of this batch is committed, and a rerun redoes it.
+            raise
         except Exception as e:  # noqa: BLE001  (see _unexpected)
-            if _storage_unreachable(e):
-                # Storage unreachable is not a property of the input: quarantining would record it as done and
-                # lose it. Fail the job instead; nothing of this batch is committed and a rerun redoes it.
-                raise TransientReadError(
-                    f"reading {row['source']} failed with a storage error ({type(e).__name__}: {e}); the input is "
-                    "not marked done: rerun the job once the storage is reachable") from e
             out.append(_unexpected(row, e, "decode"))
     return _columns(out, tuple(batch))
 

@@ -10,9 +10,11 @@ them on a sample of this corpus and save them) -> run the Ray Data plan (tokeniz
 inputs not done yet, committing shards as they fill (tokenize_jobs/writer.py) -> summary.
 
 Without RAY_ADDRESS a local Ray is started for the job; with it (e.g. under `ray job submit`) the job joins that
-cluster. Exit status: 0 done (bad inputs are quarantined, not failures), 2 bad arguments/config or unreachable
-input/output, 3 the output is locked by another live run, 1 any other failure (committed shards are kept; rerun
-to continue).
+cluster. Every storage call retries transient faults (storage.retries, .backoff_s; model/storage.py): a fault
+that outlasts them fails the job naming the URI, and never quarantines an input. Exit status: 0 done (bad
+inputs are quarantined, not failures), 2 bad arguments/config or unreachable input/output, 3 the output is
+locked by another live run, 4 storage failed past its retries (rerun once it answers), 1 any other failure
+(committed shards are kept; rerun to continue).
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def normalize_output(output: str) -> str:
         out = output.rstrip("/")
         bucket = out[len("s3://"):].split("/", 1)[0]
         try:
-            ok = storage.filesystem(out).exists(bucket)
+            ok = storage.exists(f"s3://{bucket}")
         except Exception as e:
             raise OutputError(f"output {output} is not reachable ({type(e).__name__}: {e}); check "
                               f"AWS_ENDPOINT_URL and credentials") from None
@@ -156,6 +158,20 @@ def _ensure_ray(cfg: TokenizeJobConfig) -> bool:
     return init_ray(num_cpus=cfg.ray.num_cpus or None)
 
 
+def storage_fault(e: BaseException) -> storage.StorageError | None:
+    """The StorageError behind `e`, if any: Ray wraps a task's exception (RayTaskError.cause, __cause__)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, storage.StorageError):
+            return cause
+        if isinstance(e, storage.StorageError) and hasattr(e, "uri"):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _chunks(items: list, n: int) -> Iterator[list]:
     for i in range(0, len(items), max(1, n)):
         yield items[i:i + n]
@@ -167,6 +183,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
     if kind not in KINDS:
         raise ConfigError(f"--kind {kind!r}: choose one of {list(KINDS)}")
     t0 = time.time()
+    storage.set_policy(cfg.storage.policy())
     ctx = sources.corpus_context(kind, input_uri)
     out = normalize_output(output)
     run_id = new_run_id()
@@ -195,7 +212,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
             "tokenizers": {"dir": TOKENIZERS_DIR, "names": tok.names, "fingerprints": tok.fingerprints},
             "job": {"kind": kind, "input": ctx["input"], "config": configlib.to_dict(cfg)},
         }
-        writer = ShardWriter(out, run_id, header, state, cfg.shards, cfg.storage, check_lock=lock.check)
+        writer = ShardWriter(out, run_id, header, state, cfg.shards, check_lock=lock.check)
         try:
             if todo:
                 import ray
@@ -204,9 +221,16 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
                 ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
                 for wave in _chunks(todo, cfg.ray.units_per_wave):
                     ds = build_dataset(wave, ctx, cfg, artifacts)
-                    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-                        for row in _rows(batch):
-                            writer.add_row(row)
+                    try:
+                        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+                            for row in _rows(batch):
+                                writer.add_row(row)
+                    except Exception as e:
+                        fault = storage_fault(e)
+                        if fault is None or fault is e:
+                            raise
+                        # a task's storage fault, wrapped by Ray: surface the URI and message, not Ray's frames
+                        raise storage.StorageError(str(fault).splitlines()[0], fault.uri) from None
             writer.finish()
         except BaseException:
             writer.abort()
@@ -252,7 +276,8 @@ examples:
 
 Without --config the embedded demo tokenizers are used (in-process BPE, 8x8 pixel images, EnCodec with
 codebooks fitted on the corpus). Set RAY_ADDRESS (or use `ray job submit`) to run on a cluster.
-exit status: 0 done, 2 bad arguments/config/unreachable input or output, 3 output locked, 1 other failure""")
+exit status: 0 done, 2 bad arguments/config/unreachable input or output, 3 output locked, 4 storage failed
+past its retries (rerun once it answers), 1 other failure""")
     p.add_argument("--kind", required=True, choices=KINDS, help="what the input holds (see below)")
     p.add_argument("--input", required=True, help="corpus folder or file: local path or s3://bucket/prefix")
     p.add_argument("--output", required=True, help="output folder: local path or s3://bucket/prefix")
@@ -281,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, sources.InputError, OutputError, TokenizerMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except storage.StorageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     return 0
 
 

@@ -55,60 +55,34 @@ def corpus_context(kind: str, input_uri: str) -> dict[str, Any]:
     """Plain-data description of a corpus that Ray tasks receive: kind, root folder, the listed path."""
     s3 = storage.is_s3(input_uri)
     path = input_uri.rstrip("/") if s3 else os.path.abspath(input_uri)
-    fs = storage.filesystem(path)
     try:
-        is_dir = fs.isdir(path)
-        if not is_dir and not fs.isfile(path):
+        is_dir = storage.isdir(path)
+        if not is_dir and not storage.isfile(path):
             raise InputError(f"input {input_uri} does not exist: give a folder or file of the corpus "
                              f"(local path or s3://bucket/prefix)")
     except InputError:
         raise
-    except Exception as e:  # unreachable endpoint, bad credentials, ...
+    except Exception as e:  # unreachable endpoint after the retries, bad credentials, ...
         raise InputError(f"input {input_uri} is not reachable ({type(e).__name__}: {e}); check the path, "
                          f"AWS_ENDPOINT_URL and credentials") from None
     root = path if is_dir else posixpath.dirname(path) if s3 else os.path.dirname(path)
-    return {"kind": kind, "input": path, "root": root, "s3": s3, "is_dir": is_dir}
+    # the driver's storage retry policy travels with the corpus to every task
+    return {"kind": kind, "input": path, "root": root, "s3": s3, "is_dir": is_dir, "storage": storage.policy_dict()}
 
 
 def _full(ctx: dict[str, Any], rel: str) -> str:
     return storage.join(ctx["root"], rel)
 
 
-_FS: dict[tuple[str, str], Any] = {}
-
-
-def _filesystem(uri: str):
-    """One filesystem object per worker process and endpoint. storage.filesystem() builds a fresh one per call
-    (a new S3 client: ~0.2 s before the first request), far too slow per media file. A fault drops the cached
-    object (`_forget_fs`) so the next read starts with a new connection pool."""
-    key = ("s3" if storage.is_s3(uri) else "file", os.environ.get("AWS_ENDPOINT_URL", ""))
-    if key not in _FS:
-        _FS[key] = storage.filesystem(uri)
-    return _FS[key]
-
-
-def _forget_fs(uri: str) -> None:
-    _FS.pop(("s3" if storage.is_s3(uri) else "file", os.environ.get("AWS_ENDPOINT_URL", "")), None)
-
-
-def _read_all(uri: str) -> bytes:
-    try:
-        with _filesystem(uri).open(uri, "rb") as f:
-            return f.read()
-    except FileNotFoundError:
-        raise
-    except OSError:
-        _forget_fs(uri)
-        raise
-
-
 def _list_files(ctx: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """rel path -> {size, version} of every file under the input (hidden/underscore names skipped)."""
-    fs = storage.filesystem(ctx["root"])
+    """rel path -> {size, version} of every file under the input (hidden/underscore names skipped).
+    A storage fault that outlasts the retries raises storage.StorageError: a partial listing would let the
+    job record a shortened corpus as complete."""
     try:
-        found = fs.find(ctx["input"], detail=True) if ctx["is_dir"] else {ctx["input"]: fs.info(ctx["input"])}
-    except Exception as e:
-        raise InputError(f"cannot list input {ctx['input']} ({type(e).__name__}: {e})") from None
+        found = (storage.find(ctx["input"], detail=True) if ctx["is_dir"]
+                 else {ctx["input"]: storage.info(ctx["input"])})
+    except FileNotFoundError as e:
+        raise InputError(f"cannot list input {ctx['input']} ({e})") from None
     root = ctx["root"].split("://", 1)[-1].rstrip("/")
     out = {}
     for path, info in found.items():
@@ -298,8 +272,7 @@ def expand_unit(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig, don
 def _expand_jsonl(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[dict]:
     kind, uid, rel = ctx["kind"], unit["unit"], unit["files"][0]["rel"]
     seen: Counter = Counter()
-    fs = _filesystem(ctx["root"])
-    with fs.open(_full(ctx, rel), "rb") as f:
+    with storage.open_read(_full(ctx, rel)) as f:
         for lineno, body, digest, length in _iter_lines(f, cfg.max_line_bytes):
             if body is not None and not body.strip():
                 continue  # blank lines are not inputs
@@ -321,7 +294,7 @@ def _expand_jsonl(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -
 def _expand_chapter(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[dict]:
     kind, uid = ctx["kind"], unit["unit"]
     trans, audio = unit["files"][0], {r["rel"]: r for r in unit["files"][1:]}
-    raw = _read_all(_full(ctx, trans["rel"]))
+    raw = storage.read_bytes(_full(ctx, trans["rel"]))
     folder = posixpath.dirname(trans["rel"])
     listed = set()
     for lineno, line in enumerate(raw.split(b"\n"), 1):
@@ -354,8 +327,7 @@ def _expand_parquet(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig)
     import pyarrow.parquet as pq
 
     kind, uid, rel = ctx["kind"], unit["unit"], unit["files"][0]["rel"]
-    fs = _filesystem(ctx["root"])
-    with fs.open(_full(ctx, rel), "rb") as f:
+    with storage.open_read(_full(ctx, rel)) as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
         for col in (cfg.parquet_image_column, cfg.parquet_caption_column):
@@ -397,20 +369,16 @@ def _read_media(ctx: dict[str, Any], base_dir: str, path: Any, cfg: InputConfig)
 
 
 def _read_file(ctx: dict[str, Any], full: str, rel: str, limit: int, missing: str) -> bytes:
-    fs = _filesystem(full)
+    """The file's bytes, or BadInput for a missing or oversized file; storage faults raise StorageError."""
     try:
-        size = fs.size(full)
+        size = storage.info(full).get("size")
         if size is not None and size > limit:
             raise BadInput("file_too_large", f"{rel} is {size:,} bytes > limit {limit:,}")
-        with fs.open(full, "rb") as f:
-            data = f.read(limit + 1)
+        data = storage.read_bytes(full, limit=limit)
     except FileNotFoundError:
         raise BadInput(missing, f"{rel} does not exist") from None
     except IsADirectoryError:
         raise BadInput(missing, f"{rel} is a folder") from None
-    except OSError:
-        _forget_fs(full)
-        raise
     if len(data) > limit:
         raise BadInput("file_too_large", f"{rel} is over the limit of {limit:,} bytes")
     return data
@@ -600,9 +568,9 @@ def fit_texts(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: InputConfig
 def _unit_texts(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[str]:
     try:
         if unit["type"] == "pair":
-            yield _read_all(_full(ctx, unit["files"][1]["rel"])).decode("utf-8").strip()
+            yield storage.read_bytes(_full(ctx, unit["files"][1]["rel"])).decode("utf-8").strip()
         elif unit["type"] == "txt":
-            yield _read_all(_full(ctx, unit["files"][0]["rel"]))[: cfg.max_text_file_bytes].decode("utf-8")
+            yield storage.read_bytes(_full(ctx, unit["files"][0]["rel"]))[: cfg.max_text_file_bytes].decode("utf-8")
         elif unit["type"] in ("jsonl", "chapter", "parquet"):
             for row in expand_unit(ctx, unit, cfg, set()):
                 if row["status"] != "pending":
@@ -623,6 +591,8 @@ def _unit_texts(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> 
                     yield spec["text"]
                 elif "caption_text" in spec:
                     yield spec["caption_text"]
+    except storage.StorageError:
+        raise   # a fit on the part of the corpus that happened to be readable would differ from run to run
     except Exception:  # noqa: BLE001 - a bad file is quarantined later; it just does not join the fit
         return
 
@@ -633,7 +603,7 @@ def fit_audio_refs(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: InputC
         try:
             if unit["type"] == "chapter":
                 for ref in unit["files"][1:]:
-                    yield _read_all(_full(ctx, ref["rel"]))
+                    yield storage.read_bytes(_full(ctx, ref["rel"]))
             elif unit["type"] == "jsonl":
                 for row in expand_unit(ctx, unit, cfg, set()):
                     if row["status"] != "pending":
@@ -646,5 +616,7 @@ def fit_audio_refs(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: InputC
                             yield _read_media(ctx, spec["dir"], p, cfg)
                     except (ValueError, KeyError, TypeError, AttributeError, BadInput):
                         continue
+        except storage.StorageError:
+            raise
         except Exception:  # noqa: BLE001 - as in _unit_texts
             continue

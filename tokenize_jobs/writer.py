@@ -38,7 +38,7 @@ from typing import Any, Callable
 import numpy as np
 
 from model import storage
-from tokenize_jobs.config import ShardConfig, StorageConfig
+from tokenize_jobs.config import ShardConfig
 from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
 
 SHARDS_DIR = "shards"
@@ -100,13 +100,9 @@ class OutputState:
         manifest = json.loads(storage.read_text(uri))
         state = cls(manifest=manifest)
         paths = [storage.join(out, e["path"]) for e in manifest.get("indexes", [])]
-        if not paths:
-            return state
-        fs = storage.filesystem(out)
-        # one concurrent batch of GETs on S3 (fsspec keys the result by protocol-less path)
-        blobs = fs.cat(paths) if storage.is_s3(out) else {p: Path(p).read_bytes() for p in paths}
+        blobs = storage.read_many(paths)
         for p in paths:
-            for line in blobs[fs._strip_protocol(p)].decode("utf-8").splitlines():
+            for line in blobs[p].decode("utf-8").splitlines():
                 rec = json.loads(line)
                 if "unit" in rec:
                     state.done.add(rec["unit"])
@@ -126,16 +122,15 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
     if manifest:
         listed |= {e["path"] for e in manifest.get("shards", [])}
         listed |= {e["path"] for e in manifest.get("indexes", [])}
-    fs = storage.filesystem(out)
     removed = []
     for sub in (SHARDS_DIR, INDEX_DIR):
         folder = storage.join(out, sub)
-        if not fs.exists(folder):
+        if not storage.exists(folder):
             continue
-        for path in fs.find(folder):
+        for path in storage.find(folder):
             name = path.rsplit("/", 1)[-1]
             if f"{sub}/{name}" not in listed:
-                fs.rm_file(path)  # fsspec paths (no protocol) are valid for the same filesystem
+                storage.remove(storage.join(folder, name))
                 removed.append(f"{sub}/{name}")
     return removed
 
@@ -156,27 +151,6 @@ def _fault_point(commits_done: int, stage: str) -> None:
     raise RuntimeError(f"injected failure after {k} committed shard(s) (OMNIDIFF_FAIL_AFTER_SHARDS={spec})")
 
 
-def retry(fn: Callable[[], Any], what: str, cfg: StorageConfig) -> Any:
-    """Storage writes retried with doubling backoff (`storage.retries` attempts in all, each of which may
-    itself be retried by botocore: AWS_MAX_ATTEMPTS); the last error is raised with what was being written.
-    Only transient faults (unreachable endpoint, timeouts, dropped connections) are retried."""
-    wait = cfg.backoff_s
-    for attempt in range(1, cfg.retries + 1):
-        try:
-            return fn()
-        except Exception as e:  # noqa: BLE001 - sorted below
-            transient = storage.is_transient(e)
-            if not transient and not isinstance(e, OSError):
-                raise  # a bug, not a storage fault
-            if not transient or attempt == cfg.retries:
-                raise OSError(f"{what} failed after {attempt} attempt(s): {type(e).__name__}: {e}. Check that "
-                              f"the output location is reachable, then rerun: committed shards are kept.") from e
-            print(f"[tokenize] {what} failed ({type(e).__name__}: {e}); retry {attempt}/{cfg.retries - 1} in "
-                  f"{wait:.1f} s", flush=True)
-            time.sleep(wait)
-            wait *= 2
-
-
 # ---- the writer -------------------------------------------------------------------------------------------------
 
 class ShardWriter:
@@ -186,9 +160,9 @@ class ShardWriter:
     `finish()` at the end (commits what is pending and rewrites quarantine.jsonl)."""
 
     def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState, shard_cfg: ShardConfig,
-                 storage_cfg: StorageConfig, check_lock: Callable[[], None] = lambda: None):
+                 check_lock: Callable[[], None] = lambda: None):
         self.out, self.run_id, self.header = out, run_id, header
-        self.shard_cfg, self.storage_cfg, self.check_lock = shard_cfg, storage_cfg, check_lock
+        self.shard_cfg, self.check_lock = shard_cfg, check_lock
         prev = state.manifest or {}
         self.shards: list[dict[str, Any]] = list(prev.get("shards", []))
         self.indexes: list[dict[str, Any]] = list(prev.get("indexes", []))
@@ -275,15 +249,13 @@ class ShardWriter:
             self._tar.close()
             size = self._bytes + len(end)
             rel = f"{SHARDS_DIR}/{name}.tar"
-            retry(lambda: storage.upload_file_atomic(self._tar_path, storage.join(self.out, rel)),
-                  f"uploading shard {storage.join(self.out, rel)}", self.storage_cfg)
+            storage.upload_file_atomic(self._tar_path, storage.join(self.out, rel))
             shard_entry = {"path": rel, "samples": self._samples, "bytes": size, "sha256": self._sha.hexdigest()}
         else:
             self._tar.close()
         index_rel = f"{INDEX_DIR}/{name}.jsonl"
         index_text = "\n".join(self._index_lines) + "\n"
-        retry(lambda: storage.write_text_atomic(storage.join(self.out, index_rel), index_text),
-              f"writing index {storage.join(self.out, index_rel)}", self.storage_cfg)
+        storage.write_text_atomic(storage.join(self.out, index_rel), index_text)
         _fault_point(self.run["shards"], "mid")
         self.check_lock()  # a run that lost its lock must not commit: the new owner may be writing
         p = self._pending
@@ -337,7 +309,7 @@ class ShardWriter:
     def _write_manifest(self) -> None:
         text = json.dumps(self.manifest(), indent=1, ensure_ascii=False)
         uri = storage.join(self.out, MANIFEST)
-        retry(lambda: storage.write_text_atomic(uri, text), f"writing {uri}", self.storage_cfg)
+        storage.write_text_atomic(uri, text)
 
     def finish(self, status: str = "done") -> None:
         self.commit()
@@ -347,7 +319,7 @@ class ShardWriter:
         self._write_manifest()
         text = "".join(line + "\n" for line in self.quarantine_lines)
         uri = storage.join(self.out, QUARANTINE)
-        retry(lambda: storage.write_text_atomic(uri, text), f"writing {uri}", self.storage_cfg)
+        storage.write_text_atomic(uri, text)
         self._tmpdir.cleanup()
 
     def abort(self) -> None:

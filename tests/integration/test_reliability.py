@@ -9,6 +9,9 @@ the sentinels.
 - The bad-input matrix: every kind of bad input in ONE tokenize run (tokenize_jobs/reliability_report.py).
 - S3 faults mid-run: an outage shorter than the retry window is ridden out; a longer one fails with a clear
   error naming the URI; the rerun then completes with exactly the full sample set.
+- A flaky store (a proxy in front of moto answering a fraction of requests with 503 SlowDown, resets and
+  timeouts) loses nothing: counts reconcile exactly. A bucket that throttles one input file past the retries
+  fails the job naming that file, quarantines nothing, and the rerun tokenizes every input of it.
 - A real `mlflow server` unreachable at start and killed mid-run: the tracker warns once, the run goes on,
   and every metric is in the store once the server is back.
 - Malicious pickles are refused by every loader that reads a file.
@@ -77,16 +80,20 @@ class Moto:
 
 @pytest.fixture(scope="module")
 def env():
-    """Sentinel credentials + moto + a local Ray started by rayutil.init_ray (all set before Ray starts, so its
-    workers inherit them)."""
+    """Sentinel credentials + moto behind a fault-injecting proxy (passing everything through until a test sets
+    its faults) + a local Ray started by rayutil.init_ray (all set before Ray starts, so its workers inherit
+    them)."""
     import ray
 
     from pipelines import rayutil
+    from tests.helpers.faulty_s3 import FaultyS3
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     moto = Moto()
     moto.start()
-    values = {**SENTINELS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": moto.endpoint,
+    proxy = FaultyS3(moto.endpoint, stall_s=3.0)
+    proxy.start()
+    values = {**SENTINELS, "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": proxy.endpoint,
               # one botocore attempt per storage attempt: the job's own retry policy is what is under test
               "AWS_MAX_ATTEMPTS": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
     keys = [*values, rayutil.SINGLE_MACHINE_ENV]
@@ -98,9 +105,10 @@ def env():
     _reload_ray_token()   # a Ray started earlier in this process cached the token from ~/.ray/auth_token
     started = rayutil.init_ray(num_cpus=2, log_to_driver=False)
     session = Path(ray._private.worker._global_node.get_session_dir_path()) if started else None
-    yield {"moto": moto, "started_ray": started, "session": session}
+    yield {"moto": moto, "proxy": proxy, "started_ray": started, "session": session}
     if started:
         ray.shutdown()
+    proxy.stop()
     moto.stop()
     ray_constants.ENABLE_RAY_CLUSTER = saved_constant
     for k, v in saved.items():
@@ -187,8 +195,8 @@ def _pairs(folder: Path, names: list[str]) -> None:
         (folder / f"{name}.txt").write_text(f"pattern {name}")
 
 
-def _stop_s3_after_first_commit(monkeypatch, moto: Moto, restart_after: float | None) -> dict:
-    """Fault hook: once the run has committed one shard, the moto server stops as the next commit begins (and,
+def _stop_s3_after_first_commit(monkeypatch, endpoint, restart_after: float | None) -> dict:
+    """Fault hook: once the run has committed one shard, the S3 endpoint stops as the next commit begins (and,
     with `restart_after`, comes back that many seconds later)."""
     from tokenize_jobs import writer
 
@@ -197,17 +205,17 @@ def _stop_s3_after_first_commit(monkeypatch, moto: Moto, restart_after: float | 
 
     def commit(self):
         if self.run["shards"] == 1 and self._samples and state["stopped_at"] is None:
-            moto.stop()
+            endpoint.stop()
             state["stopped_at"] = time.monotonic()
             if restart_after is not None:
-                threading.Timer(restart_after, moto.start).start()
+                threading.Timer(restart_after, endpoint.start).start()
         original(self)
     monkeypatch.setattr(writer.ShardWriter, "commit", commit)
     return state
 
 
 S3_OVERRIDES = ("ray.progress_bars=false", "shards.max_samples=2", "storage.retries=4", "storage.backoff_s=0.5",
-                "lock.ttl_s=3", "lock.heartbeat_s=1")
+                "storage.max_backoff_s=2", "lock.ttl_s=3", "lock.heartbeat_s=1")
 
 
 def _tokenize(inp: Path, out: str) -> dict:
@@ -223,7 +231,7 @@ def test_s3_outage_mid_run_fails_clearly_then_the_rerun_rides_out_a_short_one(en
     from model import storage
     from tokenize_jobs import shards
 
-    moto = env["moto"]
+    endpoint = env["proxy"]
     storage.filesystem("s3://reliability").mkdir("reliability")
     out = "s3://reliability/tok"
     inp = tmp_path / "pairs"
@@ -231,23 +239,23 @@ def test_s3_outage_mid_run_fails_clearly_then_the_rerun_rides_out_a_short_one(en
 
     # 1. the endpoint goes away after the first shard and stays away: bounded retries (4 attempts, waits of
     #    0.5 + 1 + 2 s), then a clear error naming the object and the fault
-    long = _stop_s3_after_first_commit(monkeypatch, moto, restart_after=None)
-    with pytest.raises(OSError) as err:
+    long = _stop_s3_after_first_commit(monkeypatch, endpoint, restart_after=None)
+    with pytest.raises(storage.StorageError) as err:
         _tokenize(inp, out)
     failed_after = time.monotonic() - long["stopped_at"]
     printed = "".join(capfd.readouterr())
     CAPTURED.append(printed)
     msg = str(err.value)
-    assert f"{out}/" in msg and "failed after 4 attempt(s): EndpointConnectionError" in msg, msg
-    assert "rerun" in msg and 3.5 < failed_after < 30
+    assert f"{out}/" in msg and "failed after 4 attempt(s)" in msg and "EndpointConnectionError" in msg, msg
+    assert "rerun" in msg and 2.5 < failed_after < 30   # waits of 0.5 + 1 + 2 s, +-25% jitter
     assert [line for line in printed.splitlines() if "retry 3/3" in line]
 
     # 2. the endpoint is back; the rerun (once the dead run's lock expired, lock.ttl_s=3) loses the endpoint
     #    again after its first shard, for 1.5 s, inside the retry window: it rides the outage out
-    moto.start()
+    endpoint.start()
     monkeypatch.undo()
     time.sleep(3)
-    short = _stop_s3_after_first_commit(monkeypatch, moto, restart_after=1.5)
+    short = _stop_s3_after_first_commit(monkeypatch, endpoint, restart_after=1.5)
     s = _tokenize(inp, out)
     printed = "".join(capfd.readouterr())
     CAPTURED.append(printed)
@@ -267,6 +275,124 @@ def test_s3_outage_mid_run_fails_clearly_then_the_rerun_rides_out_a_short_one(en
     assert {p.rsplit("/", 1)[1] for p in fs.find(f"{out}/shards")} == \
         {e["path"].rsplit("/", 1)[1] for e in manifest["shards"]}
     assert [r["status"] for r in manifest["runs"]] == ["running", "done"]
+
+
+# ---- a flaky and a throttling bucket ----------------------------------------------------------------------------
+
+FLAKY_OVERRIDES = ("ray.progress_bars=false", "shards.max_samples=4", "storage.retries=6", "storage.backoff_s=0.05",
+                   "storage.max_backoff_s=0.4", "storage.timeout_s=2", "lock.ttl_s=3", "lock.heartbeat_s=1")
+
+
+def _messages_corpus_on_s3(bucket: str, n_good: int) -> tuple[str, set[str]]:
+    """s3://<bucket>/msgs: one JSONL of `n_good` image-to-text lines (each with its own PNG) plus a line of bad
+    JSON and one naming a missing image. Returns the input URI and the good lines' answers."""
+    from model import storage
+    from tokenize_jobs.reliability_report import png
+
+    fs = storage.filesystem(f"s3://{bucket}")
+    fs.mkdir(bucket)
+    lines, answers = [], set()
+    for i in range(n_good):
+        fs.pipe_file(f"{bucket}/msgs/img/{i}.png", png(seed=i))
+        answers.add(f"pattern {i}")
+        lines.append(json.dumps({"messages": [{"role": "user", "content": "<|image|> what is this?"},
+                                              {"role": "assistant", "content": f"pattern {i}"}],
+                                 "images": [f"img/{i}.png"]}))
+    lines += ["{not json", json.dumps({"messages": [{"role": "user", "content": "<|image|> and this?"},
+                                                    {"role": "assistant", "content": "nothing"}],
+                                       "images": ["img/missing.png"]})]
+    fs.pipe_file(f"{bucket}/msgs/a.jsonl", ("\n".join(lines) + "\n").encode())
+    return f"s3://{bucket}/msgs", answers
+
+
+def _answers(out: str) -> Counter:
+    from tokenize_jobs import shards
+
+    return Counter(x["meta"]["source"] for x in shards.iter_samples(out))
+
+
+def test_a_flaky_store_loses_nothing_and_the_counts_reconcile(env, tmp_path, capfd):
+    """A fifth of all S3 requests (listing, input reads, media reads, lock, shard and manifest writes) fail
+    with 503 SlowDown, a connection reset or a read timeout. The job either finishes or fails naming a URI;
+    reruns finish it; at the end every input is in exactly once and only the two bad lines are quarantined."""
+    from model import configlib, storage
+    from tests.helpers.faulty_s3 import Fault
+    from tokenize_jobs import shards
+    from tokenize_jobs.config import TokenizeJobConfig
+    from tokenize_jobs.run import run_job
+
+    proxy = env["proxy"]
+    inp, answers = _messages_corpus_on_s3("flaky-corpus", n_good=12)
+    out = "s3://flaky-out/tok"
+    storage.filesystem(out).mkdir("flaky-out")
+    cfg = configlib.load(TokenizeJobConfig, None, list(FLAKY_OVERRIDES))
+    proxy.faults = [Fault("503", rate=0.12), Fault("reset", rate=0.05), Fault("timeout", rate=0.02)]
+    failures = []
+    try:
+        for attempt in range(4):
+            try:
+                run_job(cfg, "messages", inp, out, print_summary=False)
+                break
+            except storage.StorageError as e:   # a clean failure names the URI; the rerun goes on from there
+                assert e.uri.startswith("s3://") and e.uri in str(e), str(e)
+                failures.append(str(e))
+                time.sleep(3)   # the failed run's lock may outlive it by lock.ttl_s
+        else:
+            pytest.fail(f"4 runs did not finish: {failures}")
+    finally:
+        proxy.faults = []
+    printed = "".join(capfd.readouterr())
+    CAPTURED.append(printed)
+    with capfd.disabled():
+        print(f"\nflaky store: {dict(proxy.injected)} faults in {proxy.requests} requests; "
+              f"{len(failures)} run(s) failed cleanly before one finished")
+    assert min(proxy.injected[k] for k in ("503", "reset", "timeout")) >= 1, proxy.injected
+    assert "[storage] " in printed and " retry " in printed   # the retry layer, not luck, carried it
+
+    m = shards.read_manifest(out)
+    c = m["counts"]
+    assert c["inputs_seen"] == 14 and c["inputs_tokenized"] == 12 and c["inputs_quarantined"] == 2, c
+    assert c["quarantined_by_reason"] == {"bad_json": 1, "missing_media": 1}, c
+    got = _answers(out)
+    assert len(got) == 12 and set(got.values()) == {1}   # every good line exactly once
+    assert sum(e["samples"] for e in m["shards"]) == c["samples_written"] == 12
+
+
+def test_a_throttled_input_file_fails_the_job_and_the_rerun_tokenizes_all_of_it(env, tmp_path, capfd):
+    """The bucket lets the first reads of the input JSONL through, then answers every read of it with 503
+    SlowDown for longer than the retries last: the job exits 4 naming that file, marks nothing done and
+    quarantines nothing; once the throttling ends, a rerun tokenizes all 21 lines."""
+    from model import storage
+    from tests.helpers.faulty_s3 import Fault
+    from tokenize_jobs import shards
+    from tokenize_jobs.run import main
+
+    proxy = env["proxy"]
+    inp, _ = _messages_corpus_on_s3("throttled-corpus", n_good=21)
+    out = "s3://throttled-out/tok"
+    storage.filesystem(out).mkdir("throttled-out")
+    args = ["--kind", "messages", "--input", inp, "--output", out, *FLAKY_OVERRIDES, "storage.retries=3"]
+    proxy.faults = [Fault("503", method="GET", path=r"/throttled-corpus/msgs/a\.jsonl$", after=1)]
+    try:
+        assert main(args) == 4
+    finally:
+        proxy.faults = []
+    printed = "".join(capfd.readouterr())
+    CAPTURED.append(printed)
+    err = [line for line in printed.splitlines() if line.startswith("error: ")]
+    assert err and f"{inp}/a.jsonl" in err[0] and "SlowDown" in err[0] or "reduce your request rate" in err[0], \
+        printed[-3000:]
+    assert proxy.injected_on["503", "GET"] >= 3
+    if storage.exists(f"{out}/manifest.json"):   # tokenizers were fitted: nothing of the file may be done
+        c = shards.read_manifest(out)["counts"]
+        assert c["inputs_seen"] == 0 and c["inputs_quarantined"] == 0, c
+
+    time.sleep(3)   # lock.ttl_s of the failed run
+    assert main(args) == 0
+    CAPTURED.append("".join(capfd.readouterr()))
+    c = shards.read_manifest(out)["counts"]
+    assert c["inputs_tokenized"] == 21 and c["quarantined_by_reason"] == {"bad_json": 1, "missing_media": 1}, c
+    assert len(_answers(out)) == 21
 
 
 # ---- MLflow: a real server, down at start and killed mid-run ------------------------------------------------------

@@ -103,25 +103,41 @@ def test_truncated_wav_is_detected():
 
 def test_storage_outage_while_reading_fails_the_job_instead_of_quarantining(monkeypatch):
     """An input whose storage is unreachable is not bad input: quarantining it would mark it done and lose it."""
-    from botocore.exceptions import EndpointConnectionError
-
+    from model import storage
     from tokenize_jobs import pipeline
 
     monkeypatch.setattr(pipeline, "job_config_for", lambda job: type("C", (), {"templates": None, "tasks": None,
                                                                                "input": None})())
     monkeypatch.setattr(pipeline, "tokenizers_for", lambda *a: None)
     batch = {"source": ["s3://b/x.jsonl#1"], "status": ["pending"]}
+    ctx = {"storage": storage.policy_dict()}
 
     def down(*a, **k):
-        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1")
+        raise storage.StorageError("reading s3://b/a.png failed after 8 attempt(s)", "s3://b/a.png")
 
     monkeypatch.setattr(pipeline.sources, "decode_input", down)
-    with pytest.raises(pipeline.TransientReadError, match="not marked done"):
-        pipeline.decode(batch, {}, {"tokenizers": {}}, "unused")
+    with pytest.raises(storage.StorageError, match="s3://b/a.png"):
+        pipeline.decode(batch, ctx, {"tokenizers": {}}, "unused")
 
     def broken(*a, **k):
         raise OSError("image file is truncated")   # a bad file, not an outage: quarantined as before
 
     monkeypatch.setattr(pipeline.sources, "decode_input", broken)
-    out = pipeline.decode(batch, {}, {"tokenizers": {}}, "unused")
+    out = pipeline.decode(batch, ctx, {"tokenizers": {}}, "unused")
     assert out["status"] == ["quarantined"]
+
+
+def test_a_storage_fault_while_expanding_a_file_is_not_a_quarantine(tmp_path, monkeypatch):
+    """The unit's own file failing past the retries fails the task; the unit is not recorded as unreadable."""
+    from model import storage
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
+    ctx = sources.corpus_context("text", str(tmp_path))
+    cfg = InputConfig()
+    unit = sources.list_units(ctx, cfg)[0]
+
+    def down(uri):
+        raise storage.StorageError(f"reading {uri} failed after 8 attempt(s)", uri)
+    monkeypatch.setattr(sources.storage, "open_read", down)
+    with pytest.raises(storage.StorageError, match="a.jsonl"):
+        list(sources.expand_unit(ctx, unit, cfg, set()))

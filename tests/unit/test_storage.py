@@ -1,5 +1,5 @@
 """model/storage.py: atomic writes (whole file or nothing, usual permissions), transient-fault classification,
-and the tokenize writer's bounded retry built on it."""
+and the bounded retry every storage call goes through."""
 from __future__ import annotations
 
 import os
@@ -39,7 +39,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(storage.StorageError, match="disk full"):
         storage.write_text_atomic(str(target), "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
 
@@ -54,41 +54,91 @@ def test_transient_faults_are_told_from_permanent_ones():
     assert not any(storage.is_transient(e) for e in permanent)
 
 
-def test_writer_retry_backs_off_then_names_what_failed(capsys):
+@pytest.fixture
+def fast_policy():
+    saved = storage.policy()
+    storage.set_policy(storage.RetryPolicy(attempts=4, backoff_s=0.0))
+    yield
+    storage.set_policy(saved)
+
+
+def test_call_retries_transient_faults_then_names_the_uri(capsys, fast_policy):
     from botocore.exceptions import EndpointConnectionError
 
-    from tokenize_jobs.config import StorageConfig
-    from tokenize_jobs.writer import retry
-
-    cfg = StorageConfig(retries=4, backoff_s=0.0)
+    uri = "s3://b/out/shards/x.tar"
     calls = []
 
-    def flaky():
+    def flaky(fs):
         calls.append(1)
         if len(calls) < 3:
             raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b/k")
         return "ok"
-    assert retry(flaky, "uploading shard s3://b/out/shards/x.tar", cfg) == "ok" and len(calls) == 3
+    assert storage.call(flaky, uri, "uploading") == "ok" and len(calls) == 3
     assert capsys.readouterr().out.count("retry ") == 2
 
-    def down():
+    def down(fs):
         calls.append(1)
-        raise EndpointConnectionError(endpoint_url="http://127.0.0.1:1/b/k")
+        raise OSError(16, "Please reduce your request rate.")   # s3fs's 503 SlowDown
     calls.clear()
-    with pytest.raises(OSError, match=r"uploading shard s3://b/out/shards/x.tar failed after 4 attempt\(s\): "
-                                      r"EndpointConnectionError"):
-        retry(down, "uploading shard s3://b/out/shards/x.tar", cfg)
-    assert len(calls) == 4   # bounded
+    with pytest.raises(storage.StorageError, match=r"uploading s3://b/out/shards/x.tar failed after 4 "
+                                                   r"attempt\(s\).*OSError.*reduce your request rate") as e:
+        storage.call(down, uri, "uploading")
+    assert len(calls) == 4 and e.value.uri == uri   # bounded
+    assert not isinstance(e.value, OSError)           # never read as a bad input by content handlers
 
-    def missing():
+    def refused(fs):
         calls.append(1)
         raise PermissionError("denied")
     calls.clear()
-    with pytest.raises(OSError, match="after 1 attempt"):
-        retry(missing, "writing s3://b/out/manifest.json", cfg)
+    with pytest.raises(storage.StorageError, match="access refused"):
+        storage.call(refused, uri, "writing")
     assert len(calls) == 1   # retrying cannot fix a refused permission
 
-    def bug():
+    def missing(fs):
+        calls.append(1)
+        raise FileNotFoundError(uri)
+    calls.clear()
+    with pytest.raises(FileNotFoundError):
+        storage.call(missing, uri, "reading")
+    assert len(calls) == 1   # a fact about the data, not a fault
+
+    def bug(fs):
         raise KeyError("not a storage fault")
     with pytest.raises(KeyError):
-        retry(bug, "writing x", cfg)
+        storage.call(bug, uri, "writing")
+
+
+def test_local_disk_errors_are_storage_errors_without_retries(tmp_path, monkeypatch, fast_policy):
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(storage.StorageError, match=r"after 1 attempt\(s\).*No space left") as e:
+        storage.write_text_atomic(str(tmp_path / "m.json"), "x")
+    assert e.value.uri == str(tmp_path / "m.json")
+
+
+def test_retrying_reader_resumes_at_its_offset_after_a_fault(tmp_path, monkeypatch, fast_policy):
+    """A stream that breaks mid-file is reopened at the same offset: the bytes read are the file's bytes."""
+    data = bytes(range(256)) * 400
+    (tmp_path / "big.bin").write_bytes(data)
+    fs = storage._fs(str(tmp_path))
+    real_open = type(fs).open
+    opened = []
+
+    def breaking_open(self, path, mode="rb", **kw):
+        f = real_open(self, path, mode, **kw)
+        opened.append(1)
+        if len(opened) == 2:      # the second stream fails on its first read
+            def broken(n=-1):
+                raise ConnectionResetError("connection reset by peer")
+            f.read = broken
+        return f
+    monkeypatch.setattr(type(fs), "open", breaking_open)
+    monkeypatch.setattr(storage, "_retried", lambda uri: True)   # retry as on S3 (local disks are not retried)
+    with storage.open_read(str(tmp_path / "big.bin")) as r:
+        got = r.read(1000)
+        r.seek(5000)
+        got += r.read(50_000)
+        got += r.read()
+    assert got == data[:1000] + data[5000:]
+    assert len(opened) == 3
