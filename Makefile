@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch (a file on these machines' disk); GPU images bring their own CUDA torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv demo test test-unit test-all bench clean
 
 venv: $(STAMP)
 
@@ -15,16 +15,20 @@ $(STAMP): pyproject.toml scripts/install_env.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m pipelines.demo
+	$(VPY) -m demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q --durations=20
+
+# the per-module unit tests alone (no Ray cluster, no servers): under a minute
+test-unit: $(STAMP)
+	$(VPY) -m pytest -q tests/unit
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m ''
 
 bench: $(STAMP)
-	$(VPY) -m pipelines.bench all --quick
+	$(VPY) -m bench all --quick
 
 clean:
 	rm -rf runs .pytest_cache

@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
-from model.configlib import ConfigError
+from common.configlib import ConfigError
 
 
 @dataclass

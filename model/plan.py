@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from model import configlib
+from common import configlib
 from model.config import ModelConfig
 from model.transformer import Transformer
 

@@ -183,7 +183,7 @@ def generate(
     blocks: explicit blocks instead, [(length, steps), ...] or `Block`s left to right, lengths summing to
         gen_length and steps to `steps`; a Block may set its own temperature and cfg_scale. E.g.
         [Block(1, 1, 0.0, 0.0), Block(66, 16)] decides a one-token transcript by argmax without guidance, then
-        the image after it (a chain of modalities, pipelines/inference.py). Excludes block_length.
+        the image after it (a chain of modalities, pipelines/infer/predictor.py). Excludes block_length.
     alg: which masked positions to fill first, by confidence — "entropy" (negative entropy, default),
         "maskgit_plus" (probability of the sampled token), "topk_margin" (top-1 minus top-2 probability),
         "random". Only masked positions of the current block compete.
@@ -211,7 +211,7 @@ def generate(
     allowed: an explicit bool mask instead of `modality`, (V',) for the whole canvas or (gen_length, V') per
         position, V' <= the model's rows (missing columns = not allowed). For canvases whose positions admit ids
         of several modalities, e.g. a speech answer where codes, `<eoa>`, `<im_end>` and EOS may all appear
-        (pipelines/inference.py). The mask id and ids >= vocab.size are always forbidden; every position must
+        (pipelines/infer/predictor.py). The mask id and ids >= vocab.size are always forbidden; every position must
         allow at least one id.
     prompt_mask: (B, P) bool, True at real prompt tokens, False at left padding; None = no padding.
     generator: torch.Generator on the model's device for sampling and "random" confidence.

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.configlib import ConfigError
 from model.config import ModelConfig
-from model.configlib import ConfigError
 
 
 class RMSNorm(nn.Module):

@@ -10,12 +10,12 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("model.plan", "memory and FLOP plan of a model preset on N GPUs (meta device, no weights)"),
     "tokenize": ("tokenize_jobs.run", "Ray Data job: raw corpus -> token shards (local or s3://)"),
-    "train": ("pipelines.train", "Ray Train FSDP2 training from token shards, tracked in MLflow"),
-    "sample": ("pipelines.sample", "any-to-any sampling from an exported checkpoint"),
-    "generate": ("pipelines.generate", "batch inference over a prompts JSONL on Ray Data"),
-    "eval": ("pipelines.evaluate", "per-task evaluation (WER, accuracy, classifier accuracy)"),
-    "bench": ("pipelines.bench", "benchmarks: each stage against its bare floor"),
-    "demo": ("pipelines.demo", "the whole pipeline on the built-in digit corpus (what `make demo` runs)"),
+    "train": ("pipelines.train.trainer", "Ray Train FSDP2 training from token shards, tracked in MLflow"),
+    "sample": ("pipelines.infer.sample", "any-to-any sampling from an exported checkpoint"),
+    "generate": ("pipelines.infer.generate", "batch inference over a prompts JSONL on Ray Data"),
+    "eval": ("pipelines.eval.evaluate", "per-task evaluation (WER, accuracy, classifier accuracy)"),
+    "bench": ("bench.suite", "benchmarks: each stage against its bare floor"),
+    "demo": ("demo.run", "the whole pipeline on the built-in digit corpus (what `make demo` runs)"),
 }
 
 

@@ -14,7 +14,7 @@ What it writes (16 kHz mono, Ogg Opus in `.ogg` files, which soundfile reads and
                                                  digit (int, or null for questions), voice, speed, pitch,
                                                  kind ("digit" | "question"), held_out (bool)
 
-Held-out voices (`held_out: true`) are for test lines only: the corpus builder (pipelines/demo_corpus.py) keeps
+Held-out voices (`held_out: true`) are for test lines only: the corpus builder (demo/corpus.py) keeps
 them out of training. They are unseen combinations of an accent and a variant that training does see apart, so
 the held-out test asks the model to generalise to a new voice, not to a new kind of sound.
 

@@ -1,4 +1,4 @@
-"""Settings of one tokenize job: a tree of typed dataclasses loaded through model/configlib.py.
+"""Settings of one tokenize job: a tree of typed dataclasses loaded through common/configlib.py.
 
 `python -m tokenize_jobs.run --config configs/tokenize/x.yaml shards.max_samples=500` builds a
 `TokenizeJobConfig` from: these defaults -> the YAML file -> the `section.key=value` overrides. Without a YAML
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from model.configlib import ConfigError
+from common.configlib import ConfigError
 from model.prompts import TaskTemplates
 from model.tokenizers import TokenizerConfig
 
@@ -102,7 +102,7 @@ class StorageConfig:
     timeout_s: float = 0.0          # S3 connect/read timeout per request; 0 keeps botocore's 60 s
 
     def policy(self):
-        from model.storage import RetryPolicy
+        from common.storage import RetryPolicy
 
         return RetryPolicy(attempts=self.retries, backoff_s=self.backoff_s, max_backoff_s=self.max_backoff_s,
                            timeout_s=self.timeout_s)

@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from model import storage
+from common import storage
 
 LOCK_NAME = "_lock.json"
 

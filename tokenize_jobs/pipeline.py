@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from model import configlib, storage
+from common import configlib, storage
 from model.prompts import count_placeholders, encode_messages
 from model.tokenizers import TokenizerConfig, TokenizerSet
 from model.tokenizers.base import BadInput

@@ -190,7 +190,7 @@ def vanish_after_listing(path: Path) -> Iterator[None]:
 
 def line_memory_peak(corpus: Path, rel: str = "big.jsonl") -> float:
     """MiB of Python memory at peak while the job's reader expands `rel` (the 100 MB line streams past)."""
-    from model import configlib
+    from common import configlib
     from tokenize_jobs import sources
     from tokenize_jobs.config import InputConfig
 
@@ -212,7 +212,7 @@ def run_matrix(root: Path, *, extra_overrides: tuple[str, ...] = (), big_line_by
                ) -> dict[str, Any]:
     """Build the corpus under `root`, measure the long line's memory, tokenize it all in one run into
     `root/out`, and return {"cases": [...], "totals": {...}, "summary": run summary, ...}."""
-    from model import configlib
+    from common import configlib
     from tokenize_jobs.config import TokenizeJobConfig
     from tokenize_jobs.run import run_job
 

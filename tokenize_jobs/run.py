@@ -10,7 +10,7 @@ them on a sample of this corpus and save them) -> run the Ray Data plan (tokeniz
 inputs not done yet, committing shards as they fill (tokenize_jobs/writer.py) -> summary.
 
 Without RAY_ADDRESS a local Ray is started for the job; with it (e.g. under `ray job submit`) the job joins that
-cluster. Every storage call retries transient faults (storage.retries, .backoff_s; model/storage.py): a fault
+cluster. Every storage call retries transient faults (storage.retries, .backoff_s; common/storage.py): a fault
 that outlasts them fails the job naming the URI, and never quarantines an input. Exit status: 0 done (bad
 inputs are quarantined, not failures), 2 bad arguments/config or unreachable input/output, 3 the output is
 locked by another live run, 4 storage failed past its retries (rerun once it answers), 1 any other failure
@@ -29,8 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from model import configlib, storage
-from model.configlib import ConfigError
+from common import configlib, storage
+from common.configlib import ConfigError
 from model.tokenizers import SET_FILE, TokenizerMismatch, TokenizerSet, config_diff
 from model.vocab import Vocab
 from tokenize_jobs import sources, summary
@@ -153,7 +153,7 @@ def prepare_tokenizers(cfg: TokenizeJobConfig, artifacts_dir: str, ctx: dict[str
 
 def _ensure_ray(cfg: TokenizeJobConfig) -> bool:
     """Join RAY_ADDRESS's cluster, reuse an initialized Ray (tests), or start a local one. True if we started it."""
-    from pipelines.rayutil import init_ray
+    from common.rayutil import init_ray
 
     return init_ray(num_cpus=cfg.ray.num_cpus or None)
 

@@ -24,7 +24,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from model import storage
+from common import storage
 from model.vocab import Vocab
 
 FORMAT_VERSION = 1

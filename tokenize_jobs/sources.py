@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from model import storage
+from common import storage
 from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, TaskTemplates, infer_task, task_messages
 from model.tokenizers.base import BadInput
 from tokenize_jobs.config import InputConfig, TasksConfig

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from model import storage
+from common import storage
 from tokenize_jobs.config import ShardConfig
 from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
 

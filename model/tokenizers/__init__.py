@@ -21,8 +21,8 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from model import configlib, storage
-from model.configlib import ConfigError
+from common import configlib, storage
+from common.configlib import ConfigError
 from model.tokenizers.base import BadInput, ImageTokenizer, SpeechTokenizer, TextTokenizer
 from model.vocab import REUSED_SPECIALS, Vocab
 

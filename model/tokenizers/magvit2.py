@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model import storage
-from model.configlib import ConfigError, to_dict
+from common import storage
+from common.configlib import ConfigError, to_dict
 from model.tokenizers.base import BadInput
 
 # A larger safetensors JSON header means the file is something else that happens to start like one.

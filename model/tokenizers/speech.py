@@ -39,7 +39,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from model import storage
+from common import storage
 from model.tokenizers.base import BadInput
 
 if TYPE_CHECKING:

@@ -23,7 +23,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from model import storage
+from common import storage
 
 
 def _normalized_json(tok: Tokenizer) -> str:

@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from model import configlib
+from common import configlib
 from model.config import ModelConfig
 from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TaskTemplates, task_messages
 from model.tokenizers import TokenizerSet, default_tokenizer_config

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from pipelines import bench
+from bench import suite as bench
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -10,7 +10,7 @@ import os
 import numpy as np
 import pytest
 
-from pipelines import demo
+from demo import run as demo
 
 ray = pytest.importorskip("ray")
 

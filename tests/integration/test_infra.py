@@ -46,8 +46,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
     import tomli as tomllib
 
-from model import configlib
-from model.configlib import read_yaml
+from common import configlib
+from common.configlib import read_yaml
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
@@ -456,15 +456,15 @@ def test_entrypoint_survives_the_kuberay_submitter_shell(where, entrypoint):
     assert json.loads(out.stdout) == shlex.split(entrypoint), f"{where}: the submitter shell changes the entrypoint"
 
 
-TRAIN_JOBS = [lo for lo in KUBERAY_OBJECTS if "pipelines.train" in (job_spec(lo[1]) or {}).get("entrypoint", "")]
+TRAIN_JOBS = [lo for lo in KUBERAY_OBJECTS if "pipelines.train.trainer" in (job_spec(lo[1]) or {}).get("entrypoint", "")]
 
 
 @pytest.mark.parametrize("label_obj", TRAIN_JOBS, ids=_obj_id)
 def test_train_job_cluster_fits_its_config_scaling(label_obj):
-    from pipelines.config import TrainConfig
+    from pipelines.train.config import TrainConfig
 
     label, o = label_obj
-    (cmd,) = [c for c in shell_commands(job_spec(o)["entrypoint"]) if c[:3] == ["python", "-m", "pipelines.train"]]
+    (cmd,) = [c for c in shell_commands(job_spec(o)["entrypoint"]) if c[:3] == ["python", "-m", "pipelines.train.trainer"]]
     args = cmd[3:]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     scaling = configlib.load(TrainConfig, REPO / args[args.index("--config") + 1], overrides).scaling
@@ -802,9 +802,9 @@ def test_ray_job_api_rejects_clients_without_the_token(ray_head, tmp_path):
 
 
 def test_tokenize_then_train_jobs_succeed(ray_head):
-    missing = [m for m in ("tokenize_jobs.run", "pipelines.train") if importlib.util.find_spec(m) is None]
+    missing = [m for m in ("tokenize_jobs.run", "pipelines.train.trainer") if importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip("tokenize_jobs.run / pipelines.train not yet available")
+        pytest.skip("tokenize_jobs.run / pipelines.train.trainer not yet available")
     # Not tmp_path: pytest prunes old numbered temp dirs, and a concurrent pytest run could prune this one
     # while the jobs (a minute or more) still write to it.
     with tempfile.TemporaryDirectory(prefix="infra-jobs-") as tmp:
@@ -822,10 +822,10 @@ def _tokenize_then_train(ray_head: Head, tmp: Path) -> None:
     result = submit(ray_head, "python", "-m", "tokenize_jobs.run", "--kind", "text", "--input", str(corpus),
                     "--output", str(tokens), "--config", "configs/tokenize/default.yaml", timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    # manifest.json is what the trainer opens (pipelines.train --shards: "tokenize output(s) holding manifest.json").
+    # manifest.json is what the trainer opens (pipelines.train.trainer --shards: "tokenize output(s) holding manifest.json").
     assert (tokens / "manifest.json").is_file(), f"tokenize wrote no manifest.json under {tokens}"
 
-    result = submit(ray_head, "python", "-m", "pipelines.train", "--config", "configs/train/debug.yaml",
+    result = submit(ray_head, "python", "-m", "pipelines.train.trainer", "--config", "configs/train/debug.yaml",
                     "--shards", str(tokens), "--run-dir", str(run_dir), *TRAIN_OVERRIDES, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert any(p.is_file() for p in run_dir.rglob("*")), f"train wrote nothing under {run_dir}"

@@ -2,7 +2,7 @@
 
 The whole module runs with SENTINEL credentials in the environment (AWS keys, an MLflow token, a Ray auth
 token), against a moto S3 server on 127.0.0.1 that tests stop and restart, and with one local Ray started by
-pipelines/rayutil.py (the helper every entry point uses). The last test greps every output of the module for
+common/rayutil.py (the helper every entry point uses). The last test greps every output of the module for
 the sentinels.
 
 - Local Ray listens on 127.0.0.1 only.
@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,7 +85,7 @@ def env():
     them)."""
     import ray
 
-    from pipelines import rayutil
+    from common import rayutil
     from tests.helpers.faulty_s3 import FaultyS3
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
@@ -132,7 +132,7 @@ def test_local_ray_started_by_the_jobs_listens_on_127_0_0_1_only(env):
     import psutil
     import ray
 
-    from pipelines import rayutil
+    from common import rayutil
 
     if not env["started_ray"]:
         pytest.skip("Ray was already initialized by another test module")
@@ -141,7 +141,7 @@ def test_local_ray_started_by_the_jobs_listens_on_127_0_0_1_only(env):
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
     # without the dashboard, Ray Train's placement-group cleaner would warn once a second (rayutil.QUIET_LOGGERS)
     assert ray.get_runtime_context().runtime_env.get("worker_process_setup_hook") == \
-        "pipelines.rayutil.quiet_worker_logs"
+        "common.rayutil.quiet_worker_logs"
     rayutil.quiet_worker_logs()
     assert all(logging.getLogger(n).getEffectiveLevel() == logging.ERROR for n in rayutil.QUIET_LOGGERS)
     # every listening socket of this Ray session's processes is bound to the loopback address
@@ -219,7 +219,7 @@ S3_OVERRIDES = ("ray.progress_bars=false", "shards.max_samples=2", "storage.retr
 
 
 def _tokenize(inp: Path, out: str) -> dict:
-    from model import configlib
+    from common import configlib
     from tokenize_jobs.config import TokenizeJobConfig
     from tokenize_jobs.run import run_job
 
@@ -228,7 +228,7 @@ def _tokenize(inp: Path, out: str) -> dict:
 
 
 def test_s3_outage_mid_run_fails_clearly_then_the_rerun_rides_out_a_short_one(env, tmp_path, monkeypatch, capfd):
-    from model import storage
+    from common import storage
     from tokenize_jobs import shards
 
     endpoint = env["proxy"]
@@ -286,7 +286,7 @@ FLAKY_OVERRIDES = ("ray.progress_bars=false", "shards.max_samples=4", "storage.r
 def _messages_corpus_on_s3(bucket: str, n_good: int) -> tuple[str, set[str]]:
     """s3://<bucket>/msgs: one JSONL of `n_good` image-to-text lines (each with its own PNG) plus a line of bad
     JSON and one naming a missing image. Returns the input URI and the good lines' answers."""
-    from model import storage
+    from common import storage
     from tokenize_jobs.reliability_report import png
 
     fs = storage.filesystem(f"s3://{bucket}")
@@ -315,7 +315,7 @@ def test_a_flaky_store_loses_nothing_and_the_counts_reconcile(env, tmp_path, cap
     """A fifth of all S3 requests (listing, input reads, media reads, lock, shard and manifest writes) fail
     with 503 SlowDown, a connection reset or a read timeout. The job either finishes or fails naming a URI;
     reruns finish it; at the end every input is in exactly once and only the two bad lines are quarantined."""
-    from model import configlib, storage
+    from common import configlib, storage
     from tests.helpers.faulty_s3 import Fault
     from tokenize_jobs import shards
     from tokenize_jobs.config import TokenizeJobConfig
@@ -362,7 +362,7 @@ def test_a_throttled_input_file_fails_the_job_and_the_rerun_tokenizes_all_of_it(
     """The bucket lets the first reads of the input JSONL through, then answers every read of it with 503
     SlowDown for longer than the retries last: the job exits 4 naming that file, marks nothing done and
     quarantines nothing; once the throttling ends, a rerun tokenizes all 21 lines."""
-    from model import storage
+    from common import storage
     from tests.helpers.faulty_s3 import Fault
     from tokenize_jobs import shards
     from tokenize_jobs.run import main
@@ -441,11 +441,11 @@ def mlflow_server(tmp_path):
 def test_tracker_against_a_real_server_down_at_start_and_killed_mid_run(mlflow_server, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from pipelines import metrics
-    from pipelines.config import TrainConfig
+    from common import tracking
+    from pipelines.train.config import TrainConfig
 
     said: list[str] = []
-    t = metrics.Tracker(mlflow_server.uri, "reliability", "outage", say=said.append, retry_s=0.0)
+    t = tracking.Tracker(mlflow_server.uri, "reliability", "outage", say=said.append, retry_s=0.0)
     assert t.start(None, TrainConfig()) is None           # not started yet: no run, no exception
     t.log_metrics({"loss": 4.0}, step=1)
     mlflow_server.start()
@@ -514,7 +514,7 @@ def _load_safetensors(tmp: Path, marker: Path) -> None:
 def _load_checkpoint(tmp: Path, marker: Path) -> None:
     import torch.distributed.checkpoint as dcp
 
-    from pipelines import checkpoint as ckpt
+    from pipelines.train import checkpoint as ckpt
     from tests.unit.test_train_checkpoint import make_state
 
     state = make_state(0)
@@ -584,10 +584,9 @@ def test_sentinel_credentials_appear_in_no_output(env, tmp_path, capfd):
     """Everything this module wrote (tokenize outputs, quarantine, indexes, manifests on disk and in S3, the
     MLflow server store and artifacts, the Ray session's logs, what the runs printed), plus an MLflow run,
     a checkpoint and an export made here, hold none of the sentinel credentials."""
-    from model import storage
-    from pipelines import checkpoint as ckpt
-    from pipelines import metrics
-    from pipelines.config import TrainConfig
+    from common import storage, tracking
+    from pipelines.train import checkpoint as ckpt
+    from pipelines.train.config import TrainConfig
     from tests.unit.test_train_checkpoint import VOCAB, make_state
 
     # an MLflow run whose config holds a credential-bearing URI, a checkpoint and an export, all made with the
@@ -595,7 +594,7 @@ def test_sentinel_credentials_appear_in_no_output(env, tmp_path, capfd):
     cfg = TrainConfig()
     cfg.mlflow.tracking_uri = f"https://user:{SENTINELS['MLFLOW_TRACKING_TOKEN']}@mlflow.example.com"
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    t = metrics.Tracker(uri, "sentinel", "run", say=print)
+    t = tracking.Tracker(uri, "sentinel", "run", say=print)
     t.start(None, cfg)
     t.log_metrics({"loss": 1.0}, 1)
     t.log_text("generations\n", "samples/step_00000001/generations.txt")

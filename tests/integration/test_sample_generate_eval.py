@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import ray
 
-from pipelines import evaluate, generate
-from pipelines.inference import load_presets
+from pipelines.eval import evaluate
+from pipelines.infer import generate
+from pipelines.infer.predictor import load_presets
 from tests.helpers.export import demo_lines, write_debug_export, write_jsonl, write_media
 
 FAST = load_presets("reference", None, ["steps=2", "tts.length_ratio=4", "asr.max_length=8", "text.length=8",
@@ -130,8 +131,8 @@ def test_export_and_generate_through_s3(export, corpus, tmp_path, monkeypatch):
     import boto3
     from moto.server import ThreadedMotoServer
 
-    from model import storage
-    from pipelines.inference import load_export
+    from common import storage
+    from pipelines.infer.predictor import load_export
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -222,7 +222,7 @@ def cluster():
 
 
 def _cfg(*overrides: str):
-    from model import configlib
+    from common import configlib
     from tokenize_jobs.config import TokenizeJobConfig
 
     return configlib.load(TokenizeJobConfig, None, [*BASE_OVERRIDES, *overrides])
@@ -418,7 +418,7 @@ def test_s3_input_and_output_round_trip(cluster, corpus, tokenized):
     import ray
     import webdataset as wds
 
-    from model import storage
+    from common import storage
     from tokenize_jobs import shards
 
     fs = storage.filesystem("s3://corpus")

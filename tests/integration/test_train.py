@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from model.configlib import from_dict, to_dict
-from pipelines import train
-from pipelines.config import TrainConfig
+from common.configlib import from_dict, to_dict
+from pipelines.train import trainer
+from pipelines.train.config import TrainConfig
 from tests.helpers.shardgen import small_vocab, write_shard_set
 
 ray = pytest.importorskip("ray")
@@ -36,8 +36,13 @@ def ray_local():
 @pytest.fixture(scope="module")
 def shard_set(tmp_path_factory):
     """A tokenizer set (BPE + 4x4 pixels + offline EnCodec) and shards in its vocabulary."""
-    from model.tokenizers import (ImageTokenizerConfig, SpeechTokenizerConfig, TextTokenizerConfig, TokenizerConfig,
-                                  TokenizerSet)
+    from model.tokenizers import (
+        ImageTokenizerConfig,
+        SpeechTokenizerConfig,
+        TextTokenizerConfig,
+        TokenizerConfig,
+        TokenizerSet,
+    )
 
     root = tmp_path_factory.mktemp("tok")
     rng = np.random.default_rng(0)
@@ -67,12 +72,12 @@ def history(client, run_id: str, key: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def first_fit(ray_local, shard_set, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    cfg = train.resolve_config(str(DEBUG_YAML), [str(shard_set)], str(run_dir),
+    cfg = trainer.resolve_config(str(DEBUG_YAML), [str(shard_set)], str(run_dir),
                                ["run.name=itest", "train.fail_at_step=6", "train.fail_mode=kill",
                                 "train.fail_rank=1",
                                 # a budget that fits every step: fitted after step 3, kept by the restarted group
                                 "train.time_budget_s=3600", "train.budget_probe_steps=2"])
-    result = train.run(cfg)
+    result = trainer.run(cfg)
     return cfg, result, run_dir
 
 
@@ -84,7 +89,7 @@ def second_fit(first_fit):
     d["data"]["stages"][2]["steps"] = 8
     d["scaling"]["num_workers"] = 1
     cfg2 = from_dict(TrainConfig, d)
-    return cfg2, train.run(cfg2), run_dir
+    return cfg2, trainer.run(cfg2), run_dir
 
 
 def test_fit_survives_a_killed_worker_and_the_loss_falls(first_fit):
@@ -134,7 +139,7 @@ def test_export_loads_for_sampling(first_fit):
     from model.sampling import generate
     from model.vocab import Modality
     from model.weights import load_native
-    from pipelines.inference import load_export
+    from pipelines.infer.predictor import load_export
 
     _, _, run_dir = first_fit
     export = run_dir / "export"
@@ -170,7 +175,7 @@ def test_second_fit_with_the_same_name_resumes_on_one_worker(second_fit):
 
 def test_out_of_range_ids_stop_the_cli_before_training(tmp_path, capsys):
     bad = write_shard_set(tmp_path / "bad", small_vocab(), {"t2i": 20}, samples_per_shard=10, corrupt={"shard": 1})
-    rc = train.main(["--config", str(DEBUG_YAML), "--shards", str(bad), "--run-dir", str(tmp_path / "run")])
+    rc = trainer.main(["--config", str(DEBUG_YAML), "--shards", str(bad), "--run-dir", str(tmp_path / "run")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "test-00001.tar" in err and "outside the vocabulary" in err
@@ -184,7 +189,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(first_fit, shard_se
     d = to_dict(cfg)
     d["train"]["fail_at_step"] = 0
     d["run"].update(name="uninterrupted", run_dir=str(tmp_path))
-    assert train.run(from_dict(TrainConfig, d)).error is None
+    assert trainer.run(from_dict(TrainConfig, d)).error is None
     client, runs = mlflow_run(run_dir)
     resumed = {k: v for k, v in history(client, runs[0].info.run_id, "loss").items() if k <= 12}  # fit 1 only
     client2, runs2 = mlflow_run(tmp_path)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from pipelines import demo
+from demo import run as demo
 
 pytestmark = pytest.mark.slow
 ray = pytest.importorskip("ray")

@@ -1,4 +1,4 @@
-"""model/configlib.py and the ModelConfig presets of model/config.py."""
+"""common/configlib.py and the ModelConfig presets of model/config.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -7,9 +7,9 @@ from typing import Literal
 import pytest
 import yaml
 
-from model import configlib
+from common import configlib
+from common.configlib import ConfigError
 from model.config import ModelConfig
-from model.configlib import ConfigError
 
 
 @dataclass

@@ -7,8 +7,8 @@ import soundfile as sf
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from demo import corpus as dc
 from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, count_placeholders, infer_task
-from pipelines import demo_corpus as dc
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""pipelines/inference.py (export loading, prompts, canvases, decoding), the `sample` CLI and the eval metric
+"""pipelines/infer/predictor.py (export loading, prompts, canvases, decoding), the `sample` CLI and the eval metric
 wiring, on a debug export with random weights (tests/helpers/export.py)."""
 from __future__ import annotations
 
@@ -12,13 +12,22 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from model.configlib import ConfigError
+from common.configlib import ConfigError
 from model.prompts import IMAGE_PLACEHOLDER, TASKS
 from model.tokenizers.base import BadInput
 from model.vocab import Modality, VocabMismatch
-from pipelines import evaluate, sample
-from pipelines.inference import (Predictor, Request, SamplerPresets, load_export, load_presets, mlflow_run,
-                                 request_from_line, spoken_text)
+from pipelines.eval import evaluate
+from pipelines.infer import sample
+from pipelines.infer.predictor import (
+    Predictor,
+    Request,
+    SamplerPresets,
+    load_export,
+    load_presets,
+    mlflow_run,
+    request_from_line,
+    spoken_text,
+)
 from tests.helpers.export import demo_lines, write_debug_export, write_media
 
 FAST = ["steps=2", "batch_size=4"]

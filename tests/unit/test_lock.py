@@ -35,7 +35,7 @@ def s3_out():
            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from model import storage
+    from common import storage
 
     storage.filesystem("s3://lock-tests").mkdir("lock-tests")
     counter = iter(range(1000))
@@ -49,7 +49,7 @@ def s3_out():
 
 
 def _read(out: str) -> LockRecord | None:
-    from model import storage
+    from common import storage
 
     for _ in range(5):  # s3fs refuses a read during which a heartbeat rewrote the object (FileExpired)
         try:
@@ -62,13 +62,13 @@ def _read(out: str) -> LockRecord | None:
 
 
 def _write(out: str, text: str) -> None:
-    from model import storage
+    from common import storage
 
     storage.write_text_atomic(storage.join(out, LOCK_NAME), text)
 
 
 def _exists(out: str) -> bool:
-    from model import storage
+    from common import storage
 
     return storage.exists(storage.join(out, LOCK_NAME))
 

@@ -11,10 +11,17 @@ import pytest
 import torch
 from PIL import Image
 
-from model.configlib import ConfigError
+from common.configlib import ConfigError
 from model.tokenizers.base import BadInput, ImageTokenizer
 from model.tokenizers.magvit2 import (
-    LFQuantizer, Magvit2, Magvit2Config, WeightsError, bench_encode, build_magvit2, build_model, check_state_dict,
+    LFQuantizer,
+    Magvit2,
+    Magvit2Config,
+    WeightsError,
+    bench_encode,
+    build_magvit2,
+    build_model,
+    check_state_dict,
 )
 
 # name dtype shape of every entry of showlab/magvitv2's state_dict, recorded from the public model code

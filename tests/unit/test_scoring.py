@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-from pipelines.scoring import (exact_match, fit_image_classifier, normalize_text, option_accuracy, pick_option,
-                               wer)
+from pipelines.eval.scoring import exact_match, fit_image_classifier, normalize_text, option_accuracy, pick_option, wer
 
 
 def test_normalize():

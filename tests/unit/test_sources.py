@@ -103,7 +103,7 @@ def test_truncated_wav_is_detected():
 
 def test_storage_outage_while_reading_fails_the_job_instead_of_quarantining(monkeypatch):
     """An input whose storage is unreachable is not bad input: quarantining it would mark it done and lose it."""
-    from model import storage
+    from common import storage
     from tokenize_jobs import pipeline
 
     monkeypatch.setattr(pipeline, "job_config_for", lambda job: type("C", (), {"templates": None, "tasks": None,
@@ -129,7 +129,7 @@ def test_storage_outage_while_reading_fails_the_job_instead_of_quarantining(monk
 
 def test_a_storage_fault_while_expanding_a_file_is_not_a_quarantine(tmp_path, monkeypatch):
     """The unit's own file failing past the retries fails the task; the unit is not recorded as unreadable."""
-    from model import storage
+    from common import storage
 
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n{"text": "two"}\n')
     ctx = sources.corpus_context("text", str(tmp_path))

@@ -1,4 +1,4 @@
-"""model/storage.py: atomic writes (whole file or nothing, usual permissions), transient-fault classification,
+"""common/storage.py: atomic writes (whole file or nothing, usual permissions), transient-fault classification,
 and the bounded retry every storage call goes through."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from model import storage
+from common import storage
 
 
 @pytest.fixture

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model import configlib
+from common import configlib
 from model.tokenizers import TokenizerSet, default_tokenizer_config
 from tests.helpers.export import corpus_texts, tone
 from tokenize_jobs import pipeline

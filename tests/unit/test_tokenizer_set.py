@@ -4,9 +4,9 @@ import socket
 import numpy as np
 import pytest
 
-from model import configlib
-from model.configlib import ConfigError
-from model.tokenizers import (TokenizerConfig, TokenizerMismatch, TokenizerSet, default_tokenizer_config)
+from common import configlib
+from common.configlib import ConfigError
+from model.tokenizers import TokenizerConfig, TokenizerMismatch, TokenizerSet, default_tokenizer_config
 from model.tokenizers.speech import EncodecTokenizer
 from model.tokenizers.text import HFTextTokenizer
 from model.vocab import Vocab

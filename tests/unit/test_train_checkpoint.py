@@ -1,4 +1,4 @@
-"""pipelines/checkpoint.py in one process (no Ray, no process group): markers, fallback, safe loading, export."""
+"""pipelines/train/checkpoint.py in one process (no Ray, no process group): markers, fallback, safe loading, export."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import torch.distributed.checkpoint as dcp
 from model.config import ModelConfig
 from model.transformer import Transformer
 from model.weights import load_native
-from pipelines import checkpoint as ckpt
+from pipelines.train import checkpoint as ckpt
 from tests.helpers.shardgen import small_vocab
 
 VOCAB = small_vocab()
@@ -130,14 +130,14 @@ def s3(monkeypatch):
     for k, v in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1",
                  "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}.items():
         monkeypatch.setenv(k, v)
-    from model import storage
+    from common import storage
     storage.filesystem("s3://ckpt").mkdir("ckpt")
     yield "s3://ckpt"
     server.stop()
 
 
 def test_restore_and_export_on_s3(s3, tmp_path):
-    from model import storage
+    from common import storage
 
     src = make_state(0)
     fs = storage.filesystem(s3)

@@ -1,4 +1,4 @@
-"""pipelines/data.py (and the data side of pipelines/config.py): fast, no Ray."""
+"""pipelines/train/data.py (and the data side of pipelines/train/config.py): fast, no Ray."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from model.configlib import ConfigError, from_dict
+from common.configlib import ConfigError, from_dict
 from model.vocab import Vocab, VocabMismatch
-from pipelines.config import TrainConfig
-from pipelines.data import DataError, StreamState, collate, load_data, mask_batch, step_generator
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import DataError, StreamState, collate, load_data, mask_batch, step_generator
 from tests.helpers.shardgen import small_vocab, write_shard_set
 
 VOCAB = small_vocab()
@@ -188,7 +188,7 @@ def test_overlong_samples_are_dropped_or_refused(shard_set):
 
 
 def test_sources_share_each_read_shard_without_changing_the_stream(shard_set):
-    from pipelines.data import RowStream
+    from pipelines.train.data import RowStream
 
     cfg = make_cfg([shard_set])
     data = load_data(cfg)

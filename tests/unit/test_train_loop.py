@@ -1,4 +1,4 @@
-"""pipelines/train.py without Ray: schedule, eval prompts, and train_step on a 1-rank FSDP2 (gloo) group."""
+"""pipelines/train/trainer.py without Ray: schedule, eval prompts, and train_step on a 1-rank FSDP2 (gloo) group."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from model.configlib import ConfigError, from_dict
+from common.configlib import ConfigError, from_dict
 from model.prompts import TASKS
 from model.vocab import Modality
-from pipelines import train
-from pipelines.config import TrainConfig
-from pipelines.data import Sample, collate, load_data
+from pipelines.train import trainer
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import Sample, collate, load_data
 from tests.helpers.shardgen import make_sample, small_vocab, write_shard_set
 
 VOCAB = small_vocab()
@@ -19,18 +19,18 @@ VOCAB = small_vocab()
 
 def test_lr_warms_up_then_decays_to_the_floor():
     cfg = from_dict(TrainConfig, {"optim": {"warmup_steps": 4, "min_lr_ratio": 0.1}, "train": {"steps": 20}})
-    f = [train.lr_factor(s, cfg) for s in range(21)]
+    f = [trainer.lr_factor(s, cfg) for s in range(21)]
     assert f[:4] == [0.25, 0.5, 0.75, 1.0] and f[4] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(f[4:], f[5:])) and f[20] == pytest.approx(0.1)
 
 
 def test_fit_steps_spends_the_remaining_budget_and_only_shortens():
     # 21 steps done in 5 s at 0.25 s a step: 55 s left buy 220 more
-    assert train.fit_steps(21, 5.0, 0.25, 60.0, 1000) == 241
-    assert train.fit_steps(21, 5.0, 0.25, 60.0, 100) == 100      # a budget never lengthens the run
-    assert train.fit_steps(21, 90.0, 0.25, 60.0, 100) == 21      # already over: stop where it is
+    assert trainer.fit_steps(21, 5.0, 0.25, 60.0, 1000) == 241
+    assert trainer.fit_steps(21, 5.0, 0.25, 60.0, 100) == 100      # a budget never lengthens the run
+    assert trainer.fit_steps(21, 90.0, 0.25, 60.0, 100) == 21      # already over: stop where it is
     # 100 steps' worth (25 s at this step time) kept for after the loop: 30 s buy 120
-    assert train.fit_steps(21, 5.0, 0.25, 60.0, 1000, reserve_steps=100) == 141
+    assert trainer.fit_steps(21, 5.0, 0.25, 60.0, 1000, reserve_steps=100) == 141
 
 
 def test_with_steps_rescales_stages_and_refit_schedule_follows():
@@ -45,8 +45,8 @@ def test_with_steps_rescales_stages_and_refit_schedule_follows():
     with pytest.raises(ConfigError, match="3 stages"):
         cfg.with_steps(2)
     model = torch.nn.Linear(2, 2)
-    optimizer, scheduler = train.build_optimizer(model, cfg)
-    train.refit_schedule(scheduler, short)
+    optimizer, scheduler = trainer.build_optimizer(model, cfg)
+    trainer.refit_schedule(scheduler, short)
     for _ in range(24):
         optimizer.step()
         scheduler.step()
@@ -57,10 +57,10 @@ def test_with_steps_rescales_stages_and_refit_schedule_follows():
 def test_generation_request_keeps_the_media_bracket_in_the_prompt():
     ids, mask = make_sample("t2i", VOCAB, key=3, media_len=16)
     s = Sample("k", "t2i", ids.astype(np.int64), mask, np.zeros_like(mask))
-    req = train.generation_request(s, VOCAB)
+    req = trainer.generation_request(s, VOCAB)
     assert req["prompt"][-1] == VOCAB.boi_id and req["length"] == 16 and req["modality"] == Modality.IMAGE
     ids, mask = make_sample("i2t", VOCAB, key=3, text_len=6)
-    req = train.generation_request(Sample("k", "i2t", ids.astype(np.int64), mask, mask & False), VOCAB)
+    req = trainer.generation_request(Sample("k", "i2t", ids.astype(np.int64), mask, mask & False), VOCAB)
     assert req["modality"] == Modality.TEXT and req["length"] == 7        # 6 text ids + <im_end>
     assert req["prompt"][-1] == VOCAB.role_id("assistant")
 
@@ -80,14 +80,14 @@ def test_train_step_lowers_the_loss_with_accumulation_and_clipping(one_rank_grou
                                            "grad_accum": 2},
                                   "optim": {"lr": 3e-3, "warmup_steps": 1, "clip": 0.5}, "train": {"steps": 20}})
     data = load_data(cfg)
-    model = train.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
-    optimizer, scheduler = train.build_optimizer(model, cfg)
+    model = trainer.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+    optimizer, scheduler = trainer.build_optimizer(model, cfg)
     stream = data.stream(cfg)
     rows = stream.step_rows(1, 0, 2, 2)
     micro = [collate(r, 128, data.vocab) for r in rows]
     losses = []
     for step in range(20):   # the same rows every step (masks differ): the loss must fall fast
-        stats = train.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=step,
+        stats = trainer.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=step,
                                  rank=0, world=1, device=torch.device("cpu"))
         losses.append(stats.loss)
         assert stats.grad_norm > 0 and stats.masked > 0
@@ -99,7 +99,7 @@ def test_train_step_lowers_the_loss_with_accumulation_and_clipping(one_rank_grou
 def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_group, tmp_path):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from model.configlib import ConfigError
+    from common.configlib import ConfigError
 
     shards = write_shard_set(tmp_path / "set", VOCAB, {"t2i": 8, "i2t": 8}, samples_per_shard=16)
 
@@ -110,10 +110,10 @@ def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_gro
                                       "train": {"steps": 1}})
         data = load_data(cfg)
         torch.manual_seed(0)
-        model = train.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
-        optimizer, scheduler = train.build_optimizer(model, cfg)
+        model = trainer.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+        optimizer, scheduler = trainer.build_optimizer(model, cfg)
         micro = [collate(r, 128, data.vocab) for r in data.stream(cfg).step_rows(1, 0, 2, 1)]
-        return train.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=0, rank=0,
+        return trainer.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=0, rank=0,
                                 world=1, device=torch.device("cpu"))
 
     plain, doubled, off = one_step({}), one_step({"t2i": 2.0, "i2t": 2.0}), one_step({"t2i": 0.0, "i2t": 0.0})
@@ -139,18 +139,18 @@ def test_prompt_dropout_masks_the_prompts_the_model_sees(one_rank_group, tmp_pat
     unconditional input), i2t samples never; answers are masked as without it."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    from model.configlib import ConfigError
+    from common.configlib import ConfigError
 
     shards = write_shard_set(tmp_path / "set", VOCAB, {"t2i": 8, "i2t": 8}, samples_per_shard=16)
     cfg = from_dict(TrainConfig, {"data": {"shards": [str(shards)], "seq_len": 128, "micro_batch": 4},
                                   "diffusion": {"prompt_dropout": {"t2i": 0.9999}}, "train": {"steps": 1}})
     data = load_data(cfg)
-    model = train.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
-    optimizer, scheduler = train.build_optimizer(model, cfg)
+    model = trainer.build_model(cfg, data.vocab, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+    optimizer, scheduler = trainer.build_optimizer(model, cfg)
     micro = [collate(r, 128, data.vocab) for r in data.stream(cfg).step_rows(1, 0, 4, 1)]
     seen = []
     model.register_forward_pre_hook(lambda mod, args: seen.append(args[0].clone()))
-    train.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=0, rank=0, world=1,
+    trainer.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=0, rank=0, world=1,
                      device=torch.device("cpu"))
     b, noisy = micro[0], seen[0]
     prompt = ~b.answer_mask & (b.segment_ids > 0)
@@ -173,8 +173,8 @@ def test_adamw_implementation_choice_and_fused_equals_foreach(one_rank_group):
     for impl in ("auto", "fused", "foreach"):
         cfg = from_dict(TrainConfig, {"optim": {"impl": impl, "lr": 1e-2, "warmup_steps": 1}})
         cfg.model = ModelConfig.preset("debug")
-        model = train.build_model(cfg, VOCAB, torch.device("cpu"), init_device_mesh("cpu", (1,)))
-        optimizer, _ = train.build_optimizer(model, cfg)
+        model = trainer.build_model(cfg, VOCAB, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+        optimizer, _ = trainer.build_optimizer(model, cfg)
         assert bool(optimizer.defaults["fused"]) == (impl == "fused")
         assert bool(optimizer.defaults["foreach"]) == (impl == "foreach")
         for _ in range(3):
@@ -191,8 +191,8 @@ def test_adamw_implementation_choice_and_fused_equals_foreach(one_rank_group):
 def test_task_scheme_config_picks_the_shared_t_positions():
     cfg = from_dict(TrainConfig, {"diffusion": {"task_scheme": {"tts": "per_sample", "t2i": "per_token"}}})
     task_ids = torch.tensor([[TASKS.index("tts"), TASKS.index("t2i"), -1]])
-    assert train.shared_t_positions(cfg.diffusion.task_scheme, task_ids).tolist() == [[True, False, False]]
-    assert train.shared_t_positions({}, task_ids) is None
+    assert trainer.shared_t_positions(cfg.diffusion.task_scheme, task_ids).tolist() == [[True, False, False]]
+    assert trainer.shared_t_positions({}, task_ids) is None
     with pytest.raises(ConfigError, match="per_token or per_sample"):
         from_dict(TrainConfig, {"diffusion": {"task_scheme": {"tts": "per_sequence"}}})
     with pytest.raises(ConfigError, match="task_scheme needs"):
@@ -205,6 +205,6 @@ def test_media_floor_spares_the_text_of_an_answer():
         ids = torch.tensor([[5, VOCAB.boi_id, VOCAB.image_offset + 1, VOCAB.eoi_id, VOCAB.im_end_id, 7]])
         task_ids = torch.tensor([[TASKS.index("s2i")] * 5 + [TASKS.index("i2t")]])
 
-    floor = train.media_floor({"s2i": 0.8}, B, VOCAB)
+    floor = trainer.media_floor({"s2i": 0.8}, B, VOCAB)
     assert torch.allclose(floor, torch.tensor([[0.0, 0.8, 0.8, 0.8, 0.8, 0.0]]))
-    assert train.media_floor({}, B, VOCAB) is None
+    assert trainer.media_floor({}, B, VOCAB) is None

@@ -1,4 +1,4 @@
-"""pipelines/metrics.py: params without credentials, outage tolerance, embedded store layout."""
+"""common/tracking.py: params without credentials, outage tolerance, embedded store layout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.configlib import from_dict
-from pipelines import metrics
-from pipelines.config import TrainConfig
+from common import tracking
+from common.configlib import from_dict
+from pipelines.train.config import TrainConfig
 
 
 class FlakyClient:
@@ -46,7 +46,7 @@ class FlakyClient:
 def test_tracking_outage_warns_once_keeps_training_and_resends_later():
     said = []
     client = FlakyClient(down=3)
-    t = metrics.Tracker("http://127.0.0.1:1", "exp", "run", say=said.append, retry_s=0.0,
+    t = tracking.Tracker("http://127.0.0.1:1", "exp", "run", say=said.append, retry_s=0.0,
                         client_factory=lambda uri: client)
     assert t.start(None, TrainConfig()) is None           # server down at start: no run yet, no exception
     t.log_metrics({"loss": 3.0}, step=1)                   # still down
@@ -60,7 +60,7 @@ def test_tracking_outage_warns_once_keeps_training_and_resends_later():
 
 def test_retries_are_spaced_so_a_dead_server_costs_nothing_per_step():
     client = FlakyClient(down=10**9)
-    t = metrics.Tracker("http://x", "exp", "run", say=lambda s: None, retry_s=3600, client_factory=lambda u: client)
+    t = tracking.Tracker("http://x", "exp", "run", say=lambda s: None, retry_s=3600, client_factory=lambda u: client)
     t.start(None, TrainConfig())
     for step in range(50):
         t.log_metrics({"loss": 1.0}, step)
@@ -68,7 +68,7 @@ def test_retries_are_spaced_so_a_dead_server_costs_nothing_per_step():
 
 
 def test_unreachable_real_server_does_not_raise():
-    t = metrics.Tracker("http://127.0.0.1:9", "exp", "run", say=lambda s: None)
+    t = tracking.Tracker("http://127.0.0.1:9", "exp", "run", say=lambda s: None)
     t.start(None, TrainConfig())
     t.log_metrics({"loss": 1.0}, 1)
     t.log_image(np.zeros((4, 4), dtype=np.uint8), "x", 1)
@@ -78,7 +78,7 @@ def test_unreachable_real_server_does_not_raise():
 def test_params_hold_the_config_but_no_credentials():
     cfg = from_dict(TrainConfig, {"mlflow": {"tracking_uri": "https://alice:s3cr3t@mlflow.example.com"},
                                   "data": {"shards": ["s3://bucket/tok"]}})
-    params = metrics.flatten_params(cfg)
+    params = tracking.flatten_params(cfg)
     assert params["data.shards"] == "['s3://bucket/tok']" and params["model.dim"] == "64"
     assert "s3cr3t" not in "".join(params.values())
     assert params["mlflow.tracking_uri"] == "https://***@mlflow.example.com"
@@ -86,17 +86,17 @@ def test_params_hold_the_config_but_no_credentials():
 
 def test_embedded_store_lives_in_the_run_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = metrics.resolve_tracking_uri("", str(tmp_path))
+    uri = tracking.resolve_tracking_uri("", str(tmp_path))
     assert uri == f"sqlite:///{tmp_path}/mlflow.db"
-    assert metrics.artifact_location(uri) == (tmp_path / "mlartifacts").as_uri()
+    assert tracking.artifact_location(uri) == (tmp_path / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert metrics.resolve_tracking_uri("", str(tmp_path)) == "http://127.0.0.1:5000"
-    assert metrics.artifact_location("http://127.0.0.1:5000") is None
+    assert tracking.resolve_tracking_uri("", str(tmp_path)) == "http://127.0.0.1:5000"
+    assert tracking.artifact_location("http://127.0.0.1:5000") is None
 
 
 def test_sqlite_run_with_image_and_text(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    t = metrics.Tracker(uri, "exp", "run", say=pytest.fail)
+    t = tracking.Tracker(uri, "exp", "run", say=pytest.fail)
     run_id = t.start(None, TrainConfig())
     t.log_metrics({"loss": 1.5}, 2)
     t.log_image(np.full((4, 4), 200, dtype=np.uint8), "samples/t2i_0", 2)
@@ -104,14 +104,14 @@ def test_sqlite_run_with_image_and_text(tmp_path):
     t.end()
     files = {p.name for p in Path(tmp_path, "mlartifacts").rglob("*")}
     assert "generations.txt" in files and any(f.endswith(".png") for f in files)
-    again = metrics.Tracker(uri, "exp", "run", say=pytest.fail)
+    again = tracking.Tracker(uri, "exp", "run", say=pytest.fail)
     assert again.start(run_id, TrainConfig()) == run_id          # a resumed run keeps its MLflow run
     said = []
-    other = metrics.Tracker(uri, "exp", "run", say=said.append)
+    other = tracking.Tracker(uri, "exp", "run", say=said.append)
     new_id = other.start("0123456789abcdef0123456789abcdef", TrainConfig())   # an id this store never had
     assert new_id not in (None, run_id) and "does not exist" in said[0]
 
 
 def test_progress_line_reads_well():
-    line = metrics.progress_line(12, 100, 1, 3, "speech", 2.3456, 12345.6, 125)
+    line = tracking.progress_line(12, 100, 1, 3, "speech", 2.3456, 12345.6, 125)
     assert line == "step 12/100 | stage 2/3 speech | loss 2.3456 | 12,346 tok/s | ETA 2m05s"

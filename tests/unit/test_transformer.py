@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.configlib import ConfigError
 from model.config import ModelConfig
-from model.configlib import ConfigError
 from model.transformer import Transformer, apply_rope, media_index, positions_and_mask, rope_cos_sin
 from model.vocab import Vocab
 

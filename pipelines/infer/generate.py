@@ -10,7 +10,7 @@ an assistant turn then get text answers). Media paths are relative to the JSONL'
 s3://).
 
 Each Ray actor loads the export once (one GPU per actor when the cluster has GPUs, half a CPU otherwise) and
-samples its batches with `pipelines.inference.Predictor`. Output folder:
+samples its batches with `pipelines.infer.predictor.Predictor`. Output folder:
 
     results.jsonl   one line per answered prompt, in input order: {"line", "id", "task", "text"?, "image"?,
                     "audio"?, "n_tokens"}; "line" is the 1-based input line number, "id" the line's own "id"
@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from model import configlib, storage
+from common import configlib, storage
+from common.rayutil import init_ray
 from model.tokenizers.base import BadInput
-from pipelines.inference import Predictor, SamplerPresets, load_presets, request_from_line
-from pipelines.rayutil import init_ray
+from pipelines.infer.predictor import Predictor, SamplerPresets, load_presets, request_from_line
 
 
 def input_base_dir(uri: str) -> str:
@@ -113,7 +113,7 @@ def map_with_actors(items: list[dict], udf: type, kwargs: dict, *, actors: int |
     """Run `udf` over `items` on a Ray Data actor pool; returns the output rows."""
     import ray
 
-    init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (pipelines/rayutil.py)
+    init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (common/rayutil.py)
     resources, gpus = actor_resources()
     n = actors or max(1, gpus)
     ds = ray.data.from_items(items)

@@ -5,17 +5,17 @@
     omnidiff sample --checkpoint ... --task tts --text seven tts.length_ratio=60 temperature=0.5
 
 Writes answer.txt / image.png / speech.wav to --out (when given) and prints the text answer (or the files).
-Trailing `key=value` words override the task's sampler settings (pipelines/inference.py SamplerPresets).
+Trailing `key=value` words override the task's sampler settings (pipelines/infer/predictor.py SamplerPresets).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from model.configlib import ConfigError
+from common.configlib import ConfigError
 from model.prompts import TASKS, TaskTemplates
 from model.tokenizers.base import BadInput
-from pipelines.inference import SAMPLER_KEYS, Predictor, Request, load_presets
+from pipelines.infer.predictor import SAMPLER_KEYS, Predictor, Request, load_presets
 
 NEEDS = {task: (("text",) if "{text}" in TaskTemplates().get(task).user else ())
          + (("image",) if "<|image|>" in TaskTemplates().get(task).user else ())

@@ -37,7 +37,7 @@ import torch
 from model.diffusion import append_eos_tail, mask_answer_tokens
 from model.prompts import TASKS
 from model.vocab import Vocab
-from pipelines.config import TrainConfig
+from pipelines.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

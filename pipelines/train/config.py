@@ -1,4 +1,4 @@
-"""Everything a training run is told: one tree of typed dataclasses (model/configlib.py).
+"""Everything a training run is told: one tree of typed dataclasses (common/configlib.py).
 
     TrainConfig
       model      ModelConfig (model/config.py; `preset: debug | demo | 1b | dream-7b | llada-8b`)
@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from common.configlib import ConfigError
 from model.config import ModelConfig
-from model.configlib import ConfigError
 
 # The reference's progressive curriculum (Omni-Diffusion §3.3): vision-language alignment first, then speech,
 # then the tasks that need both. A stage's mixture names sources; by default one source per task.

@@ -24,7 +24,7 @@ and the voices marked `held_out` in data/demo_speech/index.jsonl. Speech tasks r
 turn (a training clip appears in about three asr, three tts and three s2i lines); test lines use each held-out
 clip once when n_test_images is 120 (12 held-out clips per digit).
 
-    python -m pipelines.demo_corpus --out runs/demo/corpus [--small]
+    python -m demo.corpus --out runs/demo/corpus [--small]
 
 Writes <out>/train.jsonl, <out>/test.jsonl, <out>/images/*.png, <out>/audio/... (copied clips) and
 <out>/corpus.json (what was built: counts, held-out voices, image indices). Media paths in the JSONL files are
@@ -264,7 +264,7 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m pipelines.demo_corpus",
+        prog="python -m demo.corpus",
         description="Build the demo corpus (sklearn handwritten digits + espeak-ng digit words) as "
                     "Omni-Diffusion messages JSONL: <out>/train.jsonl, <out>/test.jsonl, images/, audio/.")
     parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")

@@ -46,10 +46,20 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from model import configlib, storage
+from common import configlib, storage
 from model.config import ModelConfig
-from model.prompts import (ANSWER_MODALITY, AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, TaskTemplate,
-                           TaskTemplates, count_placeholders, encode_messages, infer_task, task_messages)
+from model.prompts import (
+    ANSWER_MODALITY,
+    AUDIO_PLACEHOLDER,
+    IMAGE_PLACEHOLDER,
+    TASKS,
+    TaskTemplate,
+    TaskTemplates,
+    count_placeholders,
+    encode_messages,
+    infer_task,
+    task_messages,
+)
 from model.sampling import Alg, Block, generate
 from model.tokenizers.base import BadInput
 from model.vocab import Modality, Vocab

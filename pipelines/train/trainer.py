@@ -26,17 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import storage
-from model.configlib import ConfigError, from_dict, load, to_dict
+from common import storage, tracking
+from common.configlib import ConfigError, from_dict, load, to_dict
+from common.rayutil import init_ray
 from model.diffusion import drop_prompts, global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
 from model.prompts import ANSWER_MODALITY, TASKS, TaskTemplates
 from model.vocab import Modality, Vocab
-from pipelines import checkpoint as ckpt
-from pipelines import metrics
-from pipelines.config import TrainConfig
-from pipelines.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
-from pipelines.rayutil import init_ray
-
+from pipelines.train import checkpoint as ckpt
+from pipelines.train.config import TrainConfig
+from pipelines.train.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
 
 # ---- model and optimizer ------------------------------------------------------------------------------------
 
@@ -336,7 +334,7 @@ def train_func(config: dict[str, Any]) -> None:
     # a unique suffix per attempt: after a fallback to an older checkpoint, step numbers are reached again
     attempt = _broadcast(f"{int(time.time() * 1000):013x}")
 
-    tracker = metrics.Tracker(metrics.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir),
+    tracker = tracking.Tracker(tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir),
                               cfg.mlflow.experiment, cfg.run.name, enabled=rank == 0, say=say)
     # The run id travels in checkpoints; a file in the run dir also covers a restart before the first one.
     run_id_file = storage.join(run_uri, "mlflow_run_id")
@@ -366,7 +364,7 @@ def train_func(config: dict[str, Any]) -> None:
     probe_from, probe_t = step + 1, 0.0
     total, bounds = cfg.train.steps, cfg.stage_bounds()
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
-    peak = metrics.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = tracking.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     window_t, window_tokens, window_steps, started = time.perf_counter(), 0, 0, time.perf_counter()
     last = None
     while step < total:
@@ -401,12 +399,12 @@ def train_func(config: dict[str, Any]) -> None:
                       "tokens_per_s": tps, "step_time_s": elapsed / window_steps, "stage": stage,
                       "masked_tokens": last.masked, "data/rows": stream.state.rows,
                       "data/samples": stream.state.samples, "data/dropped": stream.state.dropped,
-                      **{f"loss/{t}": v for t, v in last.task_loss.items()}, **metrics.system_metrics()}
+                      **{f"loss/{t}": v for t, v in last.task_loss.items()}, **tracking.system_metrics()}
             if peak:
                 values["mfu"] = flops_per_token * tps / (peak * world)
             tracker.log_metrics(values, step)
             eta = (total - step) * elapsed / window_steps
-            say(metrics.progress_line(step, total, stage, len(bounds), data.stages[stage].name, last.loss, tps, eta))
+            say(tracking.progress_line(step, total, stage, len(bounds), data.stages[stage].name, last.loss, tps, eta))
             window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
 
         if step % cfg.train.checkpoint_every == 0 or step == total:
@@ -420,13 +418,13 @@ def train_func(config: dict[str, Any]) -> None:
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
             gens = run_eval(model, prompts, vocab, cfg, device)
             if rank == 0:
-                metrics.log_generations(tracker, gens, tokenizers, step)
+                tracking.log_generations(tracker, gens, tokenizers, step)
 
     export_uri = storage.join(cfg.run.run_dir, "export")
     ckpt.export(model, export_uri, rank=rank, model_cfg=cfg.model, vocab=vocab,
                 tokenizers_uri=storage.join(data.first_set().uri, "tokenizers"),
                 extra={"step": step, "run_name": cfg.run.name, "mlflow_run_id": tracker.run_id})
-    say(f"[train] done: {step} steps in {metrics.format_duration(time.perf_counter() - started)}; "
+    say(f"[train] done: {step} steps in {tracking.format_duration(time.perf_counter() - started)}; "
         f"model exported to {export_uri}")
     tracker.end()
 
@@ -459,7 +457,7 @@ def run(cfg: TrainConfig):
     from ray.train.torch import TorchTrainer
 
     data = load_data(cfg, validate=True)   # a bad shard fails here, before any worker starts
-    init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (pipelines/rayutil.py)
+    init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (common/rayutil.py)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(

@@ -1,13 +1,13 @@
 """`make demo` / `omnidiff demo`: the whole product on one CPU machine, in minutes, with no network.
 
-    python -m pipelines.demo [--out runs/demo] [--small] [--steps N] [train.key=value ...]
+    python -m demo [--out runs/demo] [--small] [--steps N] [train.key=value ...]
 
 Stages, all in this process's one Ray instance (started once: Ray start-ups cost 5-12 s each):
 
-    corpus     pipelines/demo_corpus.py   sklearn digits + committed espeak-ng clips -> messages JSONL
+    corpus     demo/corpus.py   sklearn digits + committed espeak-ng clips -> messages JSONL
     tokenize   tokenize_jobs/run.py       Ray Data: BPE text, 8x8 pixel images, EnCodec speech -> shards
-    train      pipelines/train.py         Ray Train, 2 workers, FSDP2 over gloo, MLflow (sqlite in the run dir)
-    eval       pipelines/evaluate.py      held-out images and voices, judged independently of the model
+    train      pipelines/train/trainer.py         Ray Train, 2 workers, FSDP2 over gloo, MLflow (sqlite in the run dir)
+    eval       pipelines/eval/evaluate.py      held-out images and voices, judged independently of the model
     gallery    this module                PNG grids of generated digits (t2i, s2i), WAVs for TTS
 
 Every run starts fresh: `<out>` is deleted first (the stages are minutes long and a half-finished earlier run
@@ -35,9 +35,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from model import configlib
-from model.configlib import ConfigError
-from pipelines.inference import SamplerPresets
+from common import configlib
+from common.configlib import ConfigError
+from pipelines.infer.predictor import SamplerPresets
 from tokenize_jobs.config import TokenizeJobConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ TASK_ORDER = ("i2t", "asr", "t2i", "s2i", "tts", "svqa")
 SPEECH_TASKS = ("asr", "tts", "s2i", "svqa")
 # The quality bar of the demo (issue 6), as fractions; each task's "accuracy" is checked against it.
 QUALITY_BAR = {"i2t": 0.95, "asr": 0.90, "t2i": 0.85, "s2i": 0.85, "tts": 0.80}
-# Where each task's headline accuracy comes from in `omnidiff eval`'s metrics (pipelines/evaluate.py).
+# Where each task's headline accuracy comes from in `omnidiff eval`'s metrics (pipelines/eval/evaluate.py).
 ACCURACY_METRIC = {"i2t": "exact_match", "asr": "exact_match", "svqa": "exact_match", "tts": "exact_match",
                    "t2i": "class_accuracy", "s2i": "class_accuracy"}
 ACCURACY_MEANING = {"i2t": "exact digit word", "asr": "exact transcript", "svqa": "exact digit word",
@@ -66,7 +66,7 @@ class CorpusSection:
     # full corpus costs ~390 CPU-s to tokenize; the cap keeps the stage near a minute. Lines are shuffled, so the
     # first N of a task are a random sample of it (every voice, speed and pitch stays represented).
     speech_lines_per_task: int = 0
-    # Speech-to-image answers as the spoken word, then the image (a chain of modalities, pipelines/demo_corpus.py);
+    # Speech-to-image answers as the spoken word, then the image (a chain of modalities, demo/corpus.py);
     # the sampler must then write that one-token transcript first (sampler.s2i.transcript=1).
     s2i_transcript: bool = False
 
@@ -132,7 +132,7 @@ def time_budget(cfg, t: TimeSection, elapsed_s: float):
 
 def train_config(demo: DemoConfig, shards: str, run_dir: str, steps: int | None, overrides: Sequence[str]):
     """The TrainConfig of the demo run: configs/train/demo.yaml <- --steps (stages rescaled) <- overrides."""
-    from pipelines.train import resolve_config
+    from pipelines.train.trainer import resolve_config
 
     cfg = resolve_config(str(REPO / demo.train_config), [shards], run_dir, list(overrides))
     if steps is not None:
@@ -174,7 +174,7 @@ class LoadSampler:
 
 def start_ray() -> bool:
     """One Ray for every stage. True if this call started it (and the demo must shut it down)."""
-    from pipelines.rayutil import init_ray
+    from common.rayutil import init_ray
 
     # ray.train.report() blocks until the controller polls (default every 2 s); a short poll keeps the few
     # checkpoint reports of the demo from idling.
@@ -201,7 +201,7 @@ def stage(name: str, timings: dict[str, float]):
 def build_corpus(demo: DemoConfig, out: Path, small: bool) -> dict:
     """The corpus, plus `tokenize_input`: train.jsonl itself, or (corpus.speech_lines_per_task) a copy beside
     it with the speech tasks' lines capped, so media paths still resolve against the same folder."""
-    from pipelines.demo_corpus import build_demo_corpus
+    from demo.corpus import build_demo_corpus
 
     c = demo.corpus
     result = build_demo_corpus(out / "corpus", small=small, seed=c.seed,
@@ -235,7 +235,7 @@ def tokenize(demo: DemoConfig, corpus: dict, out: Path) -> dict:
 
 
 def train(cfg) -> dict:
-    from pipelines import train as trainer
+    from pipelines.train import trainer
 
     result = trainer.run(cfg)
     if getattr(result, "error", None):
@@ -264,7 +264,7 @@ def loss_history(tracking_uri: str, run_id: str) -> dict[str, Any]:
 
 
 def evaluate(demo: DemoConfig, export: str, corpus: dict, out: Path, eval_limit: int) -> dict:
-    from pipelines import evaluate as ev
+    from pipelines.eval import evaluate as ev
 
     return ev.evaluate(export, corpus["test"], out=str(out / "eval"), presets=demo.sampler,
                        classifier_train_data=corpus["train"], limit=eval_limit or None, local=False,
@@ -315,8 +315,8 @@ def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, sampl
     eval_limit) are generated here, with the same sampler."""
     from PIL import Image
 
-    from pipelines.demo_corpus import DIGIT_WORDS, caption
-    from pipelines.inference import Predictor, Request, request_from_line, wav_bytes
+    from demo.corpus import DIGIT_WORDS, caption
+    from pipelines.infer.predictor import Predictor, Request, request_from_line, wav_bytes
 
     gallery = out / "gallery"
     (gallery / "tts").mkdir(parents=True, exist_ok=True)
@@ -455,7 +455,7 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
 
                 ray.shutdown()
 
-    from pipelines.metrics import resolve_tracking_uri
+    from common.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir)
     tasks, real = summarize(ev)
@@ -489,9 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "words) on this machine's CPUs, evaluate every direction on held-out images and voices, and "
                     "write a gallery. Deletes and rewrites --out. About 10 minutes on 2 CPU cores.",
         epilog="examples:\n"
-               "  python -m pipelines.demo                      # the full demo (make demo)\n"
-               "  python -m pipelines.demo --small --out /tmp/d # the CI variant: tiny corpus, 30 steps\n"
-               "  python -m pipelines.demo --steps 300 optim.lr=3e-3\n"
+               "  python -m demo                      # the full demo (make demo)\n"
+               "  python -m demo --small --out /tmp/d # the CI variant: tiny corpus, 30 steps\n"
+               "  python -m demo --steps 300 optim.lr=3e-3\n"
                "outputs: <out>/results.json, <out>/gallery/, <out>/train/mlflow.db (open with the printed "
                "`mlflow ui` command), <out>/eval/predictions.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter)

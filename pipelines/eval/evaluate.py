@@ -7,7 +7,7 @@
 "label" / "options" fields optional) or a tokenize output folder (shards + manifest.json; the answer span of each
 sample is the reference, meta "label" optional).
 
-Metrics (pipelines/scoring.py; text normalization documented there: lower-case, punctuation stripped, Kaldi-style
+Metrics (pipelines/eval/scoring.py; text normalization documented there: lower-case, punctuation stripped, Kaldi-style
 word WER with jiwer):
     asr              wer, exact_match
     tts              wer of the generated speech transcribed by a judge: by default this model's own ASR direction
@@ -41,14 +41,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from model import configlib, storage
+from common import configlib, storage
+from common.rayutil import init_ray
 from model.prompts import TASKS, TaskTemplates
 from model.tokenizers.base import BadInput
-from pipelines import scoring
-from pipelines.rayutil import init_ray
-from pipelines.generate import input_base_dir, map_with_actors
-from pipelines.inference import (Predictor, Request, SamplerPresets, load_presets, local_export, png_bytes,
-                                 read_media, request_from_line, spoken_text, user_text)
+from pipelines.eval import scoring
+from pipelines.infer.generate import input_base_dir, map_with_actors
+from pipelines.infer.predictor import (
+    Predictor,
+    Request,
+    SamplerPresets,
+    load_presets,
+    local_export,
+    png_bytes,
+    read_media,
+    request_from_line,
+    spoken_text,
+    user_text,
+)
 
 TEXT_TASKS = ("i2t", "vqa", "svqa", "text", "asr")
 IMAGE_TASKS = ("t2i", "s2i")
@@ -412,7 +422,7 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
     "predictions": one dict per item with "task", "label", "ok" and its output ("hyp", "image" (H, W, C) uint8,
     "audio_codes" + "transcript")."""
     from model.tokenizers import TokenizerSet
-    from pipelines.inference import mlflow_run, read_export_config
+    from pipelines.infer.predictor import mlflow_run, read_export_config
 
     t0 = time.time()
     presets = presets or SamplerPresets()

@@ -9,13 +9,13 @@ missed goal; the table says which goals are met.
     tokenize  Ray Data tokenize job (tokenize_jobs/run.run_job) vs a single-process loop calling the same saved
               tokenizers on the same inputs, per modality; 1 vs 2 tokenizer actors; peak RSS on a corpus and on
               one 10x larger.
-    read      the trainer's data path (pipelines/data.py: shards -> sources -> packed rows -> collate) vs raw
+    read      the trainer's data path (pipelines/train/data.py: shards -> sources -> packed rows -> collate) vs raw
               sequential tarfile reading of the same shards, and vs what the demo model consumes in training.
-    train     one Ray Train FSDP2 worker (pipelines/train.run) vs a bare single-process PyTorch loop of the same
+    train     one Ray Train FSDP2 worker (pipelines/trainer.run) vs a bare single-process PyTorch loop of the same
               model, batch and optimizer; 2 workers vs 1; achieved FLOP/s vs a measured matmul peak (MFU).
     sample    one denoising step of model.sampling.generate vs one plain forward on the same batch; generated
               tokens/s vs batch size; MAGVIT-v2 encode images/s at 256x256.
-    fsdp      the trainer's own worker step (pipelines.train build_model + train_step: FSDP2, mixed precision,
+    fsdp      the trainer's own worker step (pipelines.train.trainer build_model + train_step: FSDP2, mixed precision,
               activation checkpointing) on one device vs the same step on the plain module; no Ray, no data
               shards (synthetic packed rows), so it runs on a bare GPU node: MFU vs a measured matmul peak,
               peak memory vs `omnidiff plan`'s estimate, bf16 vs fp32 loss on the same first batch.
@@ -277,7 +277,7 @@ class Suite:
         # the workers, but a short poll keeps each fit's tail short.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
         t = time.perf_counter()
-        from pipelines.rayutil import init_ray
+        from common.rayutil import init_ray
 
         init_ray(num_cpus=os.cpu_count(), logging_level=logging.WARNING, log_to_driver=False)
         self.ray_init_s = time.perf_counter() - t
@@ -297,8 +297,8 @@ class Suite:
     def demo_shards(self) -> Path:
         """The demo corpus (digits + speech, six tasks) tokenized by the real job: read and train use it."""
         if self._demo_shards is None:
-            from model import configlib
-            from pipelines.demo_corpus import build_demo_corpus
+            from common import configlib
+            from demo.corpus import build_demo_corpus
             from tokenize_jobs.config import TokenizeJobConfig
             from tokenize_jobs.run import run_job
 
@@ -318,7 +318,7 @@ class Suite:
         return self._demo_shards
 
     def train_config(self, name: str, overrides: Sequence[str] = ()):
-        from pipelines import train
+        from pipelines.train import trainer
 
         p = self.plan
         run_dir = self.work / "train" / name
@@ -327,7 +327,7 @@ class Suite:
                 "optim.warmup_steps=1", f"run.name={name}", "run.max_failures=0",
                 f"mlflow.tracking_uri=sqlite:///{run_dir.resolve()}/mlflow.db", "mlflow.experiment=bench",
                 "mlflow.system_metrics=false"]
-        return train.resolve_config(None, [str(self.demo_shards())], str(run_dir), base + list(overrides))
+        return trainer.resolve_config(None, [str(self.demo_shards())], str(run_dir), base + list(overrides))
 
     def bare_train(self) -> dict[str, Any]:
         """The bare training loop's figures, shared by the read and train benchmarks."""
@@ -419,7 +419,7 @@ def modalities(plan: Plan) -> dict[str, Modality]:
 
 
 def job_config(mod: Modality, actors: int, extra: Sequence[str] = ()):
-    from model import configlib
+    from common import configlib
     from tokenize_jobs.config import TokenizeJobConfig
 
     return configlib.load(TokenizeJobConfig, None, ["ray.progress_bars=false", f"ray.actors={actors}",
@@ -660,7 +660,7 @@ def raw_tar_read(urls: Sequence[str], target: int) -> tuple[int, int, float]:
 
 def stream_read(cfg, target: int) -> tuple[int, float]:
     """The trainer's data path on one rank: the row stream + collate, until `target` samples were packed."""
-    from pipelines.data import collate, load_data
+    from pipelines.train.data import collate, load_data
 
     data = load_data(cfg, warn=False)
     stream = data.stream(cfg)
@@ -715,8 +715,8 @@ def bare_train_loop(cfg, steps: int) -> dict[str, Any]:
 
     from model.diffusion import loss_weights, mask_answer_tokens, masked_diffusion_loss
     from model.transformer import Transformer
-    from pipelines.data import collate, load_data, step_generator
-    from pipelines.train import build_optimizer
+    from pipelines.train.data import collate, load_data, step_generator
+    from pipelines.train.trainer import build_optimizer
 
     data = load_data(cfg, warn=False)
     stream = data.stream(cfg)
@@ -773,12 +773,12 @@ def bare_train_loop(cfg, steps: int) -> dict[str, Any]:
 
 
 def ray_train_run(suite: Suite, workers: int) -> dict[str, Any]:
-    """One pipelines.train.run fit; steady-state step times from the trainer's own MLflow metrics (step_time_s
+    """One pipelines.train.trainer.run fit; steady-state step times from the trainer's own MLflow metrics (step_time_s
     is the mean over each log window); the first window (warm-up) is dropped. Start-up = fit() call -> start of
     the first steady window."""
     from mlflow.tracking import MlflowClient
 
-    from pipelines import train
+    from pipelines.train import trainer
 
     plan = suite.plan
     cores = plan.threads
@@ -793,7 +793,7 @@ def ray_train_run(suite: Suite, workers: int) -> dict[str, Any]:
                                     f"train.checkpoint_every={plan.ray_steps}", *gpu])
     start = time.time()
     with contextlib.redirect_stdout(io.StringIO()):
-        result = train.run(cfg)
+        result = trainer.run(cfg)
     wall = time.time() - start
     if getattr(result, "error", None):
         raise RuntimeError(f"bench train: Ray Train run {name} failed: {result.error}")
@@ -903,7 +903,7 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
     model = Transformer(ModelConfig.preset(plan.sample_model), vocab_size=vocab.size,
                         media_markers=vocab.media_markers).to(device).eval()
     if device.type == "cuda":
-        model = model.to(torch.bfloat16)   # as pipelines.inference.load_model serves it on a GPU (dtype auto)
+        model = model.to(torch.bfloat16)   # as pipelines.infer.predictor.load_model serves it on a GPU (dtype auto)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     lo, hi = vocab.text_range()
     per_batch = {}
@@ -967,7 +967,7 @@ def synthetic_batches(vocab, seq_len: int, micro_batch: int, n: int, seed: int =
     """`n` collated (micro_batch, seq_len) batches of packed samples with random ids: each sample 1/4 prompt,
     3/4 answer, a random task; the rows are packed to at least 90% as the trainer's packer fills them."""
     from model.prompts import TASKS
-    from pipelines.data import Sample, collate
+    from pipelines.train.data import Sample, collate
 
     rng = np.random.default_rng(seed)
     lo, hi = vocab.text_range()
@@ -989,8 +989,8 @@ def synthetic_batches(vocab, seq_len: int, micro_batch: int, n: int, seed: int =
 
 
 def _fsdp_config(plan: Plan):
-    from model import configlib
-    from pipelines.config import TrainConfig
+    from common import configlib
+    from pipelines.train.config import TrainConfig
 
     # activation checkpointing on, as a model of this size is trained; everything else the trainer's defaults
     return configlib.load(TrainConfig, None, [
@@ -1002,7 +1002,7 @@ def _fsdp_config(plan: Plan):
 def fsdp_side(cfg, vocab, batches: list, steps: int, device, *, sharded: bool,
               profile_to: Path | None = None) -> dict[str, Any]:
     """One side of the fsdp benchmark: `steps` timed optimizer steps (after one warm-up) of
-    pipelines.train.train_step, on the trainer's FSDP2 model (`sharded`) or on the plain module with the same
+    pipelines.train.trainer.train_step, on the trainer's FSDP2 model (`sharded`) or on the plain module with the same
     activation checkpointing and, on a GPU, bf16 autocast (what FSDP's mixed precision computes in)."""
     import gc
 
@@ -1010,7 +1010,7 @@ def fsdp_side(cfg, vocab, batches: list, steps: int, device, *, sharded: bool,
 
     from model.parallelize import apply_activation_checkpointing
     from model.transformer import Transformer
-    from pipelines.train import build_model, build_optimizer, train_step
+    from pipelines.train.trainer import build_model, build_optimizer, train_step
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

@@ -19,8 +19,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from model import storage
-from model.configlib import to_dict
+from common import storage
+from common.configlib import to_dict
 
 # A credential must never reach MLflow params: such keys are redacted, and so is userinfo in URIs.
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)

@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.eval.evaluate import main
+
+sys.exit(main())

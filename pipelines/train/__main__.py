@@ -1,0 +1,5 @@
+import sys
+
+from pipelines.train.trainer import main
+
+sys.exit(main())
