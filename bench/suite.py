@@ -966,7 +966,7 @@ def bench_sample(suite: Suite) -> dict[str, Any]:
 def synthetic_batches(vocab, seq_len: int, micro_batch: int, n: int, seed: int = 0) -> list:
     """`n` collated (micro_batch, seq_len) batches of packed samples with random ids: each sample 1/4 prompt,
     3/4 answer, a random task; the rows are packed to at least 90% as the trainer's packer fills them."""
-    from model.prompts import TASKS
+    from model.tasks import TASKS
     from pipelines.train.data import Sample, collate
 
     rng = np.random.default_rng(seed)

@@ -45,7 +45,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TaskTemplates, task_messages
+from model.prompts import TaskTemplates, task_messages
+from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEMO_TASKS = ("t2i", "i2t", "asr", "tts", "s2i", "svqa")

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, spec
 from model.tokenizers.base import BadInput, TextTokenizer
 from model.vocab import Modality, Vocab
 
-IMAGE_PLACEHOLDER = "<|image|>"
-AUDIO_PLACEHOLDER = "<|audio|>"
 _PLACEHOLDER_RE = re.compile(r"(<\|image\|>|<\|audio\|>)")
 ROLES = ("system", "user", "assistant")
 
@@ -88,37 +87,33 @@ def encode_messages(messages: Sequence[dict], vocab: Vocab, text_tok: TextTokeni
 
 # ---- task templates ----------------------------------------------------------------------------------------
 
-TaskName = Literal["t2i", "i2t", "vqa", "asr", "tts", "s2i", "svqa", "text"]
-
-
 @dataclass
 class TaskTemplate:
-    """How a task's user turn reads and what the answer is. `user` may use {text} and the placeholders."""
+    """How a task's user turn reads. `user` may use {text} and the media placeholders."""
     user: str
-    answer: Literal["text", "image", "audio"]
     system: str = ""
+
+
+def _default(task: str):
+    return lambda: TaskTemplate(spec(task).user, spec(task).system)
 
 
 @dataclass
 class TaskTemplates:
-    """Prompt wording per task; configurable in job configs as `templates.<task>.user=...`."""
-    t2i: TaskTemplate = field(default_factory=lambda: TaskTemplate("Generate an image of {text}.", "image"))
-    i2t: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{IMAGE_PLACEHOLDER}\nDescribe the image.", "text"))
-    vqa: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{IMAGE_PLACEHOLDER}\n{{text}}", "text"))
-    asr: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{AUDIO_PLACEHOLDER}\nTranscribe the speech.", "text"))
-    tts: TaskTemplate = field(default_factory=lambda: TaskTemplate("Read this aloud: {text}", "audio"))
-    s2i: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{AUDIO_PLACEHOLDER}\nGenerate an image of what is said.", "image"))
-    svqa: TaskTemplate = field(default_factory=lambda: TaskTemplate(f"{IMAGE_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}", "text"))
-    text: TaskTemplate = field(default_factory=lambda: TaskTemplate("{text}", "text"))
+    """Prompt wording per task (defaults from the task registry, model/tasks.py); configurable in job configs
+    as `templates.<task>.user=...`."""
+    t2i: TaskTemplate = field(default_factory=_default("t2i"))
+    i2t: TaskTemplate = field(default_factory=_default("i2t"))
+    vqa: TaskTemplate = field(default_factory=_default("vqa"))
+    asr: TaskTemplate = field(default_factory=_default("asr"))
+    tts: TaskTemplate = field(default_factory=_default("tts"))
+    s2i: TaskTemplate = field(default_factory=_default("s2i"))
+    svqa: TaskTemplate = field(default_factory=_default("svqa"))
+    text: TaskTemplate = field(default_factory=_default("text"))
 
     def get(self, task: str) -> TaskTemplate:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+        spec(task)  # unknown names fail here, naming the tasks
         return getattr(self, task)
-
-
-TASKS: tuple[str, ...] = ("t2i", "i2t", "vqa", "asr", "tts", "s2i", "svqa", "text")
-ANSWER_MODALITY = {"text": Modality.TEXT, "image": Modality.IMAGE, "audio": Modality.AUDIO}
 
 
 def task_messages(template: TaskTemplate, *, text: str = "", answer: str | None = None) -> list[dict]:
@@ -133,21 +128,7 @@ def task_messages(template: TaskTemplate, *, text: str = "", answer: str | None 
     return msgs
 
 
-def infer_task(messages: Sequence[dict]) -> str:
-    """Name the task of a messages sample from what the prompt holds and what the last answer is (used when
-    a messages JSONL line carries no explicit "task")."""
-    prompt = " ".join(m.get("content", "") for m in messages if m.get("role") != "assistant")
-    answers = [m.get("content", "") for m in messages if m.get("role") == "assistant"]
-    last = answers[-1] if answers else ""
-    has_img, has_aud = IMAGE_PLACEHOLDER in prompt, AUDIO_PLACEHOLDER in prompt
-    if IMAGE_PLACEHOLDER in last:
-        return "s2i" if has_aud else "t2i"
-    if AUDIO_PLACEHOLDER in last:
-        return "tts"
-    if has_img and has_aud:
-        return "svqa"
-    if has_img:
-        return "i2t"
-    if has_aud:
-        return "asr"
-    return "text"
+def answer_content(task: str, text: str) -> str:
+    """The assistant turn of a paired sample: the text for text answers, the media placeholder otherwise."""
+    answer = spec(task).answer
+    return text if answer == Modality.TEXT else IMAGE_PLACEHOLDER if answer == Modality.IMAGE else AUDIO_PLACEHOLDER

@@ -34,7 +34,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from common import storage
-from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, TaskTemplates, infer_task, task_messages
+from model.prompts import TaskTemplates, answer_content, task_messages
+from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, infer_task
 from model.tokenizers.base import BadInput
 from tokenize_jobs.config import InputConfig, TasksConfig
 
@@ -435,15 +436,12 @@ def _meta_extra(rec: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k not in used}
 
 
-def _paired(template_names: list[str], templates: TaskTemplates, text: str, media: str) -> list[dict[str, Any]]:
-    """Samples of a paired input (caption or transcript `text` + one image or audio)."""
-    samples = []
-    placeholder = IMAGE_PLACEHOLDER if media == "image" else AUDIO_PLACEHOLDER
-    for task in template_names:
-        tpl = templates.get(task)
-        answer = text if tpl.answer == "text" else placeholder
-        samples.append({"task": task, "messages": task_messages(tpl, text=text, answer=answer)})
-    return samples
+def _paired(task_names: list[str], templates: TaskTemplates, text: str) -> list[dict[str, Any]]:
+    """Samples of a paired input (caption or transcript `text` + one image or audio): one per task, the text
+    in the prompt or as the answer as the task says (t2i: prompt; i2t: answer)."""
+    return [{"task": task, "messages": task_messages(templates.get(task), text=text,
+                                                     answer=answer_content(task, text))}
+            for task in task_names]
 
 
 def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates: TaskTemplates,
@@ -491,7 +489,7 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
         elif kind == "speech-text":
             text = _check_text(rec.get("text"), "\"text\"")
             audio(_read_media(ctx, base, rec.get("audio"), cfg), str(rec.get("audio")))
-            samples = _paired(tasks.speech_text, templates, text, "audio")
+            samples = _paired(tasks.speech_text, templates, text)
             meta = _meta_extra(rec, ("audio", "text"))
         elif kind == "text":
             text = _check_text(rec.get("text"), "\"text\"")
@@ -515,17 +513,17 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
         _check_local_inside(ctx, _full(ctx, spec["image"]))
         image(_read_file(ctx, _full(ctx, spec["image"]), spec["image"], cfg.max_media_bytes, "file_vanished"),
               spec["image"])
-        samples = _paired(tasks.image_text, templates, caption, "image")
+        samples = _paired(tasks.image_text, templates, caption)
     elif "caption_text" in spec:  # parquet row
         caption = _check_text(spec["caption_text"].strip(), "caption")
         image(row["data"], row["source"])
-        samples = _paired(tasks.image_text, templates, caption, "image")
+        samples = _paired(tasks.image_text, templates, caption)
     elif "audio" in spec:  # LibriSpeech utterance
         text = _check_text(spec["text"], "transcript")
         _check_local_inside(ctx, _full(ctx, spec["audio"]))
         audio(_read_file(ctx, _full(ctx, spec["audio"]), spec["audio"], cfg.max_media_bytes, "file_vanished"),
               spec["audio"])
-        samples = _paired(tasks.speech_text, templates, text, "audio")
+        samples = _paired(tasks.speech_text, templates, text)
     else:
         raise ValueError(f"unknown input spec {sorted(spec)}")
     return {"samples": samples, "meta": meta}, media

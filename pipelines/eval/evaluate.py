@@ -43,8 +43,10 @@ import numpy as np
 
 from common import configlib, storage
 from common.rayutil import init_ray
-from model.prompts import TASKS, TaskTemplates
+from model.prompts import TaskTemplates
+from model.tasks import TASKS, Judge, spec
 from model.tokenizers.base import BadInput
+from model.vocab import Modality
 from pipelines.eval import scoring
 from pipelines.infer.generate import input_base_dir, map_with_actors
 from pipelines.infer.predictor import (
@@ -60,8 +62,6 @@ from pipelines.infer.predictor import (
     user_text,
 )
 
-TEXT_TASKS = ("i2t", "vqa", "svqa", "text", "asr")
-IMAGE_TASKS = ("t2i", "s2i")
 LOCAL_MAX_ITEMS = 32   # evaluation sets up to this size run in-process unless local=False
 
 
@@ -98,11 +98,11 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
             item = {"idx": len(items), "task": task, "key": sample["key"], "prompt_ids": ids[:first].tolist(),
                     "label": _label(meta.get("label")), "options": meta.get("options"),
                     "spoken": spoken_text(templates.get(task), user_text(ids[:first], vocab, tokenizers.text))}
-            if templates.get(task).answer == "text":
+            if spec(task).answer == Modality.TEXT:
                 stop = np.flatnonzero(answer == vocab.im_end_id)
                 text_ids = answer[: stop[0]] if stop.size else answer
                 item["ref_text"] = tokenizers.text.decode([int(t) for t in text_ids if t < vocab.text_size])
-            elif templates.get(task).answer == "image":
+            elif spec(task).answer == Modality.IMAGE:
                 lo, hi = vocab.image_range()
                 item["ref_image"] = (answer[(answer >= lo) & (answer < hi)] - lo).tolist()
                 said = answer[: int(np.argmax(answer == vocab.boi_id))] if (answer == vocab.boi_id).any() else []
@@ -131,7 +131,7 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
             item = {"idx": len(items), "task": req.task, "line_no": n, "line": raw, "ref_text": ref.text,
                     "label": ref.label, "options": ref.options,
                     "spoken": spoken_text(templates.get(req.task), users[-1]) if users else ""}
-            if req.task in IMAGE_TASKS and ref.images:
+            if spec(req.task).judge == Judge.IMAGE and ref.images:
                 item["ref_image"] = ref.images[0]
             counts[req.task] += 1
             items.append(item)
@@ -343,27 +343,28 @@ def task_metrics(task: str, items: list[dict], preds: list[dict], *, classifier:
     """Metrics of one task from its items and their predictions (same order). Items whose generation failed
     count as wrong (empty hypothesis)."""
     out: dict[str, Any] = {"n": len(items), "n_failed": sum(not p["ok"] for p in preds)}
-    if task in TEXT_TASKS:
+    judge = spec(task).judge
+    if judge == Judge.TEXT:
         # references that normalize to nothing ("?!") cannot be scored (WER undefined); they are left out
         scored = [(it, p.get("hyp") or "") for it, p in zip(items, preds)
                   if scoring.normalize_text(it.get("ref_text") or "")]
         if scored:
             refs, hyps = [it["ref_text"] for it, _ in scored], [h for _, h in scored]
             out["exact_match"] = scoring.exact_match(refs, hyps)
-            if task == "asr":
+            if spec(task).wer:
                 out["wer"] = scoring.wer(refs, hyps)
         mc = [(it, p.get("hyp") or "") for it, p in zip(items, preds)
               if it.get("options") and scoring.normalize_text(it.get("ref_text") or "")]
         if mc:
             out["option_accuracy"] = scoring.option_accuracy([it["ref_text"] for it, _ in mc], [h for _, h in mc],
                                                              [it["options"] for it, _ in mc])
-    elif task == "tts":
+    elif judge == Judge.SPEECH:
         scored = [(it["spoken"], p.get("transcript") or "") for it, p in zip(items, preds)
                   if scoring.normalize_text(it.get("spoken") or "")]
         if scored:
             out["wer"] = scoring.wer([r for r, _ in scored], [h for _, h in scored])
             out["exact_match"] = scoring.exact_match([r for r, _ in scored], [h for _, h in scored])
-    elif task in IMAGE_TASKS:
+    elif judge == Judge.IMAGE:
         labeled = [(it, p) for it, p in zip(items, preds) if it.get("label") is not None]
         if classifier is not None and labeled:
             gen = [(p["image"], it["label"]) for it, p in labeled if p.get("image") is not None]
@@ -438,12 +439,13 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
 
     classifier = None
     real: dict[int, np.ndarray] = {}
-    if any(it["task"] in IMAGE_TASKS for it in items):
+    if any(spec(it["task"]).judge == Judge.IMAGE for it in items):
         if classifier_train_data:
             x, y = classifier_training_set(classifier_train_data, tokenizers)
             classifier = scoring.fit_image_classifier(x, y)
         for it in items:
-            if it["task"] in IMAGE_TASKS and it.get("ref_image") is not None and it.get("label") is not None:
+            if spec(it["task"]).judge == Judge.IMAGE and it.get("ref_image") is not None \
+                    and it.get("label") is not None:
                 real[it["idx"]] = real_image(it["ref_image"], tokenizers, base)
 
     # actors load the export by its own URI: on another node the local cache path above does not exist

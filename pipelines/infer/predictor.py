@@ -48,19 +48,18 @@ import torch
 
 from common import configlib, storage
 from model.config import ModelConfig
-from model.prompts import (
-    ANSWER_MODALITY,
+from model.prompts import TaskTemplate, TaskTemplates, count_placeholders, encode_messages, task_messages
+from model.sampling import Block, generate
+from model.tasks import (
     AUDIO_PLACEHOLDER,
     IMAGE_PLACEHOLDER,
     TASKS,
-    TaskTemplate,
-    TaskTemplates,
-    count_placeholders,
-    encode_messages,
+    LengthBasis,
+    TaskSampler,
+    default_sampler,
     infer_task,
-    task_messages,
+    spec,
 )
-from model.sampling import Alg, Block, generate
 from model.tokenizers.base import BadInput
 from model.vocab import Modality, Vocab
 
@@ -69,63 +68,24 @@ EXPORT_FILES = ("model.safetensors", "vocab.json")
 # model_config.json (the ModelConfig alone) with export.json ({"step", "run_name", "mlflow_run_id", ...}).
 CONFIG_FILES = ("config.json", "model_config.json")
 TOKENIZERS_DIR = "tokenizers"
-IMAGE_KINDS = ("image", "text+image")   # canvases that end in an image of known length (module docstring)
 
 
 # ---- sampler presets ----------------------------------------------------------------------------------------
-
-@dataclass
-class TaskSampler:
-    """How one task's answer canvas is sized and decoded (see `model.sampling.generate` for the sampler keys)."""
-    length: int = 64             # canvas tokens; 0 for image answers = the image tokenizer's tokens_per_image
-    length_ratio: float = 0.0    # > 0: length = ratio x input tokens (asr: prompt speech ids; tts: text to read)
-    min_length: int = 1          # clamp for ratio-derived lengths
-    max_length: int = 0          # 0 = no cap (the model's seq_len still bounds prompt + canvas)
-    steps: int = 64              # model calls; capped at the number of positions to fill
-    steps_ratio: float = 0.0     # > 0: steps = ceil(ratio x length) (asr/tts: length / 2)
-    block_length: int = 0        # semi-autoregressive blocks; 0 = one block
-    alg: Alg = "entropy"
-    temperature: float = 0.0
-    top_p: float = 1.0           # 1.0 = off
-    cfg_scale: float = 0.0
-    position_penalty: float = 1.0
-    penalty_start: int = 100
-    repetition_penalty: float = 1.0
-    transcript: int = 0          # s2i only: text tokens written before the image (chain of modalities); 0 = image only
-    speech_answer: bool = False  # svqa only: the answer is text then speech (begin-of-audio pre-infilled)
-    boa_fraction: float = 0.2    # where <boa> is pre-infilled when speech_answer
-
-    def __post_init__(self) -> None:
-        for key in ("length", "min_length", "max_length", "block_length", "penalty_start", "transcript"):
-            if getattr(self, key) < 0:
-                raise configlib.ConfigError(f"sampler {key}={getattr(self, key)} must be >= 0")
-        if self.steps < 1 and self.steps_ratio <= 0:
-            raise configlib.ConfigError(f"sampler steps={self.steps} must be >= 1 (or set steps_ratio)")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise configlib.ConfigError(f"sampler temperature={self.temperature} must be >= 0 and "
-                                        f"top_p={self.top_p} in (0, 1]")
-        if not 0 < self.boa_fraction < 1:
-            raise configlib.ConfigError(f"sampler boa_fraction={self.boa_fraction} must be in (0, 1)")
-
-
-def _image_sampler() -> TaskSampler:
-    # Reference t2i/s2i: 256 MAGVIT-v2 tokens, 256 steps, raster-order position penalty 2.0.
-    return TaskSampler(length=0, steps=256, position_penalty=2.0)
-
 
 @dataclass
 class SamplerPresets:
     """Per-task sampler settings. Preset "reference" follows the Omni-Diffusion evaluation settings; "demo"
     sizes speech for the CPU demo's EnCodec at 1.5 kbps (150 ids per second: a spoken digit word of ~0.6 s is
     ~90 ids for one or two text tokens, far beyond 3.5 ids per text token)."""
-    t2i: TaskSampler = field(default_factory=_image_sampler)
-    s2i: TaskSampler = field(default_factory=_image_sampler)
-    i2t: TaskSampler = field(default_factory=lambda: TaskSampler(length=64, steps=64))
-    vqa: TaskSampler = field(default_factory=lambda: TaskSampler(length=64, steps=64))
-    svqa: TaskSampler = field(default_factory=lambda: TaskSampler(length=128, steps=128))
-    asr: TaskSampler = field(default_factory=lambda: TaskSampler(length_ratio=0.2, steps_ratio=0.5, min_length=4))
-    tts: TaskSampler = field(default_factory=lambda: TaskSampler(length_ratio=3.5, steps_ratio=0.5, min_length=8))
-    text: TaskSampler = field(default_factory=lambda: TaskSampler(length=64, steps=64))
+    # defaults: each task's reference settings in the task registry (model/tasks.py)
+    t2i: TaskSampler = field(default_factory=lambda: default_sampler("t2i"))
+    s2i: TaskSampler = field(default_factory=lambda: default_sampler("s2i"))
+    i2t: TaskSampler = field(default_factory=lambda: default_sampler("i2t"))
+    vqa: TaskSampler = field(default_factory=lambda: default_sampler("vqa"))
+    svqa: TaskSampler = field(default_factory=lambda: default_sampler("svqa"))
+    asr: TaskSampler = field(default_factory=lambda: default_sampler("asr"))
+    tts: TaskSampler = field(default_factory=lambda: default_sampler("tts"))
+    text: TaskSampler = field(default_factory=lambda: default_sampler("text"))
     batch_size: int = 8          # prompts per generate call (rows sharing one canvas layout)
     seed: int = 0
 
@@ -144,8 +104,7 @@ class SamplerPresets:
         raise configlib.ConfigError(f"unknown sampler preset {name!r}; presets: ['reference', 'demo']")
 
     def for_task(self, task: str) -> TaskSampler:
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; tasks: {list(TASKS)}")
+        spec(task)   # unknown names fail here, naming the tasks
         return getattr(self, task)
 
 
@@ -321,15 +280,25 @@ class Request:
 class Canvas:
     """The answer canvas of one prompt: rows batch together when their (task, length, steps, fixed) agree."""
     task: str
-    kind: str                          # "text" | "image" | "audio" | "text+audio" | "text+image"
+    layout: tuple[Modality, ...]       # typed segments (Task.canvas_layout): (TEXT,), (AUDIO,), (TEXT, IMAGE) ...
     length: int
     steps: int
     fixed: tuple[tuple[int, int], ...]  # (canvas position, token id) placed before decoding
-    split: int = 0                     # text+audio: position of the pre-infilled <boa>; text+image: of <boi>
+    split: int = 0                     # with a text head: position of the media's opening bracket (<boi>/<boa>)
+
+    @property
+    def media(self) -> Modality:
+        """The last segment: what fills the canvas to its end."""
+        return self.layout[-1]
+
+    @property
+    def text_head(self) -> bool:
+        """A text segment before a media answer (a transcript before an image, text before speech)."""
+        return len(self.layout) == 2
 
     @property
     def key(self) -> tuple:
-        return self.task, self.kind, self.length, self.steps, self.fixed
+        return self.task, self.layout, self.length, self.steps, self.fixed
 
 
 @dataclass
@@ -446,13 +415,8 @@ class Predictor:
         return cls(load_export(uri, device, dtype), presets)
 
     # ---- prompts ------------------------------------------------------------------------------------------
-    def answer_kind(self, task: str) -> str:
-        kind = self.templates.get(task).answer
-        if task == "svqa" and self.presets.svqa.speech_answer:
-            return "text+audio"
-        if task == "s2i" and self.presets.s2i.transcript:
-            return "text+image"
-        return kind
+    def layout(self, task: str) -> tuple[Modality, ...]:
+        return spec(task).canvas_layout(self.presets.for_task(task))
 
     def _image_codes(self, item: Any, base_dir: str) -> np.ndarray:
         tok = self.tokenizers.image
@@ -498,8 +462,8 @@ class Predictor:
                               add_generation_prompt=True)
         return enc.input_ids.astype(np.int64)
 
-    def _tts_text_tokens(self, req: Request, prompt: np.ndarray) -> int:
-        template = self.templates.get("tts")
+    def _text_to_read_tokens(self, req: Request, prompt: np.ndarray) -> int:
+        template = self.templates.get(req.task)
         if req.prompt_ids is None and req.messages is None:
             text = req.text
         elif req.messages is not None:
@@ -512,18 +476,19 @@ class Predictor:
     def plan(self, task: str, prompt: np.ndarray, basis: int = 0) -> Canvas:
         """Canvas length, steps and fixed tokens for `task` (basis: input tokens for ratio-sized canvases)."""
         s = self.presets.for_task(task)
-        kind = self.answer_kind(task)
+        layout = self.layout(task)
+        head, media = len(layout) == 2, layout[-1]
         v = self.vocab
         fixed: tuple[tuple[int, int], ...] = ()
         split = 0
-        if kind in IMAGE_KINDS:
+        if media == Modality.IMAGE:
             n_codes = s.length or self.tokenizers.image.tokens_per_image
             if n_codes != self.tokenizers.image.tokens_per_image:
                 raise ValueError(f"{task}.length={s.length}: an image is exactly "
                                  f"{self.tokenizers.image.tokens_per_image} tokens for {self.tokenizers.image.name}"
                                  f" (leave length at 0)")
-            # text+image: the transcript, then <boi> (fixed: the image starts where the transcript ends)
-            split = s.transcript if kind == "text+image" else 0
+            # with a text head: the transcript, then <boi> (fixed: the image starts where the transcript ends)
+            split = s.transcript if head else 0
             head = ((split, v.boi_id),) if split else ()
             length = split + bool(split) + n_codes + 2
             fixed = (*head, (length - 2, v.eoi_id), (length - 1, v.im_end_id))
@@ -535,47 +500,48 @@ class Predictor:
             length = max(length, s.min_length)
             if s.max_length:
                 length = min(length, s.max_length)
-            if kind == "audio":
+            if layout == (Modality.AUDIO,):
                 length = -(-length // v.n_q) * v.n_q   # whole frames
-            if kind == "text+audio":
+            if head:
                 split = int(s.boa_fraction * length)
                 fixed = ((split, v.boa_id),)
-        if s.block_length and kind not in IMAGE_KINDS:
+        if s.block_length and media != Modality.IMAGE:
             length = -(-length // s.block_length) * s.block_length
         n_free = length - len(fixed)
         steps = math.ceil(s.steps_ratio * n_free) if s.steps_ratio > 0 else s.steps
         steps = max(1, min(steps, n_free))
-        if kind == "text+image":
+        if head and media == Modality.IMAGE:
             steps = split + max(1, min(steps, n_free - split))   # one step per transcript token, then the image's
-        if s.block_length and kind not in IMAGE_KINDS:
+        if s.block_length and media != Modality.IMAGE:
             blocks = length // s.block_length
             steps = max(blocks, steps // blocks * blocks)
         limit = self.loaded.model_config.seq_len
         if len(prompt) + length > limit:
             raise BadInput("too_long", f"prompt of {len(prompt)} tokens + {task} canvas of {length} exceeds the "
                                        f"model's seq_len={limit}; shorten the input or lower {task}.max_length")
-        return Canvas(task, kind, length, steps, fixed, split)
+        return Canvas(task, layout, length, steps, fixed, split)
 
     def prepare(self, req: Request) -> Prepared:
         """Tokenize one request and plan its canvas. Raises BadInput (missing file, unreadable media, a task
         whose required input is absent, too long) or ValueError (unknown task)."""
         if req.task not in TASKS:
             raise BadInput("unknown_task", f"task {req.task!r}; tasks: {list(TASKS)}")
+        task = spec(req.task)
         prompt = self.prompt_ids(req)
         if req.prompt_ids is None and req.messages is None and "{text}" in self.templates.get(req.task).user \
                 and not req.text.strip():
             raise BadInput("missing_input", f"task {req.task} needs --text")
-        kind = self.answer_kind(req.task)
-        if kind == "image":
+        layout = self.layout(req.task)
+        if layout == (Modality.IMAGE,):   # a media answer's opening bracket ends the prompt (module docstring)
             prompt = np.append(prompt, self.vocab.boi_id)
-        elif kind == "audio":
+        elif layout == (Modality.AUDIO,):
             prompt = np.append(prompt, self.vocab.boa_id)
         basis = 0
-        if req.task == "asr":
+        if task.length_basis == LengthBasis.PROMPT_SPEECH:
             lo, hi = self.vocab.audio_range()
             basis = int(((prompt >= lo) & (prompt < hi)).sum())
-        elif req.task == "tts":
-            basis = self._tts_text_tokens(req, prompt)
+        elif task.length_basis == LengthBasis.TEXT_TO_READ:
+            basis = self._text_to_read_tokens(req, prompt)
         return Prepared(req, prompt, self.plan(req.task, prompt, basis))
 
     # ---- sampling -----------------------------------------------------------------------------------------
@@ -583,7 +549,7 @@ class Predictor:
         """generate's explicit blocks: text+image decides the transcript (one token a step) before the image,
         as the text tasks are decoded: argmax, no guidance (one checkpoint, 120 s2i items: the transcript right
         for 81% this way, 72% at the image's temperature 0.5 and guidance 3)."""
-        if canvas.kind != "text+image":
+        if canvas.layout != (Modality.TEXT, Modality.IMAGE):
             return None
         return [Block(canvas.split, canvas.split, temperature=0.0, cfg_scale=0.0),
                 Block(canvas.length - canvas.split, canvas.steps - canvas.split)]
@@ -592,7 +558,7 @@ class Predictor:
         """text+image: guidance's unconditional rows see neither the prompt nor the transcript, so guidance
         pushes the image towards what the speech and its transcript say (with the transcript visible to both
         rows, their difference is only what the speech adds to it)."""
-        if canvas.kind != "text+image":
+        if canvas.layout != (Modality.TEXT, Modality.IMAGE):
             return None
         hidden = torch.zeros(canvas.length, dtype=torch.bool)
         hidden[:canvas.split] = True
@@ -603,18 +569,18 @@ class Predictor:
         if canvas.key in self._allowed_cache:
             return self._allowed_cache[canvas.key]
         v = self.vocab
-        if canvas.kind == "text":
+        if canvas.layout == (Modality.TEXT,):
             mask = v.allowed_ids(Modality.TEXT)
         else:
             mask = torch.zeros(canvas.length, v.size, dtype=torch.bool)
-            if canvas.kind in IMAGE_KINDS:
+            if canvas.media == Modality.IMAGE:
                 mask[canvas.split:, v.image_offset: v.size] = True
                 # the transcript has the length the model was trained on: text ids, no end-of-turn or EOS
                 mask[:canvas.split] = v.allowed_ids(Modality.TEXT)
                 mask[:canvas.split, [v.im_end_id, v.eos_id]] = False
             else:
-                start = canvas.split + 1 if canvas.kind == "text+audio" else 0
-                if canvas.kind == "text+audio":
+                start = canvas.split + 1 if canvas.text_head else 0
+                if canvas.text_head:
                     mask[:start] = v.allowed_ids(Modality.TEXT)
                 for i in range(start, canvas.length):
                     lo, hi = v.audio_range((i - start) % v.n_q)
@@ -657,7 +623,7 @@ class Predictor:
         generator = torch.Generator(device=self.device).manual_seed(self.presets.seed)
         out = generate(
             self.loaded.model, ids.to(self.device), vocab=self.vocab, gen_length=G, steps=canvas.steps,
-            block_length=(s.block_length or None) if canvas.kind != "text+image" else None,
+            block_length=(s.block_length or None) if canvas.layout != (Modality.TEXT, Modality.IMAGE) else None,
             blocks=self.blocks(canvas), uncond_hidden=self.uncond_hidden(canvas), alg=s.alg, temperature=s.temperature,
             top_p=s.top_p if s.top_p < 1.0 else None, cfg_scale=s.cfg_scale,
             position_penalty=s.position_penalty, penalty_start=s.penalty_start, pre_infill=pre_infill or None,
@@ -684,20 +650,17 @@ class Predictor:
     def decode(self, item: Prepared, row: np.ndarray, *, decode_audio: bool = True) -> Output:
         c = item.canvas
         out = Output(task=c.task, id=item.request.id, canvas=row, prompt_len=len(item.prompt))
-        if c.kind == "text":
+        if c.layout == (Modality.TEXT,):
             out.text = self.decode_text(row)
-        elif c.kind in IMAGE_KINDS:
+            return out
+        start = c.split + 1 if c.text_head else 0   # the media after the text head and its opening bracket
+        if c.text_head:
+            out.text = self.decode_text(row[:c.split])
+        if c.media == Modality.IMAGE:
             n = self.tokenizers.image.tokens_per_image
-            start = c.split + 1 if c.kind == "text+image" else 0   # after the transcript and its <boi>
-            if c.kind == "text+image":
-                out.text = self.decode_text(row[:c.split])
             codes = self.vocab.image_codes(row[start:start + n])
             out.image = self.tokenizers.image.decode(codes[None])[0]  # (1, N) -> (H, W, C)
         else:
-            start = 0
-            if c.kind == "text+audio":
-                out.text = self.decode_text(row[: c.split])
-                start = c.split + 1
             out.audio_codes = self.audio_codes(row[start:])
             out.sample_rate = int(self.tokenizers.speech.sample_rate)
             if decode_audio:
@@ -744,7 +707,7 @@ def request_from_line(line: Any, base_dir: str = "", id: Any = None) -> tuple[Re
         raise BadInput("bad_line", "no prompt turn before the assistant answer")
     n_img, n_aud = count_placeholders(prompt)
     ref = Reference(images=images[n_img:], audios=audios[n_aud:], options=line.get("options"))
-    if answer is not None and ANSWER_MODALITY[TaskTemplates().get(task).answer] == Modality.TEXT:
+    if answer is not None and spec(task).answer == Modality.TEXT:
         ref.text = str(answer.get("content", ""))
     elif answer is not None:
         # a media answer may start with text (an s2i transcript before its image): that text is its reference

@@ -13,13 +13,12 @@ import argparse
 import sys
 
 from common.configlib import ConfigError
-from model.prompts import TASKS, TaskTemplates
+from model.tasks import TASKS, all_tasks
 from model.tokenizers.base import BadInput
 from pipelines.infer.predictor import SAMPLER_KEYS, Predictor, Request, load_presets
 
-NEEDS = {task: (("text",) if "{text}" in TaskTemplates().get(task).user else ())
-         + (("image",) if "<|image|>" in TaskTemplates().get(task).user else ())
-         + (("audio",) if "<|audio|>" in TaskTemplates().get(task).user else ()) for task in TASKS}
+NEEDS = {t.name: (("text",) if t.needs_text else ()) + tuple(m.name.lower() for m in t.inputs)
+         for t in all_tasks()}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -208,7 +208,7 @@ class TrainConfig:
                 bad = {k: w for k, w in s.mixture.items() if w < 0}
                 if bad:
                     raise ConfigError(f"data.stages[{i}].mixture has negative weights {bad}")
-        from model.prompts import TASKS
+        from model.tasks import TASKS
 
         if self.diffusion.max_tail < 1:
             raise ConfigError(f"diffusion.max_tail={self.diffusion.max_tail} must be >= 1")

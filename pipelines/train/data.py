@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from model.diffusion import append_eos_tail, mask_answer_tokens
-from model.prompts import TASKS
+from model.tasks import TASKS
 from model.vocab import Vocab
 from pipelines.train.config import TrainConfig
 

@@ -30,7 +30,7 @@ from common import storage, tracking
 from common.configlib import ConfigError, from_dict, load, to_dict
 from common.rayutil import init_ray
 from model.diffusion import drop_prompts, global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
-from model.prompts import ANSWER_MODALITY, TASKS, TaskTemplates
+from model.tasks import TASKS, spec
 from model.vocab import Modality, Vocab
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
@@ -221,7 +221,7 @@ def generation_request(sample: Sample, vocab: Vocab) -> dict[str, Any] | None:
         return None
     a0 = int(answer_pos[0])
     answer = sample.ids[a0:int(answer_pos[-1]) + 1]
-    modality = ANSWER_MODALITY[TaskTemplates().get(sample.task).answer] if sample.task in TASKS else Modality.TEXT
+    modality = spec(sample.task).answer if sample.task in TASKS else Modality.TEXT
     if modality == Modality.IMAGE:
         lo, hi = vocab.image_range()
         return {"prompt": sample.ids[:a0 + 1], "length": int(((answer >= lo) & (answer < hi)).sum()),

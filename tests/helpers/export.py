@@ -17,7 +17,8 @@ from PIL import Image
 
 from common import configlib
 from model.config import ModelConfig
-from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TaskTemplates, task_messages
+from model.prompts import TaskTemplates, task_messages
+from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from model.tokenizers import TokenizerSet, default_tokenizer_config
 from model.transformer import Transformer
 from model.weights import save_safetensors

@@ -106,7 +106,7 @@ def test_fsdp_sides_start_equal_and_both_learn(tiny_suite):
 
 
 def test_synthetic_batches_are_packed_like_the_trainers():
-    from model.prompts import TASKS
+    from model.tasks import TASKS
 
     vocab = bench._bench_vocab()
     batches = bench.synthetic_batches(vocab, 128, 3, 2, seed=1)

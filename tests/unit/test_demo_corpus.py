@@ -8,7 +8,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from demo import corpus as dc
-from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, count_placeholders, infer_task
+from model.prompts import count_placeholders
+from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, infer_task
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from common.configlib import ConfigError
-from model.prompts import IMAGE_PLACEHOLDER, TASKS
+from model.tasks import IMAGE_PLACEHOLDER, TASKS
 from model.tokenizers.base import BadInput
 from model.vocab import Modality, VocabMismatch
 from pipelines.eval import evaluate
@@ -152,7 +152,7 @@ def test_spoken_vqa_speech_answer_preinfills_boa(loaded, media):
     p = predictor(loaded, "svqa.speech_answer=true", "svqa.length=40")
     prep = p.prepare(Request("svqa", images=[str(media["seven.png"])], audios=[str(media["question.wav"])]))
     v = loaded.vocab
-    assert prep.canvas.kind == "text+audio" and prep.canvas.fixed == ((8, v.boa_id),)
+    assert prep.canvas.layout == (Modality.TEXT, Modality.AUDIO) and prep.canvas.fixed == ((8, v.boa_id),)
     out = p.run([prep])[0]
     assert out.canvas[8] == v.boa_id and isinstance(out.text, str) and out.audio_codes.shape[0] == v.n_q
     assert v.allowed_ids(Modality.TEXT)[torch.from_numpy(out.canvas[:8])].all()
@@ -165,7 +165,7 @@ def test_speech_to_image_chain_writes_the_transcript_then_the_image(loaded, medi
     v, n = loaded.vocab, loaded.tokenizers.image.tokens_per_image
     c = prep.canvas
     assert prep.prompt[-2:].tolist() == [v.im_start_id, v.role_id("assistant")]   # no <boi>: the text comes first
-    assert (c.kind, c.length, c.split, c.steps) == ("text+image", n + 4, 1, 1 + 4)
+    assert (c.layout, c.length, c.split, c.steps) == ((Modality.TEXT, Modality.IMAGE), n + 4, 1, 1 + 4)
     assert c.fixed == ((1, v.boi_id), (n + 2, v.eoi_id), (n + 3, v.im_end_id))
     assert p.blocks(c) == [(1, 1, 0.0, 0.0), (n + 3, 4, None, None)]   # the transcript by argmax, unguided
     allowed = p.allowed(c)
@@ -179,7 +179,8 @@ def test_speech_to_image_chain_writes_the_transcript_then_the_image(loaded, medi
     # the image is the canvas after <boi>: the same codes the tokenizer decodes
     drawn = loaded.tokenizers.image.decode(v.image_codes(out.canvas[2:n + 2])[None])[0]   # (1, N) -> (H, W, C)
     np.testing.assert_array_equal(out.image, drawn)
-    assert predictor(loaded).prepare(Request("s2i", audios=[str(media["seven.wav"])])).canvas.kind == "image"
+    plain = predictor(loaded).prepare(Request("s2i", audios=[str(media["seven.wav"])]))
+    assert plain.canvas.layout == (Modality.IMAGE,)
 
 
 def test_block_length_and_seq_len_limits(loaded):

@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from model.prompts import TaskTemplates, encode_messages, infer_task, task_messages
+from model.prompts import TaskTemplates, encode_messages, task_messages
+from model.tasks import infer_task
 from model.tokenizers.base import BadInput
 from model.vocab import Vocab
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from common.configlib import ConfigError, from_dict
-from model.prompts import TASKS
+from model.tasks import TASKS
 from model.vocab import Modality
 from pipelines.train import trainer
 from pipelines.train.config import TrainConfig
