@@ -802,9 +802,6 @@ def test_ray_job_api_rejects_clients_without_the_token(ray_head, tmp_path):
 
 
 def test_tokenize_then_train_jobs_succeed(ray_head):
-    missing = [m for m in ("tokenize_jobs.run", "pipelines.train.trainer") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip("tokenize_jobs.run / pipelines.train.trainer not yet available")
     # Not tmp_path: pytest prunes old numbered temp dirs, and a concurrent pytest run could prune this one
     # while the jobs (a minute or more) still write to it.
     with tempfile.TemporaryDirectory(prefix="infra-jobs-") as tmp:
@@ -822,10 +819,10 @@ def _tokenize_then_train(ray_head: Head, tmp: Path) -> None:
     result = submit(ray_head, "python", "-m", "tokenize_jobs.run", "--kind", "text", "--input", str(corpus),
                     "--output", str(tokens), "--config", "configs/tokenize/default.yaml", timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    # manifest.json is what the trainer opens (pipelines.train.trainer --shards: "tokenize output(s) holding manifest.json").
+    # manifest.json is what the trainer opens (pipelines.train --shards: "tokenize output(s) holding manifest.json").
     assert (tokens / "manifest.json").is_file(), f"tokenize wrote no manifest.json under {tokens}"
 
-    result = submit(ray_head, "python", "-m", "pipelines.train.trainer", "--config", "configs/train/debug.yaml",
+    result = submit(ray_head, "python", "-m", "pipelines.train", "--config", "configs/train/debug.yaml",
                     "--shards", str(tokens), "--run-dir", str(run_dir), *TRAIN_OVERRIDES, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     assert any(p.is_file() for p in run_dir.rglob("*")), f"train wrote nothing under {run_dir}"
