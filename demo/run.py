@@ -37,6 +37,7 @@ import numpy as np
 
 from common import configlib
 from common.configlib import ConfigError
+from pipelines.train.budget import TimeBudget
 from pipelines.infer.predictor import SamplerPresets
 from tokenize_jobs.config import TokenizeJobConfig
 
@@ -86,12 +87,14 @@ class SmallSection:
 
 @dataclass
 class TimeSection:
-    """The wall-clock target. Training gets what the other stages leave: at the train stage the demo sets
-    train.time_budget_s = target_s - elapsed - train_overhead_s and train.budget_reserve_steps =
-    after_train_steps (unless the train config or an override already sets a budget), and the trainer fits its
-    step count to the budget minus that many of its measured steps (train.steps stays the maximum). The eval is
-    reserved in steps, not seconds, because it slows down with the host as a training step does."""
+    """The wall-clock target. Training gets what the other stages leave: at the train stage the demo hands the
+    trainer a TimeBudget (pipelines/train/budget.py) of target_s - elapsed - train_overhead_s seconds with
+    after_train_steps steps' worth of it reserved, and the trainer fits its step count to it (train.steps stays
+    the maximum). The eval is reserved in steps, not seconds, because it slows down with the host as a
+    training step does."""
     target_s: float = 0.0         # 0 = no target: train.steps as configured
+    budget_s: float = 0.0         # > 0: this training budget instead of the one derived from target_s
+    probe_steps: int = 20         # steps the trainer times before it fits the run's length
     train_overhead_s: float = 45.0   # Ray Train start-up, shard loading, export (measured 30-52 s)
     # eval + gallery + summary in training steps of the same host: 52-71 s = ~300 steps of 0.17-0.24 s on quiet
     # hosts, 117 s = 320 steps with a competing process; the rest is margin for a probe that reads the step time
@@ -120,14 +123,15 @@ class DemoConfig:
                               f"trained on image answers with 0")
 
 
-def time_budget(cfg, t: TimeSection, elapsed_s: float):
-    """`cfg` with the training loop's time budget for a demo that has used `elapsed_s` so far (see
-    TimeSection); unchanged when there is no target or the train config already has a budget."""
-    if t.target_s <= 0 or cfg.train.time_budget_s > 0:
-        return cfg
-    budget = max(t.min_train_s, t.target_s - elapsed_s - t.train_overhead_s)
-    return replace(cfg, train=replace(cfg.train, time_budget_s=round(budget, 1),
-                                      budget_reserve_steps=t.after_train_steps))
+def time_budget(t: TimeSection, elapsed_s: float) -> TimeBudget | None:
+    """The training loop's time budget for a demo that has used `elapsed_s` so far (see TimeSection); None
+    when there is neither a target nor a set budget."""
+    if t.budget_s > 0:
+        return TimeBudget(t.budget_s, probe_steps=t.probe_steps, reserve_steps=t.after_train_steps)
+    if t.target_s <= 0:
+        return None
+    seconds = max(t.min_train_s, t.target_s - elapsed_s - t.train_overhead_s)
+    return TimeBudget(round(seconds, 1), probe_steps=t.probe_steps, reserve_steps=t.after_train_steps)
 
 
 def train_config(demo: DemoConfig, shards: str, run_dir: str, steps: int | None, overrides: Sequence[str]):
@@ -234,10 +238,10 @@ def tokenize(demo: DemoConfig, corpus: dict, out: Path) -> dict:
     return run_job(demo.tokenize, "messages", corpus["tokenize_input"], str(out / "tok"), print_summary=False)
 
 
-def train(cfg) -> dict:
+def train(cfg, budget: TimeBudget | None = None) -> dict:
     from pipelines.train import trainer
 
-    result = trainer.run(cfg)
+    result = trainer.run(cfg, budget)
     if getattr(result, "error", None):
         raise RuntimeError(f"training failed: {result.error}")
     export = Path(cfg.run.run_dir) / "export"
@@ -439,12 +443,12 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
                 tok = tokenize(demo, corpus, out)
                 print(f"tokenize: {tok['samples_written']:,} samples, {tok['tokens']:,} tokens, "
                       f"{tok['inputs_quarantined']} quarantined")
-            cfg = time_budget(cfg, demo.time, time.perf_counter() - t0)
-            if cfg.train.time_budget_s:
-                print(f"train: time budget {cfg.train.time_budget_s:.0f}s for at most {cfg.train.steps} steps, "
-                      f"{cfg.train.budget_reserve_steps} steps' worth of it kept for the eval")
+            budget = time_budget(demo.time, time.perf_counter() - t0)
+            if budget:
+                print(f"train: time budget {budget.seconds:.0f}s for at most {cfg.train.steps} steps, "
+                      f"{budget.reserve_steps} steps' worth of it kept for the eval")
             with stage("train", timings):
-                trained = train(cfg)
+                trained = train(cfg, budget)
             with stage("eval", timings):
                 ev = evaluate(demo, trained["export"], corpus, out, eval_limit)
             with stage("gallery", timings):
@@ -468,8 +472,9 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
         "stage_seconds": timings,
         "load_average": load.summary(),
         "small": small,
-        "train": {"steps": trained["step"], "max_steps": cfg.train.steps, "time_budget_s": cfg.train.time_budget_s,
-                  "budget_reserve_steps": cfg.train.budget_reserve_steps,
+        "train": {"steps": trained["step"], "max_steps": cfg.train.steps,
+                  "time_budget_s": budget.seconds if budget else 0.0,
+                  "budget_reserve_steps": budget.reserve_steps if budget else 0,
                   "model": configlib.to_dict(cfg.model),
                   "loss": loss_history(tracking_uri, trained["mlflow_run_id"]) if trained["mlflow_run_id"] else {}},
         "mlflow": {"tracking_uri": tracking_uri, "run_id": trained["mlflow_run_id"],

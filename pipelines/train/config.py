@@ -138,24 +138,11 @@ class TrainLoopConfig:
     fail_at_step: int = 0
     fail_rank: int = 1
     fail_mode: Literal["raise", "kill"] = "raise"   # kill = SIGKILL of the worker process
-    # Wall-clock budget of the training loop in seconds (0 = off). After `budget_probe_steps` steps the run
-    # times them and lowers train.steps to what fits (never raises it); stages and the LR schedule shrink with
-    # it, so a slow host trains fewer steps on the same schedule instead of overrunning. Host-dependent by
-    # design: the fitted length is logged and kept in checkpoints, so a resumed run keeps it.
-    time_budget_s: float = 0.0
-    budget_probe_steps: int = 20
-    # Steps' worth of time the fit leaves unspent inside the budget, for work after the loop whose cost scales
-    # with the host like a step does (the demo's evaluation): reserve = budget_reserve_steps x measured step time.
-    budget_reserve_steps: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("steps", "log_every", "checkpoint_every", "keep_last", "budget_probe_steps"):
+        for key in ("steps", "log_every", "checkpoint_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"train.{key}={getattr(self, key)} must be >= 1")
-        if self.budget_reserve_steps < 0:
-            raise ConfigError(f"train.budget_reserve_steps={self.budget_reserve_steps} must be >= 0")
-        if self.time_budget_s < 0:
-            raise ConfigError(f"train.time_budget_s={self.time_budget_s} must be >= 0 (0 = no budget)")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from model.diffusion import drop_prompts, global_count, loss_weights, mask_answe
 from model.tasks import TASKS, spec
 from model.vocab import Modality, Vocab
 from pipelines.train import checkpoint as ckpt
+from pipelines.train.budget import BudgetProbe, TimeBudget
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
 
@@ -82,16 +83,6 @@ def refit_schedule(scheduler, cfg: TrainConfig) -> None:
     """Point the LR schedule at `cfg`'s run length (after a time budget changed train.steps): LambdaLR
     evaluates its lambda at every step, so the remaining steps follow the new cosine."""
     scheduler.lr_lambdas = [lambda s: lr_factor(s, cfg)] * len(scheduler.optimizer.param_groups)
-
-
-def fit_steps(step: int, elapsed_s: float, step_s: float, budget_s: float, max_steps: int,
-              reserve_steps: int = 0) -> int:
-    """Run length that fits a wall-clock budget: the steps done plus what the remaining seconds buy at the
-    measured step time, after `reserve_steps` steps' worth of them is set aside (work after the loop that is as
-    slow as the host); at most `max_steps` (a budget only shortens a run) and at least the steps done."""
-    step_s = max(step_s, 1e-9)
-    more = int(max(0.0, budget_s - elapsed_s - reserve_steps * step_s) // step_s)
-    return max(step, min(max_steps, step + more))
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -300,7 +291,8 @@ def maybe_fail(cfg: TrainConfig, step: int, rank: int, run_uri: str) -> None:
 
 
 def train_func(config: dict[str, Any]) -> None:
-    """Runs in every Ray Train worker. `config` = {"config": resolved TrainConfig dict, "vocab": Vocab dict}."""
+    """Runs in every Ray Train worker. `config` = {"config": resolved TrainConfig dict, "vocab": Vocab dict,
+    "budget": TimeBudget dict or None}."""
     import ray.train
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -353,19 +345,18 @@ def train_func(config: dict[str, Any]) -> None:
     prompts = eval_prompts(data, cfg.train.eval_samples)
     tokenizers = load_tokenizers(data, say) if rank == 0 else None
 
-    budget, max_steps = cfg.train.time_budget_s, cfg.train.steps
+    budget, max_steps = TimeBudget.from_dict(config.get("budget")), cfg.train.steps
     kept = state.extra.get("budget") if restored is not None and budget else None
     fitted = kept["steps"] if kept and kept["max_steps"] == max_steps else None
     if fitted:   # a resumed budgeted run keeps the length it fitted, and so its LR schedule (unless steps changed)
         cfg = cfg.with_steps(fitted)
         refit_schedule(scheduler, cfg)
         say(f"[train] time budget: keeping the fitted {fitted} of {max_steps} steps")
-    # The budget's probe skips the first step (allocation, first collectives) and times the next ones.
-    probe_from, probe_t = step + 1, 0.0
     total, bounds = cfg.train.steps, cfg.stage_bounds()
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = tracking.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     window_t, window_tokens, window_steps, started = time.perf_counter(), 0, 0, time.perf_counter()
+    probe = BudgetProbe(budget, step, started) if budget and not fitted else None
     last = None
     while step < total:
         stream.set_stage(cfg.stage_at(step))
@@ -377,15 +368,12 @@ def train_func(config: dict[str, Any]) -> None:
         window_tokens += last.tokens
         window_steps += 1
         maybe_fail(cfg, step, rank, run_uri)
-        if budget and not fitted and step == probe_from:
-            probe_t = time.perf_counter()
-        elif budget and not fitted and step == probe_from + cfg.train.budget_probe_steps:
-            now = time.perf_counter()
-            step_s = (now - probe_t) / cfg.train.budget_probe_steps
+        probed = probe.after_step(step, time.perf_counter(), total) if probe else None
+        if probed:
+            probe = None
             # rank 0's measurement for every rank: all must stop at the same step
-            fitted = _broadcast(max(len(bounds), fit_steps(step, now - started, step_s, budget, total,
-                                                           cfg.train.budget_reserve_steps)))
-            say(f"[train] time budget {budget:.0f}s: {step_s:.3f}s a step -> {fitted} of {total} steps")
+            fitted, step_s = _broadcast((max(len(bounds), probed[0]), probed[1]))
+            say(f"[train] time budget {budget.seconds:.0f}s: {step_s:.3f}s a step -> {fitted} of {total} steps")
             tracker.log_metrics({"budget/steps": fitted, "budget/step_time_s": step_s}, step)
             cfg = cfg.with_steps(fitted)
             refit_schedule(scheduler, cfg)
@@ -450,8 +438,9 @@ def resolve_config(config_path: str | None, shards: Sequence[str] = (), run_dir:
     return cfg
 
 
-def run(cfg: TrainConfig):
-    """Check the data (vocabulary, ids) on the driver, then fit. Returns Ray's Result."""
+def run(cfg: TrainConfig, budget: TimeBudget | None = None):
+    """Check the data (vocabulary, ids) on the driver, then fit (within `budget`, if given: budget.py).
+    Returns Ray's Result."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -462,7 +451,8 @@ def run(cfg: TrainConfig):
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": to_dict(cfg), "vocab": data.vocab.to_dict()},
+        train_loop_config={"config": to_dict(cfg), "vocab": data.vocab.to_dict(),
+                           "budget": budget.to_dict() if budget else None},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -488,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", nargs="+", default=[], metavar="URI",
                    help="tokenize output(s) holding manifest.json (local or s3://); sets data.shards")
     p.add_argument("--run-dir", help="where checkpoints, the MLflow store and the export go; sets run.run_dir")
+    p.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS",
+                   help="fit the run's length to this wall-clock time after timing its first steps (lowers "
+                        "train.steps, never raises it; pipelines/train/budget.py)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="config overrides, e.g. train.steps=20 data.micro_batch=8 scaling.num_workers=1")
     return p
@@ -497,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
-        result = run(cfg)
+        result = run(cfg, TimeBudget(args.time_budget) if args.time_budget else None)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
         print(f"omnidiff train: error: {e}", file=sys.stderr)
         return 2

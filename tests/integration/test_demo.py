@@ -27,7 +27,7 @@ def small_demo(tmp_path_factory):
         # A 40-step run under a budget it cannot meet: the trainer times steps 2-24 and stops at 24, the end
         # of its probe (deterministic on any host).
         rc = demo.main(["--small", "--out", str(out), "--steps", "40", "train.log_every=4",
-                        "train.time_budget_s=0.01", "train.budget_probe_steps=23"])
+                        "--set", "time.budget_s=0.01", "--set", "time.probe_steps=23"])
         assert ray.is_initialized()   # the demo did not shut down a Ray it did not start
     finally:
         ray.shutdown()
@@ -55,7 +55,7 @@ def test_results_json_has_the_agreed_keys(small_demo):
     # speech-to-image writes the transcript first (corpus.s2i_transcript); the eval scores it beside the image
     assert 0.0 <= results["tasks"]["s2i"]["transcript_exact_match"] <= 1.0
     assert results["train"]["steps"] == 24 and results["train"]["max_steps"] == 40
-    assert results["train"]["time_budget_s"] == 0.01   # an override wins over the demo's own budget
+    assert results["train"]["time_budget_s"] == 0.01   # a set budget wins over the one derived from the target
     assert results["mlflow"]["ui"].startswith("mlflow ui --backend-store-uri sqlite:///")
 
 
@@ -75,14 +75,13 @@ def test_training_loss_falls_and_mlflow_has_the_run(small_demo):
 
 
 def test_demo_gives_training_the_time_the_other_stages_leave():
-    cfg = demo.train_config(demo.DemoConfig(), "/tmp/shards", "/tmp/run", None, [])
     t = demo.TimeSection(target_s=600, train_overhead_s=45, after_train_steps=450, min_train_s=60)
-    fitted = demo.time_budget(cfg, t, 95.0).train
-    assert fitted.time_budget_s == 460.0 and fitted.budget_reserve_steps == 450
-    assert demo.time_budget(cfg, t, 550.0).train.time_budget_s == 60.0       # the floor
-    assert demo.time_budget(cfg, demo.TimeSection(), 95.0) is cfg           # no target: unchanged
-    budgeted = demo.time_budget(cfg, t, 95.0)
-    assert demo.time_budget(budgeted, t, 200.0) is budgeted                 # a set budget is kept
+    fitted = demo.time_budget(t, 95.0)
+    assert (fitted.seconds, fitted.reserve_steps, fitted.probe_steps) == (460.0, 450, 20)
+    assert demo.time_budget(t, 550.0).seconds == 60.0                        # the floor
+    assert demo.time_budget(demo.TimeSection(), 95.0) is None                # no target: no budget
+    set_budget = demo.TimeSection(target_s=600, budget_s=30.0)
+    assert demo.time_budget(set_budget, 95.0).seconds == 30.0                # a set budget wins
 
 
 def test_gallery_has_a_row_per_digit(small_demo):

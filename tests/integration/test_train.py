@@ -17,6 +17,7 @@ import torch
 
 from common.configlib import from_dict, to_dict
 from pipelines.train import trainer
+from pipelines.train.budget import TimeBudget
 from pipelines.train.config import TrainConfig
 from tests.helpers.shardgen import small_vocab, write_shard_set
 
@@ -74,10 +75,9 @@ def first_fit(ray_local, shard_set, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = trainer.resolve_config(str(DEBUG_YAML), [str(shard_set)], str(run_dir),
                                ["run.name=itest", "train.fail_at_step=6", "train.fail_mode=kill",
-                                "train.fail_rank=1",
-                                # a budget that fits every step: fitted after step 3, kept by the restarted group
-                                "train.time_budget_s=3600", "train.budget_probe_steps=2"])
-    result = trainer.run(cfg)
+                                "train.fail_rank=1"])
+    # a budget that fits every step: fitted after step 3, kept by the restarted group
+    result = trainer.run(cfg, TimeBudget(3600, probe_steps=2))
     return cfg, result, run_dir
 
 
@@ -85,7 +85,7 @@ def first_fit(ray_local, shard_set, tmp_path_factory):
 def second_fit(first_fit):
     cfg, _, run_dir = first_fit
     d = to_dict(cfg)
-    d["train"].update(steps=16, fail_at_step=0, time_budget_s=0)
+    d["train"].update(steps=16, fail_at_step=0)
     d["data"]["stages"][2]["steps"] = 8
     d["scaling"]["num_workers"] = 1
     cfg2 = from_dict(TrainConfig, d)

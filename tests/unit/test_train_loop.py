@@ -10,6 +10,7 @@ from common.configlib import ConfigError, from_dict
 from model.tasks import TASKS
 from model.vocab import Modality
 from pipelines.train import trainer
+from pipelines.train.budget import BudgetProbe, TimeBudget, fit_steps
 from pipelines.train.config import TrainConfig
 from pipelines.train.data import Sample, collate, load_data
 from tests.helpers.shardgen import make_sample, small_vocab, write_shard_set
@@ -26,11 +27,21 @@ def test_lr_warms_up_then_decays_to_the_floor():
 
 def test_fit_steps_spends_the_remaining_budget_and_only_shortens():
     # 21 steps done in 5 s at 0.25 s a step: 55 s left buy 220 more
-    assert trainer.fit_steps(21, 5.0, 0.25, 60.0, 1000) == 241
-    assert trainer.fit_steps(21, 5.0, 0.25, 60.0, 100) == 100      # a budget never lengthens the run
-    assert trainer.fit_steps(21, 90.0, 0.25, 60.0, 100) == 21      # already over: stop where it is
+    assert fit_steps(21, 5.0, 0.25, 60.0, 1000) == 241
+    assert fit_steps(21, 5.0, 0.25, 60.0, 100) == 100      # a budget never lengthens the run
+    assert fit_steps(21, 90.0, 0.25, 60.0, 100) == 21      # already over: stop where it is
     # 100 steps' worth (25 s at this step time) kept for after the loop: 30 s buy 120
-    assert trainer.fit_steps(21, 5.0, 0.25, 60.0, 1000, reserve_steps=100) == 141
+    assert fit_steps(21, 5.0, 0.25, 60.0, 1000, reserve_steps=100) == 141
+
+
+def test_budget_probe_times_the_steps_after_the_first_then_fits_once():
+    probe = BudgetProbe(TimeBudget(60.0, probe_steps=4, reserve_steps=0), first_step=0, started=0.0)
+    assert probe.after_step(1, 1.0, 1000) is None      # step 1 starts the clock (step 0's cost is not timed)
+    assert probe.after_step(3, 1.5, 1000) is None
+    fitted, step_s = probe.after_step(5, 2.0, 1000)     # steps 2-5 took 1 s: 0.25 s a step, 58 s left
+    assert step_s == 0.25 and fitted == 5 + 232
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        TimeBudget(0)
 
 
 def test_with_steps_rescales_stages_and_refit_schedule_follows():
