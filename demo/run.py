@@ -10,8 +10,8 @@ Stages, all in this process's one Ray instance (started once: Ray start-ups cost
     eval       pipelines/eval/evaluate.py      held-out images and voices, judged independently of the model
     gallery    this module                PNG grids of generated digits (t2i, s2i), WAVs for TTS
 
-Every run starts fresh: `<out>` is deleted first (the stages are minutes long and a half-finished earlier run
-is not worth reasoning about). Settings: configs/demo/demo.yaml (corpus size, tokenize job, sampler, gallery),
+Every run starts fresh: `<out>` is deleted first (the stages are minutes long and a half-finished run is not
+worth reasoning about). Settings: configs/demo/demo.yaml (corpus size, tokenize job, sampler, gallery),
 which names the training run config (configs/train/demo.yaml).
 
 Outputs under <out>: corpus/, tok/ (shards + manifest), train/ (checkpoints, mlflow.db, export/), eval/
@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "configs" / "demo" / "demo.yaml"
 TASK_ORDER = ("i2t", "asr", "t2i", "s2i", "tts", "svqa")
 SPEECH_TASKS = ("asr", "tts", "s2i", "svqa")
-# The quality bar of the demo (issue 6), as fractions; each task's "accuracy" is checked against it.
+# The quality bar of the demo, as fractions; each task's "accuracy" is checked against it.
 QUALITY_BAR = {"i2t": 0.95, "asr": 0.90, "t2i": 0.85, "s2i": 0.85, "tts": 0.80}
 # Where each task's headline accuracy comes from in `omnidiff eval`'s metrics (pipelines/eval/evaluate.py).
 ACCURACY_METRIC = {"i2t": "exact_match", "asr": "exact_match", "svqa": "exact_match", "tts": "exact_match",

@@ -554,7 +554,7 @@ def build_magvit2(cfg: Any, *, device: str | torch.device | None = None) -> Magv
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark helper (issue 9: encode images/s at 256x256 on CPU, batch 1 and 16)
+# Benchmark helper: encode images/s at 256x256, batch 1 and 16 (`omnidiff bench`)
 # ----------------------------------------------------------------------------------------------------------------
 
 def bench_encode(size: int = 256, batch_sizes: tuple[int, ...] = (1, 16), preset: str = "public",

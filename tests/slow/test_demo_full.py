@@ -1,4 +1,4 @@
-"""The full `make demo` (about 10 minutes on 2 CPU cores) and its quality bar (issue 6): every direction learned,
+"""The full `make demo` (about 10 minutes on 2 CPU cores) and its quality bar: every direction learned,
 judged on held-out images and voices by judges independent of the model (exact text; a digit classifier fitted
 on training images only; the model's own ASR on the speech tokens it generated)."""
 from __future__ import annotations
@@ -25,9 +25,8 @@ def full_demo(tmp_path_factory):
 
 
 BARS = {"i2t": 0.95, "asr": 0.90, "t2i": 0.85, "s2i": 0.85, "tts": 0.80}
-# Directions the demo does not reach within its 10 minutes on 2 CPU cores (issue 6 asks for the best table, what
-# limits it and what was tried: docs/demo.md, "What limits the rest"). Their bar is still asserted, as an
-# expected failure: a run that reaches it reports XPASS.
+# Directions the demo does not reach within its 10 minutes on 2 CPU cores (why, as measured: docs/demo.md,
+# "What limits it"). Their bar is still asserted, as an expected failure: a run that reaches it reports XPASS.
 BELOW_BAR = {"i2t": "90-92% measured: needs more i2t samples and a regulariser than 2,050 steps hold",
              "tts": "13-36% measured: the generated code sequences, not the sample count (docs/demo.md)"}
 
