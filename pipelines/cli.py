@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("pipelines.infer.sample", "any-to-any sampling from an exported checkpoint"),
     "generate": ("pipelines.infer.generate", "batch inference over a prompts JSONL on Ray Data"),
     "eval": ("pipelines.eval.evaluate", "per-task evaluation (WER, accuracy, classifier accuracy)"),
-    "bench": ("bench.suite", "benchmarks: each stage against its bare floor"),
+    "bench": ("bench.cli", "benchmarks: each stage against its bare floor"),
     "demo": ("demo.run", "the whole pipeline on the built-in digit corpus (what `make demo` runs)"),
 }
 

@@ -42,15 +42,25 @@ from pipelines.train.data import Batch, DataError, Sample, StreamState, collate,
 def build_model(cfg: TrainConfig, vocab: Vocab, device: torch.device, mesh) -> torch.nn.Module:
     """Build, (optionally) load pretrained weights, and shard with FSDP2 (model/parallelize.py)."""
     from model.parallelize import parallelize
-    from model.transformer import Transformer
 
-    init = cfg.train.init
-    torch.manual_seed(cfg.train.seed)
     # The full model is built (and initialised or loaded) on every rank, then sharded: initialising the shards
     # of a meta-device model would draw each rank's shard from the same CPU RNG stream (DTensor's offset RNG
     # does not cover CPU meshes), so e.g. the two halves of the embedding would start identical. Costs the full
     # model in host memory once per rank during start-up; large models come from pretrained weights anyway,
     # which load_pretrained reads one tensor at a time.
+    model = init_model(cfg, vocab)
+    parallelize(model, mesh, activation_checkpointing=cfg.train.activation_checkpointing,
+                mixed_precision=cfg.train.mixed_precision, shard_unit=cfg.train.fsdp_unit)
+    return model.to(device)
+
+
+def init_model(cfg: TrainConfig, vocab: Vocab) -> torch.nn.Module:
+    """The unsharded model on the host, seeded from train.seed and (optionally) loaded from pretrained weights:
+    what `build_model` shards, and what the benchmarks' single-process floor trains as it is."""
+    from model.transformer import Transformer
+
+    init = cfg.train.init
+    torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model, vocab_size=vocab.size, media_markers=vocab.media_markers)
     if init.kind == "pretrained":
         from model.weights import load_pretrained
@@ -58,9 +68,7 @@ def build_model(cfg: TrainConfig, vocab: Vocab, device: torch.device, mesh) -> t
         if not init.path:
             raise ConfigError("train.init.kind=pretrained needs train.init.path (a safetensors dir or file)")
         load_pretrained(model, init.path, init.layout, vocab_extension=init.vocab_extension, seed=cfg.train.seed)
-    parallelize(model, mesh, activation_checkpointing=cfg.train.activation_checkpointing,
-                mixed_precision=cfg.train.mixed_precision, shard_unit=cfg.train.fsdp_unit)
-    return model.to(device)
+    return model
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig):
@@ -132,7 +140,10 @@ def shared_t_positions(task_scheme: dict[str, str], task_ids: torch.Tensor) -> t
 
 def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequence[Batch], *, vocab: Vocab,
                cfg: TrainConfig, step: int, rank: int, world: int, device: torch.device) -> StepStats:
-    """One optimizer step over `grad_accum` micro-batches, loss normalized by the GLOBAL masked-token count."""
+    """One optimizer step over `grad_accum` micro-batches, loss normalized by the GLOBAL masked-token count.
+
+    `model` is the FSDP2 model of a worker, or a plain module with no process group (world 1): the benchmarks'
+    floor runs this same step, so its ratio measures only what sharding and Ray add."""
     d = cfg.diffusion
     # 1. Mask every micro-batch first: the normalizer (summed over micro-batches and ranks) must be known
     #    before any backward (model/diffusion.py explains why a per-micro-batch mean would be biased).
@@ -153,10 +164,13 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
     count = global_count(sum(rc.sum() for *_, rc in prepared).to(device))
 
     # 2. Forward/backward per micro-batch (gradient accumulation); FSDP reduces gradients on the last one only.
+    #    A plain module (the benchmarks' single-process floor) has no gradient sync to defer.
+    set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)
     task_sum = torch.zeros(len(TASKS), device=device)
     task_count = torch.zeros(len(TASKS), device=device)
     for m, (batch, masked, weights, row_count) in enumerate(prepared):
-        model.set_requires_gradient_sync(m == len(prepared) - 1)
+        if set_gradient_sync is not None:
+            set_gradient_sync(m == len(prepared) - 1)
         # the head runs at masked positions only: (N_masked, V), rows in is_masked.nonzero() order
         logits = model(masked.noisy_ids, batch.segment_ids, only=masked.is_masked)
         rows, cols = masked.is_masked.nonzero(as_tuple=True)

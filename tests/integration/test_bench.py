@@ -11,25 +11,27 @@ import sys
 
 import pytest
 
-from bench import suite as bench
+from bench.cli import BENCHES, main, run_benches
+from bench.common import PeakRSS, Plan, bench_vocab, fmt, goal_check, paired_ratio, spread
+from bench.fsdp import synthetic_batches
 
 pytestmark = pytest.mark.timeout(900)
 
 
 def test_spread_and_paired_ratio():
-    s = bench.spread([3.0, 1.0, 2.0, float("nan")])
+    s = spread([3.0, 1.0, 2.0, float("nan")])
     assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
-    r = bench.paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0])   # pairs, not medians: 2, 3, 1
+    r = paired_ratio([2.0, 6.0, 3.0], [1.0, 2.0, 3.0])   # pairs, not medians: 2, 3, 1
     assert (r["median"], r["min"], r["max"]) == (2.0, 1.0, 3.0)
-    assert bench.goal_check("sample.step_vs_forward", 1.2)["met"] is False
-    assert bench.goal_check("read.reader_vs_training", 12.0)["met"] is True
-    assert bench.fmt(bench.spread([0.5, 0.25, 1.0])) == "0.500 [0.250-1.00]"
+    assert goal_check("sample.step_vs_forward", 1.2)["met"] is False
+    assert goal_check("read.reader_vs_training", 12.0)["met"] is True
+    assert fmt(spread([0.5, 0.25, 1.0])) == "0.500 [0.250-1.00]"
 
 
 def test_peak_rss_counts_child_processes():
     """Ray workers are descendants of the driver: the sampler must see memory held by a child process."""
     code = "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"
-    with bench.PeakRSS(interval_s=0.02) as rss:
+    with PeakRSS(interval_s=0.02) as rss:
         subprocess.run([sys.executable, "-c", code], check=True)
     assert rss.peak - rss.baseline > 250 * 2**20
 
@@ -37,7 +39,7 @@ def test_peak_rss_counts_child_processes():
 @pytest.fixture(scope="module")
 def tiny_suite(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    summary = bench.run_benches(list(bench.BENCHES), bench.Plan.for_mode("tiny"), out)
+    summary = run_benches(list(BENCHES), Plan.for_mode("tiny"), out)
     return out, summary
 
 
@@ -47,11 +49,11 @@ def _finite(x) -> bool:
 
 def test_all_benches_write_json_and_table(tiny_suite):
     out, summary = tiny_suite
-    for name in bench.BENCHES:
+    for name in BENCHES:
         data = json.loads((out / f"{name}.json").read_text())
         assert data["mode"] == "tiny" and len(data["loadavg_before"]) == 3
     all_json = json.loads((out / "all.json").read_text())
-    assert set(all_json["results"]) == set(bench.BENCHES)
+    assert set(all_json["results"]) == set(BENCHES)
     assert all_json["meta"]["ray_init_s"] > 0
     for needle in ("tokenize text", "read: trainer stream", "Ray Train 1 worker vs bare", "denoising step",
                    "FSDP2 step vs plain module"):
@@ -108,8 +110,8 @@ def test_fsdp_sides_start_equal_and_both_learn(tiny_suite):
 def test_synthetic_batches_are_packed_like_the_trainers():
     from model.tasks import TASKS
 
-    vocab = bench._bench_vocab()
-    batches = bench.synthetic_batches(vocab, 128, 3, 2, seed=1)
+    vocab = bench_vocab()
+    batches = synthetic_batches(vocab, 128, 3, 2, seed=1)
     assert len(batches) == 2
     for b in batches:
         assert b.ids.shape == (3, 128) and b.n_tokens >= 0.9 * 3 * 128
@@ -126,25 +128,25 @@ def test_fsdp_profile_and_overrides(tmp_path):
     """--profile writes the op table; KEY=VALUE overrides reach the benchmark's TrainConfig; overrides are
     refused for the benchmarks they do not apply to."""
     out = tmp_path / "b"
-    assert bench.main(["fsdp", "--tiny", "--profile", "--out", str(out), "train.activation_checkpointing=false",
+    assert main(["fsdp", "--tiny", "--profile", "--out", str(out), "train.activation_checkpointing=false",
                        "data.seq_len=64"]) == 0
     r = json.loads((out / "fsdp.json").read_text())
     assert r["activation_checkpointing"] is False and r["seq_len"] == 64
     assert "aten::mm" in (out / "fsdp_profile.txt").read_text()
-    assert bench.main(["sample", "--tiny", "data.seq_len=64"]) == 2
+    assert main(["sample", "--tiny", "data.seq_len=64"]) == 2
 
 
 def test_gpu_sizes_only_on_a_gpu():
-    full = bench.Plan.for_mode("full")
+    full = Plan.for_mode("full")
     assert full.for_device(False) == full
     gpu = full.for_device(True)
     assert (gpu.fsdp_model, gpu.fsdp_seq_len, gpu.sample_model, gpu.big_vocab) == ("1b", 2048, "1b", True)
-    assert bench.Plan.for_mode("tiny").for_device(True) == bench.Plan.for_mode("tiny")
-    assert bench._bench_vocab(big=True).size > 150_000
+    assert Plan.for_mode("tiny").for_device(True) == Plan.for_mode("tiny")
+    assert bench_vocab(big=True).size > 150_000
 
 
 def test_cli_help_and_bad_repeats(capsys):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--help"])
+        main(["--help"])
     assert e.value.code == 0 and "docs/performance.md" in capsys.readouterr().out
-    assert bench.main(["sample", "--repeats", "0"]) == 2
+    assert main(["sample", "--repeats", "0"]) == 2

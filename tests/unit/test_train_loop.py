@@ -1,4 +1,5 @@
-"""pipelines/train/trainer.py without Ray: schedule, eval prompts, and train_step on a 1-rank FSDP2 (gloo) group."""
+"""pipelines/train/trainer.py without Ray: schedule, eval prompts, and train_step on a 1-rank FSDP2 (gloo) group
+and on the plain module with no process group."""
 from __future__ import annotations
 
 import numpy as np
@@ -105,6 +106,43 @@ def test_train_step_lowers_the_loss_with_accumulation_and_clipping(one_rank_grou
     assert set(stats.task_loss) <= {"t2i", "i2t"} and stats.task_loss
     assert stats.tokens == sum(b.n_tokens for b in micro)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0
+
+
+def test_train_step_on_a_plain_module_is_the_one_rank_fsdp_step(tmp_path):
+    """The benchmarks' floor runs train_step on the unsharded model with no process group: from the same weights
+    on the same batches it must take the steps a one-rank FSDP2 worker takes (task weights, prompt dropout, a
+    media floor and gradient accumulation included), so a floor-vs-worker ratio compares the same work."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shards = write_shard_set(tmp_path / "set", VOCAB, {"t2i": 16, "i2t": 16}, samples_per_shard=16)
+    cfg = from_dict(TrainConfig, {"data": {"shards": [str(shards)], "seq_len": 128, "micro_batch": 2,
+                                           "grad_accum": 2},
+                                  "diffusion": {"task_weights": {"t2i": 2.0}, "prompt_dropout": {"t2i": 0.5},
+                                                "task_min_t": {"t2i": 0.3}},
+                                  "optim": {"lr": 3e-3, "warmup_steps": 1, "clip": 0.5}, "train": {"steps": 4}})
+    data = load_data(cfg)
+    micro = [collate(r, 128, data.vocab) for r in data.stream(cfg).step_rows(1, 0, 2, 2)]
+    cpu = torch.device("cpu")
+
+    def steps(model):
+        optimizer, scheduler = trainer.build_optimizer(model, cfg)
+        return [trainer.train_step(model, optimizer, scheduler, micro, vocab=data.vocab, cfg=cfg, step=step, rank=0,
+                                   world=1, device=cpu) for step in range(4)]
+
+    assert not dist.is_initialized()
+    plain_model = trainer.init_model(cfg, data.vocab)
+    assert not hasattr(plain_model, "set_requires_gradient_sync")
+    plain = steps(plain_model)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        sharded = steps(trainer.build_model(cfg, data.vocab, cpu, init_device_mesh("cpu", (1,))))
+    finally:
+        dist.destroy_process_group()
+    # later steps start from the weights the earlier updates left: equal losses mean equal updates
+    assert [s.loss for s in plain] == pytest.approx([s.loss for s in sharded], rel=1e-5)
+    assert [s.grad_norm for s in plain] == pytest.approx([s.grad_norm for s in sharded], rel=1e-4)
+    assert [(s.masked, s.tokens) for s in plain] == [(s.masked, s.tokens) for s in sharded]
+    assert plain[0].task_loss.keys() == {"t2i", "i2t"} and plain[-1].loss < plain[0].loss
 
 
 def test_task_weights_scale_each_tasks_gradient_not_its_logged_loss(one_rank_group, tmp_path):

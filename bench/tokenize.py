@@ -1,0 +1,317 @@
+"""tokenize: the Ray Data tokenize job (tokenize_jobs.run.run_job) against a single-process loop calling the same
+saved tokenizers on the same inputs, per modality (text, pixel images, MAGVIT-v2 tiny images, EnCodec speech);
+1 vs 2 tokenizer actors; peak RSS on a corpus and on one 10x larger.
+
+The job's fixed cost (driver listing, tokenizer loading, Ray Data planning, the actor pool) comes from a run on a
+one-batch corpus and is excluded from its throughput: throughput = extra inputs / extra seconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from bench.common import PeakRSS, Plan, Suite, goal_check, paired_ratio, spread, torch_threads
+
+WORDS = ("a", "small", "digit", "drawn", "by", "hand", "with", "thin", "strokes", "on", "dark", "paper", "the",
+         "speaker", "reads", "each", "number", "slowly", "and", "clearly", "model", "learns", "to", "write",
+         "seven", "three", "nine", "zero", "picture", "sound")
+
+
+def _fresh(root: Path) -> None:
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+
+
+def _sentence(rng: np.random.Generator, n: int) -> str:
+    return " ".join(WORDS[i] for i in rng.integers(0, len(WORDS), n))
+
+
+# Lines per JSONL file. The job expands each listed file in one task into one block, so a corpus held in a
+# single file reaches only one tokenizer actor; real corpora come in many files, and so do these.
+LINES_PER_FILE = 100
+
+
+def write_text_corpus(root: Path, n: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    _fresh(root)
+    for start in range(0, n, LINES_PER_FILE):
+        with open(root / f"texts-{start // LINES_PER_FILE:05d}.jsonl", "w") as f:
+            for _ in range(min(LINES_PER_FILE, n - start)):
+                f.write(json.dumps({"text": _sentence(rng, int(rng.integers(12, 40)))}) + "\n")
+
+
+def write_image_corpus(root: Path, n: int, size: int, channels: int, seed: int = 0) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    _fresh(root)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"{i:06d}.png")
+        (root / f"{i:06d}.txt").write_text(_sentence(rng, int(rng.integers(3, 9))))
+
+
+def write_speech_corpus(root: Path, n: int, seconds: float = 1.0, sr: int = 16000, seed: int = 0) -> None:
+    """16 kHz WAV clips (the tokenizer resamples to 24 kHz, as for LibriSpeech) + a speech-text JSONL."""
+    import soundfile as sf
+
+    rng = np.random.default_rng(seed)
+    _fresh(root)
+    (root / "audio").mkdir()
+    t = np.arange(int(seconds * sr), dtype=np.float32) / sr
+    per_file = 16  # one tokenizer batch per file: EnCodec work spreads over the actors
+    for i in range(n):
+        f0 = 100 + 200 * rng.random()
+        wav = (0.3 * np.sin(2 * np.pi * f0 * t) + 0.05 * rng.standard_normal(t.size)).astype(np.float32)
+        sf.write(root / "audio" / f"{i:06d}.wav", wav, sr, subtype="PCM_16")
+        with open(root / f"speech-{i // per_file:05d}.jsonl", "a") as f:
+            f.write(json.dumps({"audio": f"audio/{i:06d}.wav", "text": _sentence(rng, 6)}) + "\n")
+
+
+@dataclass
+class Modality:
+    name: str
+    kind: str                   # tokenize job --kind
+    overrides: list[str]        # tokenizer settings of the job config
+    write: Callable[[Path, int], None]
+
+
+def modalities(plan: Plan) -> dict[str, Modality]:
+    return {
+        "text": Modality("text", "text", [], write_text_corpus),
+        "image-pixel": Modality("image-pixel", "image-text", [],
+                                lambda root, n: write_image_corpus(root, n, 8, 1)),
+        "image-magvit2-tiny": Modality(
+            "image-magvit2-tiny", "image-text",
+            ["tokenizers.image.kind=magvit2", "tokenizers.image.magvit2_preset=tiny",
+             "tokenizers.image.random_init=true", f"tokenizers.image.size={plan.magvit_size}",
+             "tokenizers.image.channels=3"],
+            lambda root, n: write_image_corpus(root, n, plan.magvit_size, 3)),
+        "speech-encodec": Modality("speech-encodec", "speech-text", [], write_speech_corpus),
+    }
+
+
+def job_config(mod: Modality, actors: int, extra: Sequence[str] = ()):
+    from common import configlib
+    from tokenize_jobs.config import TokenizeJobConfig
+
+    return configlib.load(TokenizeJobConfig, None, ["ray.progress_bars=false", f"ray.actors={actors}",
+                                                     *mod.overrides, *extra])
+
+
+def fit_tokenizers(mod: Modality, corpus: Path, artifacts: Path) -> None:
+    """Fit the modality's tokenizer set once, as the job's first run would; every run below reuses it, so
+    fitting (a one-off per output) is in neither side of the comparison."""
+    from tokenize_jobs import sources
+    from tokenize_jobs.run import prepare_tokenizers
+
+    cfg = job_config(mod, 1)
+    ctx = sources.corpus_context(mod.kind, str(corpus))
+    with contextlib.redirect_stdout(io.StringIO()):  # the "no audio: synthetic codebooks" notice is expected
+        prepare_tokenizers(cfg, str(artifacts), ctx, sources.list_units(ctx, cfg.input))
+
+
+def run_job_timed(mod: Modality, corpus: Path, out: Path, artifacts: Path, actors: int,
+                  rss: PeakRSS | None = None) -> dict[str, Any]:
+    from tokenize_jobs.run import run_job
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    shutil.copytree(artifacts, out / "tokenizers")
+    cfg = job_config(mod, actors)
+    ctx = rss if rss is not None else contextlib.nullcontext()
+    with ctx:
+        t = time.perf_counter()
+        s = run_job(cfg, mod.kind, str(corpus), str(out), print_summary=False)
+        wall = time.perf_counter() - t
+    shutil.rmtree(out, ignore_errors=True)
+    return {"wall_s": wall, "samples": s["samples_written"], "inputs": s["inputs_tokenized"], "tokens": s["tokens"],
+            "quarantined": s["inputs_quarantined"]}
+
+
+def _media_lists(messages: list[dict], images: list, audios: list) -> tuple[list, list]:
+    """A paired input's one image/audio fills every placeholder of its task's messages (as the job does)."""
+    from model.prompts import count_placeholders
+
+    n_img, n_aud = count_placeholders(messages)
+    return images * n_img, audios * n_aud
+
+
+def bare_tokenize(kind: str, corpus: Path, artifacts: Path, out_tar: Path, batch_size: int = 16,
+                  audio_batch: int = 8) -> dict[str, Any]:
+    """The floor: one process, one thread, no Ray. Reads every input, decodes and encodes its media in the
+    job's batch sizes with the same saved tokenizers, lays out each task's chat, and writes the samples to one
+    tar. Returns seconds (tokenizer loading excluded, reported as start-up), samples and tokens."""
+    from model.prompts import TaskTemplates, answer_content, encode_messages, task_messages
+    from model.tokenizers import TokenizerSet
+    from tokenize_jobs.config import TasksConfig
+    from tokenize_jobs.writer import sample_tar_bytes, tar_end
+
+    t_load = time.perf_counter()
+    tok = TokenizerSet.load(str(artifacts))
+    load_s = time.perf_counter() - t_load
+    templates, tasks = TaskTemplates(), TasksConfig()
+
+    # (source, text, media bytes or None) per input; listing happens inside the timed region, as in the job
+    def inputs() -> Iterator[tuple[str, str, bytes | None]]:
+        if kind == "text":
+            for path in sorted(corpus.glob("*.jsonl")):
+                with open(path) as f:
+                    for line in f:
+                        yield path.name, json.loads(line)["text"], None
+        elif kind == "image-text":
+            for img in sorted(corpus.glob("*.png")):
+                yield img.name, img.with_suffix(".txt").read_text().strip(), img.read_bytes()
+        elif kind == "speech-text":
+            for path in sorted(corpus.glob("*.jsonl")):
+                with open(path) as f:
+                    for line in f:
+                        rec = json.loads(line)
+                        yield rec["audio"], rec["text"], (path.parent / rec["audio"]).read_bytes()
+        else:
+            raise ValueError(f"bare_tokenize: unsupported kind {kind!r}")
+
+    def encode_media(batch: list[tuple[str, str, bytes | None]]) -> list[np.ndarray | None]:
+        if kind == "image-text":
+            arrays = [tok.image.load(data, src) for src, _, data in batch]
+            codes = tok.image.encode(np.stack(arrays))            # (B, H, W, C) -> (B, N)
+            return [codes[i] for i in range(len(batch))]
+        if kind == "speech-text":
+            wavs = [tok.speech.load(data, src) for src, _, data in batch]
+            order = sorted(range(len(wavs)), key=lambda i: wavs[i].size)   # similar lengths share a batch
+            out: list[np.ndarray | None] = [None] * len(wavs)
+            for start in range(0, len(order), audio_batch):
+                idx = order[start:start + audio_batch]
+                for i, c in zip(idx, tok.speech.encode_batch([wavs[i] for i in idx])):
+                    out[i] = c
+            return out
+        return [None] * len(batch)
+
+    def samples_of(text: str, codes: np.ndarray | None) -> Iterator[tuple[str, Any]]:
+        if kind == "text":
+            yield "text", encode_messages(task_messages(templates.text, text="", answer=text), tok.vocab, tok.text)
+            return
+        media = "image" if kind == "image-text" else "audio"
+        names = tasks.image_text if media == "image" else tasks.speech_text
+        for task in names:
+            msgs = task_messages(templates.get(task), text=text, answer=answer_content(task, text))
+            imgs, auds = _media_lists(msgs, [codes] if media == "image" else [], [codes] if media == "audio" else [])
+            yield task, encode_messages(msgs, tok.vocab, tok.text, images=imgs, audios=auds)
+
+    n_samples = n_tokens = 0
+    t = time.perf_counter()
+    with open(out_tar, "wb") as f:
+        size, batch = 0, []
+        it = inputs()
+        while True:
+            batch = [x for _, x in zip(range(batch_size), it)]
+            if not batch:
+                break
+            for (src, text, _), codes in zip(batch, encode_media(batch)):
+                for j, (task, enc) in enumerate(samples_of(text, codes)):
+                    blob = sample_tar_bytes(f"s{n_samples}_{j}", enc.input_ids, enc.answer_mask,
+                                            {"task": task, "source": src, "n_tokens": len(enc)})
+                    f.write(blob)
+                    size += len(blob)
+                    n_samples += 1
+                    n_tokens += len(enc)
+        f.write(tar_end(size))
+    return {"wall_s": time.perf_counter() - t, "samples": n_samples, "tokens": n_tokens, "load_s": load_s}
+
+
+def run(suite: Suite) -> dict[str, Any]:
+    """Per modality: job vs bare samples/s with 1 actor (and 2 where the plan asks); then peak memory, 1x vs 10x."""
+    plan = suite.plan
+    suite.ray()
+    mods = modalities(plan)
+    root = suite.work / "tokenize"
+    result: dict[str, Any] = {"modalities": {}, "workers": {}, "memory": {}}
+    for name, n in plan.tok_n.items():
+        mod = mods[name]
+        corpus, small = root / name / "corpus", root / name / "small"
+        mod.write(corpus, n)
+        mod.write(small, plan.tok_n0)
+        artifacts = root / name / "tokenizers"
+        fit_tokenizers(mod, corpus, artifacts)
+        suite.say(f"[tokenize] {name}: {n} inputs")
+        entry = _tokenize_side_by_side(suite, mod, corpus, small, artifacts, actors=1)
+        result["modalities"][name] = entry
+        if name in plan.tok_workers_modalities:
+            two = _tokenize_side_by_side(suite, mod, corpus, small, artifacts, actors=2, bare=entry["bare_runs"])
+            result["workers"][name] = {
+                "actors_1": entry["job_samples_per_s"], "actors_2": two["job_samples_per_s"],
+                "job_vs_bare_per_core_2": two["job_vs_bare_per_core"],
+                "speedup_2_vs_1": paired_ratio(two["job_runs_thr"], entry["job_runs_thr"]),
+                "speedup_2_vs_1_end_to_end": paired_ratio(two["job_runs_e2e"], entry["job_runs_e2e"]),
+                "startup_s_2": two["job_startup_s"]}
+
+    # memory: the same job on a corpus and on one 10x larger; streaming keeps the peak flat
+    mod = mods[plan.mem_modality]
+    mem_root = root / "memory"
+    artifacts = root / mod.name / "tokenizers"
+    if not artifacts.exists():
+        mod.write(mem_root / "fit", plan.tok_n0)
+        fit_tokenizers(mod, mem_root / "fit", artifacts)
+    peaks = {}
+    for scale in (1, 10):
+        corpus = mem_root / f"x{scale}"
+        mod.write(corpus, plan.mem_n * scale)
+        rss = PeakRSS()
+        r = run_job_timed(mod, corpus, mem_root / "out", artifacts, 1, rss)
+        peaks[scale] = {"inputs": r["inputs"], "peak_rss_mib": rss.peak / 2**20,
+                        "baseline_rss_mib": rss.baseline / 2**20, "growth_mib": (rss.peak - rss.baseline) / 2**20,
+                        "wall_s": r["wall_s"], "rss_samples": rss.samples}
+        shutil.rmtree(corpus, ignore_errors=True)
+    ratio = peaks[10]["peak_rss_mib"] / peaks[1]["peak_rss_mib"]
+    growth = peaks[10]["growth_mib"] / peaks[1]["growth_mib"] if peaks[1]["growth_mib"] > 0 else None
+    result["memory"] = {"modality": mod.name, "x1": peaks[1], "x10": peaks[10], "peak_ratio_10x": ratio,
+                        "growth_ratio_10x": growth, **goal_check("tokenize.memory_10x", ratio)}
+    return result
+
+
+def _tokenize_side_by_side(suite: Suite, mod: Modality, corpus: Path, small: Path, artifacts: Path, actors: int,
+                           bare: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Job runs interleaved with bare runs. The job's fixed cost S comes from runs on a one-batch corpus:
+    t(N) = S + N / thr, so thr = (N - n0) / (t(N) - t(n0)) per large run. A fixed cost only grows under
+    interference, so the fastest small run estimates it."""
+    plan = suite.plan
+    out = suite.work / "tokenize" / mod.name / "out"
+    t0 = min((run_job_timed(mod, small, out, artifacts, actors) for _ in range(plan.tok_n0_runs)),
+             key=lambda r: r["wall_s"])
+    jobs, bares = [], []
+    for i in range(plan.repeats):
+        jobs.append(run_job_timed(mod, corpus, out, artifacts, actors))
+        if bare is None:
+            with torch_threads(1):  # one actor = one core (Ray sets its OMP threads from its CPU share)
+                bares.append(bare_tokenize(mod.kind, corpus, artifacts, out.parent / "bare.tar"))
+        suite.say(f"[tokenize]   {mod.name} actors={actors} repeat {i + 1}/{plan.repeats}: "
+                  f"job {jobs[-1]['wall_s']:.1f} s" + (f", bare {bares[-1]['wall_s']:.1f} s" if bares else ""))
+    bares = bares or bare
+    n, n0 = jobs[0]["samples"], t0["samples"]
+    thr = [(j["samples"] - n0) / (j["wall_s"] - t0["wall_s"]) if j["wall_s"] > t0["wall_s"] else float("nan")
+           for j in jobs]
+    e2e = [j["samples"] / j["wall_s"] for j in jobs]
+    bare_thr = [b["samples"] / b["wall_s"] for b in bares]
+    startup = [t0["wall_s"] - n0 / x for x in thr if math.isfinite(x)]
+    per_core = paired_ratio([x / actors for x in thr], bare_thr)
+    return {
+        "actors": actors, "inputs": jobs[0]["inputs"], "samples": n, "samples_small_run": n0,
+        "same_work": all(j["samples"] == bares[0]["samples"] and j["tokens"] == bares[0]["tokens"] for j in jobs),
+        "quarantined": jobs[0]["quarantined"],
+        "job_samples_per_s": spread(thr), "job_end_to_end_samples_per_s": spread(e2e),
+        "bare_samples_per_s": spread(bare_thr), "bare_tokenizer_load_s": spread([b["load_s"] for b in bares]),
+        "job_startup_s": spread(startup), "job_vs_bare_per_core": per_core,
+        "end_to_end_vs_bare": paired_ratio(e2e, bare_thr),
+        **goal_check("tokenize.job_vs_bare_per_core", per_core["median"]),
+        "job_runs_thr": thr, "job_runs_e2e": e2e, "bare_runs": bares,
+    }
+
