@@ -222,17 +222,40 @@ def loss_weights(is_masked: torch.Tensor, answer_mask: torch.Tensor, t: torch.Te
     return weights, (answer_len.squeeze(1) > 0).float()
 
 
+def per_task(table: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
+    """A per-task value at every position: table (num_tasks,), task_ids (B, L) with -1 for padding -> (B, L)
+    (0 at padding)."""
+    return table[task_ids.clamp(min=0)] * (task_ids >= 0)
+
+
+def task_position_weights(task_ids: torch.Tensor, is_text: torch.Tensor, task_weight: torch.Tensor,
+                          text_weight: torch.Tensor) -> torch.Tensor:
+    """(B, L) loss multiplier of every position: its task's weight, times its task's text weight where the
+    position holds text (the transcript an s2i answer writes before its image weighs text_weight).
+
+    task_ids (B, L) (-1 = padding), is_text (B, L) bool, task_weight and text_weight (num_tasks,) tables
+    (1 = neutral). A masked-token mean gives each task a gradient share proportional to its masked tokens; these
+    multipliers rebalance it without changing the normalizer."""
+    w = per_task(task_weight, task_ids)                                            # (B, L)
+    return w * torch.where(is_text, per_task(text_weight, task_ids), torch.ones_like(w))
+
+
 def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, is_masked: torch.Tensor, *,
                           weights: torch.Tensor | None = None, row_count: torch.Tensor | None = None,
-                          task_ids: torch.Tensor | None = None, num_tasks: int = 0) -> LossTerms:
+                          multipliers: torch.Tensor | None = None, task_ids: torch.Tensor | None = None,
+                          num_tasks: int = 0) -> LossTerms:
     """Cross-entropy SUMMED over masked positions, plus the normalizer count: divide by a global count.
 
     logits: (B, L, V) aligned (position i predicts token i), or (N, V) already taken at the N masked
         positions in `is_masked.nonzero()` order (`Transformer(..., only=is_masked)`);
         targets: (B, L) clean ids; is_masked: (B, L).
-    weights: optional (B, L) per-position multipliers (see `loss_weights`).
+    weights: optional (B, L) per-position weights of the objective itself (see `loss_weights`).
     row_count: (B,) normalizer contribution per row; default the number of masked positions of each row.
-    task_ids: optional (B,) int task index per row -> per-task detached sums and counts in [0, num_tasks).
+    multipliers: optional (B, L) gradient multipliers (`task_position_weights`): they scale `loss_sum` only;
+        the per-task sums report the objective without them.
+    task_ids: optional task index per row (B,) or per position (B, L) -> per-task detached sums and counts in
+        [0, num_tasks). Per position with a `row_count`, a row counts for its task (one task per row: the
+        per_sequence scheme pads one sample per row).
     CE is computed in float32 on the masked positions only (a (N_masked, V) slice, not (B, L, V)).
     """
     rows, cols = is_masked.nonzero(as_tuple=True)
@@ -245,20 +268,32 @@ def masked_diffusion_loss(logits: torch.Tensor, targets: torch.Tensor, is_masked
     ce = F.cross_entropy(picked.float(), targets[rows, cols], reduction="none")             # (N_masked,)
     if weights is not None:
         ce = ce * weights[rows, cols].float()
+    given_count = row_count is not None
     if row_count is None:
         row_count = is_masked.sum(1).float()
     row_count = row_count.detach().float()
+    loss_sum = (ce * multipliers[rows, cols].float()).sum() if multipliers is not None else ce.sum()
 
     task_sum = task_count = None
     if task_ids is not None:
         if num_tasks <= 0:
             raise ValueError("masked_diffusion_loss: task_ids given but num_tasks <= 0; pass the number of tasks")
-        B = targets.shape[0]
-        row_loss = torch.zeros(B, device=ce.device).index_add_(0, rows, ce.detach())  # (B,)
         task_ids = task_ids.to(ce.device).long()
-        task_sum = torch.zeros(num_tasks, device=ce.device).index_add_(0, task_ids, row_loss)
-        task_count = torch.zeros(num_tasks, device=ce.device).index_add_(0, task_ids, row_count.to(ce.device))
-    return LossTerms(ce.sum(), row_count.sum(), task_sum, task_count)
+        zeros = torch.zeros(num_tasks, device=ce.device)
+        if task_ids.dim() == 2:   # per position: each masked position's loss and count go to its task
+            pos_task = task_ids[rows, cols].clamp(min=0)                                       # (N_masked,)
+            task_sum = zeros.index_add(0, pos_task, ce.detach())
+            if given_count:
+                row_task = task_ids.amax(1).clamp(min=0)                                       # (B,)
+                task_count = zeros.index_add(0, row_task, row_count * (task_ids.amax(1) >= 0))
+            else:
+                task_count = zeros.index_add(0, pos_task, torch.ones_like(ce))
+        else:
+            B = targets.shape[0]
+            row_loss = torch.zeros(B, device=ce.device).index_add_(0, rows, ce.detach())  # (B,)
+            task_sum = zeros.index_add(0, task_ids, row_loss)
+            task_count = zeros.index_add(0, task_ids, row_count.to(ce.device))
+    return LossTerms(loss_sum, row_count.sum(), task_sum, task_count)
 
 
 def global_count(count: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:

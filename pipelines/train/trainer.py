@@ -29,7 +29,15 @@ import torch.distributed as dist
 from common import storage, tracking
 from common.configlib import ConfigError, from_dict, load, to_dict
 from common.rayutil import init_ray
-from model.diffusion import drop_prompts, global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
+from model.diffusion import (
+    drop_prompts,
+    global_count,
+    loss_weights,
+    mask_answer_tokens,
+    masked_diffusion_loss,
+    per_task,
+    task_position_weights,
+)
 from model.tasks import TASKS, spec
 from model.vocab import Modality, Vocab
 from pipelines.train import checkpoint as ckpt
@@ -113,13 +121,19 @@ class StepStats:
     masked: int            # loss normalizer over all ranks
 
 
-def per_position(per_task: dict[str, float], task_ids: torch.Tensor) -> torch.Tensor | None:
-    """A per-task value ({task: value}, 0 for the others and for padding) at every position of task_ids (B, L)
-    -> (B, L) float; None when every value is 0, so the knob costs nothing (and draws no randomness) when off."""
-    if not any(per_task.values()):
+def task_table(values: dict[str, float], default: float, device: torch.device) -> torch.Tensor | None:
+    """A per-task config dict as a (num_tasks,) table in task-id order; None when every task has the default,
+    so the knob costs nothing (and draws no randomness) when off."""
+    if all(v == default for v in values.values()):
         return None
-    table = torch.tensor([per_task.get(t, 0.0) for t in TASKS], device=task_ids.device)   # (num_tasks,)
-    return table[task_ids.clamp(min=0)] * (task_ids >= 0)                                  # (B, L)
+    return torch.tensor([float(values.get(t, default)) for t in TASKS], device=device)
+
+
+def per_position(values: dict[str, float], task_ids: torch.Tensor) -> torch.Tensor | None:
+    """A per-task value ({task: value}, 0 for the others and for padding) at every position of task_ids (B, L)
+    -> (B, L) float; None when every value is 0."""
+    table = task_table(values, 0.0, task_ids.device)
+    return None if table is None else per_task(table, task_ids)
 
 
 def media_floor(task_min_t: dict[str, float], batch: Batch, vocab: Vocab) -> torch.Tensor | None:
@@ -168,32 +182,27 @@ def train_step(model: torch.nn.Module, optimizer, scheduler, micro_batches: Sequ
     set_gradient_sync = getattr(model, "set_requires_gradient_sync", None)
     task_sum = torch.zeros(len(TASKS), device=device)
     task_count = torch.zeros(len(TASKS), device=device)
+    # the per-task loss knobs as (num_tasks,) tables, read per position: one loss call, no host sync
+    task_w, text_w = task_table(d.task_weights, 1.0, device), task_table(d.task_text_weights, 1.0, device)
+    ones = torch.ones(len(TASKS), device=device)
     for m, (batch, masked, weights, row_count) in enumerate(prepared):
         if set_gradient_sync is not None:
             set_gradient_sync(m == len(prepared) - 1)
         # the head runs at masked positions only: (N_masked, V), rows in is_masked.nonzero() order
         logits = model(masked.noisy_ids, batch.segment_ids, only=masked.is_masked)
-        rows, cols = masked.is_masked.nonzero(as_tuple=True)
-        # zero-valued but connected to the graph: every rank must run backward (FSDP's collectives) even with
+        multipliers = None
+        if task_w is not None or text_w is not None:
+            is_text = vocab.modality_of(batch.ids) == int(Modality.TEXT)                           # (B, L)
+            multipliers = task_position_weights(batch.task_ids, is_text, task_w if task_w is not None else ones,
+                                                text_w if text_w is not None else ones)
+        terms = masked_diffusion_loss(logits, batch.ids, masked.is_masked, weights=weights,
+                                      row_count=row_count if d.scheme == "per_sequence" else None,
+                                      multipliers=multipliers, task_ids=batch.task_ids, num_tasks=len(TASKS))
+        # + zero-valued but connected to the graph: every rank must run backward (FSDP's collectives) even with
         # no masked token in its micro-batch
-        loss_sum = logits[..., :1].sum() * 0.0
-        is_text = vocab.modality_of(batch.ids) == int(Modality.TEXT) if d.task_text_weights else None   # (B, L)
-        for ti in batch.task_ids.unique().tolist():
-            if ti < 0:
-                continue
-            sel = batch.task_ids == ti                                        # (B, L)
-            text_weight = d.task_text_weights.get(TASKS[ti], 1.0)
-            # the text of a media answer (an s2i transcript) weighs text_weight: its own loss term, logged unweighted
-            parts = [(sel, 1.0)] if text_weight == 1.0 else [(sel & ~is_text, 1.0), (sel & is_text, text_weight)]
-            for part, w in parts:
-                # per_token / per_sample: a part's share of the normalizer is its masked positions
-                rc = None if d.scheme != "per_sequence" else row_count * part.any(1)
-                picked = masked.is_masked & part
-                terms = masked_diffusion_loss(logits[picked[rows, cols]], batch.ids, picked, weights=weights,
-                                              row_count=rc)
-                loss_sum = loss_sum + d.task_weights.get(TASKS[ti], 1.0) * w * terms.loss_sum
-                task_sum[ti] += terms.loss_sum.detach()
-                task_count[ti] += terms.count
+        loss_sum = terms.loss_sum + logits[..., :1].sum() * 0.0
+        task_sum += terms.task_sum
+        task_count += terms.task_count
         # FSDP averages gradients over ranks; * world makes the result the gradient of sum(loss) / global count
         (loss_sum * world / count).backward()
 

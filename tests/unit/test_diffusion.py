@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from model.diffusion import (append_eos_tail, drop_prompts, global_count, loss_weights, mask_answer_tokens,
-                             masked_diffusion_loss)
+                             masked_diffusion_loss, task_position_weights)
 from model.vocab import Vocab
 
 VOCAB = Vocab(text_size=300, n_q=2, image_codebook_size=17)
@@ -153,6 +153,34 @@ def test_per_task_breakdown():
     torch.testing.assert_close(terms.task_sum, expected_sum)
     torch.testing.assert_close(terms.task_count, expected_count)
     torch.testing.assert_close(terms.task_sum.sum(), terms.loss_sum.detach())
+
+
+def test_per_position_tasks_and_multipliers_match_a_loop_over_tasks_and_parts():
+    """Packed rows hold several tasks; each task has a loss weight and a weight for its text positions. One call
+    with per-position tables equals summing one call per (task, text/non-text) part, and the per-task report
+    leaves the multipliers out."""
+    B, L, V = 3, 8, 11
+    logits = torch.randn(B, L, V, generator=_gen(5))
+    targets = torch.randint(0, V, (B, L), generator=_gen(6))
+    is_masked = torch.rand(B, L, generator=_gen(7)) < 0.7
+    task_ids = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1], [2, 2, 2, 2, 0, 0, 0, 0], [1, 1, 1, 1, 1, 2, 2, -1]])
+    is_masked &= task_ids >= 0
+    is_text = torch.rand(B, L, generator=_gen(8)) < 0.5
+    task_w, text_w = torch.tensor([1.0, 3.0, 0.5]), torch.tensor([1.0, 1.0, 4.0])
+    mult = task_position_weights(task_ids, is_text, task_w, text_w)
+    assert mult[0, 6] == 0 and mult[0, 3] == 3.0 and mult[1, 0] == (4.0 if is_text[1, 0] else 0.5)
+    one = masked_diffusion_loss(logits, targets, is_masked, multipliers=mult, task_ids=task_ids, num_tasks=3)
+    loop_sum, report = torch.tensor(0.0), torch.zeros(3)
+    for ti in range(3):
+        for part, w in ((~is_text, 1.0), (is_text, float(text_w[ti]))):
+            picked = is_masked & (task_ids == ti) & part
+            terms = masked_diffusion_loss(logits, targets, picked)
+            loop_sum = loop_sum + float(task_w[ti]) * w * terms.loss_sum
+            report[ti] += terms.loss_sum
+    torch.testing.assert_close(one.loss_sum, loop_sum)
+    torch.testing.assert_close(one.task_sum, report)
+    torch.testing.assert_close(one.task_count, torch.stack([(is_masked & (task_ids == i)).sum() for i in range(3)])
+                               .float())
 
 
 @pytest.mark.parametrize("scheme", ["per_token", "per_sequence"])
