@@ -37,19 +37,16 @@ import numpy as np
 
 from common import configlib
 from common.configlib import ConfigError
-from pipelines.train.budget import TimeBudget
+from model.tasks import spec
 from pipelines.infer.predictor import SamplerPresets
+from pipelines.train.budget import TimeBudget
 from tokenize_jobs.config import TokenizeJobConfig
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "configs" / "demo" / "demo.yaml"
 TASK_ORDER = ("i2t", "asr", "t2i", "s2i", "tts", "svqa")
-SPEECH_TASKS = ("asr", "tts", "s2i", "svqa")
 # The quality bar of the demo, as fractions; each task's "accuracy" is checked against it.
 QUALITY_BAR = {"i2t": 0.95, "asr": 0.90, "t2i": 0.85, "s2i": 0.85, "tts": 0.80}
-# Where each task's headline accuracy comes from in `omnidiff eval`'s metrics (pipelines/eval/evaluate.py).
-ACCURACY_METRIC = {"i2t": "exact_match", "asr": "exact_match", "svqa": "exact_match", "tts": "exact_match",
-                   "t2i": "class_accuracy", "s2i": "class_accuracy"}
 ACCURACY_MEANING = {"i2t": "exact digit word", "asr": "exact transcript", "svqa": "exact digit word",
                     "tts": "own ASR on generated speech tokens", "t2i": "digit classifier on generated image",
                     "s2i": "digit classifier on generated image"}
@@ -222,7 +219,7 @@ def build_corpus(demo: DemoConfig, out: Path, small: bool) -> dict:
         for raw in Path(result["train"]).read_text().splitlines():
             task = json.loads(raw)["task"]
             seen[task] += 1
-            if task not in SPEECH_TASKS or seen[task] <= cap:
+            if not spec(task).speech or seen[task] <= cap:
                 kept.append(raw)
         capped = Path(result["root"]) / "train_tokenize.jsonl"
         capped.write_text("\n".join(kept) + "\n")
@@ -390,7 +387,7 @@ def summarize(eval_results: dict) -> tuple[dict[str, dict], float | None]:
         m = eval_results["tasks"].get(task)
         if m is None:
             continue
-        acc = m.get(ACCURACY_METRIC[task])
+        acc = m.get(spec(task).metric)
         tasks[task] = {"accuracy": None if acc is None else round(float(acc), 4),
                        **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
         if "real_accuracy" in m:

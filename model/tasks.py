@@ -87,6 +87,16 @@ class Task:
     def needs_text(self) -> bool:
         return "{text}" in self.user
 
+    @property
+    def speech(self) -> bool:
+        """Speech in the prompt or in the answer."""
+        return Modality.AUDIO in self.inputs or self.answer == Modality.AUDIO
+
+    @property
+    def metric(self) -> str:
+        """The headline metric of `omnidiff eval` for this task (pipelines/eval/evaluate.py)."""
+        return "class_accuracy" if self.judge == Judge.IMAGE else "exact_match"
+
     def canvas_layout(self, sampler: TaskSampler) -> tuple[Modality, ...]:
         """The answer canvas as typed segments under `sampler`: a text segment before a media answer when the
         sampler asks for one (a transcript before an image; text then speech for a spoken answer)."""

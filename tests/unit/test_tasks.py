@@ -62,3 +62,9 @@ def test_unknown_task_names_the_tasks_and_samplers_are_fresh_copies():
     s = tasks.default_sampler("tts")
     s.length_ratio = 99.0
     assert spec("tts").sampler.length_ratio == 3.5
+
+
+def test_speech_and_headline_metric_come_from_inputs_answer_and_judge():
+    assert [t.name for t in tasks.all_tasks() if t.speech] == ["asr", "tts", "s2i", "svqa"]
+    assert {t.name: t.metric for t in tasks.all_tasks()}["t2i"] == "class_accuracy"
+    assert spec("tts").metric == "exact_match" and spec("tts").judge == Judge.SPEECH
