@@ -74,8 +74,7 @@ def ray_train_run(suite: Suite, workers: int) -> dict[str, Any]:
     """One pipelines.train.trainer.run fit; steady-state step times from the trainer's own MLflow metrics
     (step_time_s is the mean over each log window); the first window (warm-up) is dropped. Start-up = fit() call
     -> start of the first steady window."""
-    from mlflow.tracking import MlflowClient
-
+    from common import tracking
     from pipelines.train import trainer
 
     plan = suite.plan
@@ -94,20 +93,17 @@ def ray_train_run(suite: Suite, workers: int) -> dict[str, Any]:
     wall = time.time() - start
     if getattr(result, "error", None):
         raise RuntimeError(f"bench train: Ray Train run {name} failed: {result.error}")
-    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    found = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{name}'")
-    run_id = (found[0] if found else client.search_runs([exp.experiment_id])[0]).info.run_id
-    hist = sorted(client.get_metric_history(run_id, "step_time_s"), key=lambda m: m.step)
-    tps = {m.step: m.value for m in client.get_metric_history(run_id, "tokens_per_s")}
+    run_id = tracking.find_run(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, name)
+    hist = tracking.metric_history(cfg.mlflow.tracking_uri, run_id, "step_time_s")    # (step, value, time)
+    tps = {s: v for s, v, _ in tracking.metric_history(cfg.mlflow.tracking_uri, run_id, "tokens_per_s")}
     steady = hist[1:] if len(hist) > 1 else hist
-    step_s = [m.value for m in steady]
-    first = steady[0]
-    startup = (first.timestamp / 1000 - start) - plan.log_every * first.value
+    step_s = [v for _, v, _ in steady]
+    first_step, first_value, first_time = steady[0]
+    startup = (first_time - start) - plan.log_every * first_value
     processed = workers * cfg.data.micro_batch * cfg.data.grad_accum * cfg.data.seq_len
     return {"workers": workers, "cpus_per_worker": cpus, "steps": plan.ray_steps, "windows": len(step_s),
             "step_s": spread(step_s), "steps_per_s": spread([1 / x for x in step_s]),
-            "tokens_per_s": spread([tps[m.step] for m in steady if m.step in tps]),
+            "tokens_per_s": spread([tps[s] for s, _, _ in steady if s in tps]),
             "processed_tokens_per_step": processed, "startup_s": startup, "fit_wall_s": wall}
 
 

@@ -1,4 +1,5 @@
-"""Every MLflow call of a training run, made from rank 0 only (Train V2 rejects Tune's MLflow callbacks).
+"""Every MLflow call of the product: a training run's tracker (rank 0 only: Train V2 rejects Tune's MLflow
+callbacks), and the reads and writes that evaluation, the demo and the benchmarks make on a finished run.
 
 Where runs go: `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI (a server), else an embedded store
 `sqlite:///<run_dir>/mlflow.db` with artifacts in `<run_dir>/mlartifacts` — both paths absolute and explicit,
@@ -248,6 +249,46 @@ class Tracker:
 
 
 # ---- eval samples as artifacts ------------------------------------------------------------------------------
+
+# ---- a run after the fact: evaluation results onto it, metrics out of it --------------------------------------
+
+def _client(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def log_results(tracking_uri: str, run_id: str, results: dict, step: int | None) -> None:
+    """Evaluation results onto a (possibly finished) run: eval/<task>/<metric> and eval/results.json."""
+    import math
+
+    client = _client(tracking_uri)
+    for task, metrics in results["tasks"].items():
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                client.log_metric(run_id, f"eval/{task}/{k}", float(v), step=step or 0)
+    client.log_dict(run_id, results, "eval/results.json")
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float, float]]:
+    """(step, value, timestamp in s) of every logged value of `key`, by step."""
+    hist = _client(tracking_uri).get_metric_history(run_id, key)
+    return sorted((m.step, m.value, m.timestamp / 1000) for m in hist)
+
+
+def latest_metrics(tracking_uri: str, run_id: str) -> dict[str, float]:
+    return dict(_client(tracking_uri).get_run(run_id).data.metrics)
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str) -> str:
+    """The id of the run named `run_name` in `experiment` (else the experiment's newest run)."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise LookupError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.runName = '{run_name}'")
+    return (found[0] if found else client.search_runs([exp.experiment_id])[0]).info.run_id
+
 
 def log_generations(tracker: Tracker, generations: Sequence[dict[str, Any]], tokenizers: Any, step: int) -> None:
     """`generations`: dicts {task, key, modality ("text"|"image"|"audio"), prompt (ids), output (ids)}.

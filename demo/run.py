@@ -248,18 +248,17 @@ def train(cfg, budget: TimeBudget | None = None) -> dict:
 
 def loss_history(tracking_uri: str, run_id: str) -> dict[str, Any]:
     """The training loss as MLflow recorded it: first and last logged values (the demo's 'it learned' check)."""
-    from mlflow import MlflowClient
+    from common.tracking import latest_metrics, metric_history
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    hist = sorted((m.step, m.value) for m in client.get_metric_history(run_id, "loss"))
+    hist = metric_history(tracking_uri, run_id, "loss")
     out: dict[str, Any] = {"logged": len(hist)}
     if hist:
         out.update(first_step=hist[0][0], first=round(hist[0][1], 4), last_step=hist[-1][0],
                    last=round(hist[-1][1], 4))
-        tps = [m.value for m in client.get_metric_history(run_id, "tokens_per_s")]
+        tps = [v for _, v, _ in metric_history(tracking_uri, run_id, "tokens_per_s")]
         if tps:
             out["tokens_per_s"] = round(float(np.median(tps)), 1)
-    run = client.get_run(run_id).data.metrics
+    run = latest_metrics(tracking_uri, run_id)
     out["task_loss"] = {k.split("/", 1)[1]: round(v, 4) for k, v in sorted(run.items()) if k.startswith("loss/")}
     return out
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import sys
 import time
 import traceback
@@ -41,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common import configlib, storage
+from common import configlib, storage, tracking
 from common.rayutil import init_ray
 from model.prompts import TaskTemplates
 from model.tasks import TASKS, Judge, spec
@@ -397,19 +396,6 @@ def format_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def log_to_mlflow(results: dict, run: tuple[str, str], step: int | None) -> None:
-    """eval/<task>/<metric> on the training run (the run may be finished; MlflowClient logs to it anyway)."""
-    from mlflow import MlflowClient
-
-    uri, run_id = run
-    client = MlflowClient(tracking_uri=uri)
-    for task, metrics in results["tasks"].items():
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                client.log_metric(run_id, f"eval/{task}/{k}", float(v), step=step or 0)
-    client.log_dict(run_id, results, "eval/results.json")
-
-
 # ---- the job ----------------------------------------------------------------------------------------------
 
 def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, limit: int | None = None,
@@ -470,7 +456,7 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
             + "\n" for i, p in enumerate(preds)))
     if run:
         try:
-            log_to_mlflow(results, run, config.get("step"))
+            tracking.log_results(*run, results, config.get("step"))
         except Exception as e:  # metrics are in results.json either way; a tracking outage must not lose them
             print(f"eval: could not log to MLflow run {run[1]} at {run[0]}: {e}", file=sys.stderr)
             results["mlflow_run"] = None
