@@ -1,4 +1,5 @@
-"""infra/: the container image, the kustomize manifests, and job submission to a real (local) Ray cluster.
+"""infra/: the container image and the kustomize manifests, read statically (tests/integration/test_ray_jobs.py
+submits jobs to a real local Ray cluster).
 
 What runs where:
 - Static checks read infra/docker/Dockerfile and every object of infra/k8s/base and of each overlay. Overlays
@@ -8,30 +9,17 @@ What runs where:
   equal ours.
 - KubeRay objects are validated against the v1.7.0 CRD schemas in shared/kuberay/crds/ with unknown fields
   rejected, as `kubectl apply` (field validation "Strict") does.
-- The live tests start `ray start --head` with token authentication in a private temp dir and its own process
-  group, submit with `ray job submit`, and stop the head by its process id (then kill what is left of that
-  group); other Ray instances on the machine are never touched.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib.util
 import json
-import os
 import re
-import secrets
 import shlex
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass
 from fnmatch import fnmatch
 from functools import cache
 from pathlib import Path
@@ -48,6 +36,7 @@ except ModuleNotFoundError:  # Python 3.10: pytest depends on tomli there
 
 from common import configlib
 from common.configlib import read_yaml
+from tests.helpers.kustomize import containers, load_yaml_docs, overlay_objects, render
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
@@ -61,117 +50,12 @@ TOKENIZE_KINDS = {"messages", "image-text", "speech-text", "text"}
 RAY_BIN = Path(sys.executable).parent / "ray"  # the venv's CLI, matching the venv's Ray
 
 
-# --------------------------------------------------------------------------------------------- rendering
-
-def load_yaml_docs(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-
-
-def _pointer(path: str, where: str) -> list[str]:
-    if not path.startswith("/"):
-        raise ValueError(f"{where}: JSON pointer {path!r} must start with '/'")
-    return [part.replace("~1", "/").replace("~0", "~") for part in path.split("/")[1:]]
-
-
-def json_patch(doc: Any, ops: list[dict], where: str) -> Any:
-    """RFC 6902 add / remove / replace / test (what the overlays use) on a copy of `doc`."""
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        *parents, last = _pointer(op["path"], where)
-        node = doc
-        try:
-            for part in parents:
-                node = node[int(part)] if isinstance(node, list) else node[part]
-            key: Any = last
-            if isinstance(node, list):
-                key = len(node) if (last == "-" and op["op"] == "add") else int(last)
-            if op["op"] == "add" and isinstance(node, list):
-                node.insert(key, op["value"])
-            elif op["op"] == "add":
-                node[key] = op["value"]
-            elif op["op"] == "remove":
-                del node[key]
-            elif op["op"] == "replace":
-                node[key]  # must exist: replace never creates
-                node[key] = op["value"]
-            elif op["op"] == "test":
-                if node[key] != op["value"]:
-                    raise ValueError(f"{where}: test {op['path']} == {op['value']!r} failed (is {node[key]!r})")
-            else:
-                raise ValueError(f"{where}: unsupported patch op {op['op']!r}")
-        except (KeyError, IndexError, TypeError) as e:
-            raise ValueError(f"{where}: path {op['path']} does not exist in the target ({e!r})") from None
-    return doc
-
-
-def _containers(obj: Any) -> Iterator[dict]:
-    """Every container of an object, wherever its pod templates sit (CRDs nest them deeply)."""
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            if key in ("containers", "initContainers") and isinstance(value, list):
-                yield from value
-            else:
-                yield from _containers(value)
-    elif isinstance(obj, list):
-        for value in obj:
-            yield from _containers(value)
-
-
-KUSTOMIZE_KEYS = {"apiVersion", "kind", "resources", "namespace", "images", "patches"}
-
-
-def render(directory: Path) -> list[dict]:
-    """The objects `kubectl kustomize directory` emits, for the kustomize subset infra/k8s uses."""
-    kfile = directory / "kustomization.yaml"
-    k = yaml.safe_load(kfile.read_text())
-    unsupported = set(k) - KUSTOMIZE_KEYS
-    assert not unsupported, (
-        f"{kfile}: keys {sorted(unsupported)} are not understood by this test's renderer; use "
-        f"{sorted(KUSTOMIZE_KEYS)} or extend render() in {Path(__file__).name}")
-    objs: list[dict] = []
-    for res in k["resources"]:
-        path = directory / res
-        objs += render(path) if path.is_dir() else load_yaml_docs(path)
-    for patch in k.get("patches", []):
-        target, where = patch["target"], f"{kfile}: patch {patch['path']}"
-        hits = [i for i, o in enumerate(objs)
-                if o["kind"] == target["kind"] and o["metadata"]["name"] == target["name"]
-                and o["apiVersion"] == "/".join(p for p in (target.get("group"), target["version"]) if p)]
-        assert len(hits) == 1, f"{where}: target {target} matches {len(hits)} objects, expected 1"
-        ops = yaml.safe_load((directory / patch["path"]).read_text())
-        assert isinstance(ops, list), f"{where}: only RFC 6902 patches (a list of ops) are supported"
-        objs[hits[0]] = json_patch(objs[hits[0]], ops, where)
-    if "namespace" in k:
-        for o in objs:
-            if o["kind"] != "Namespace":
-                o["metadata"]["namespace"] = k["namespace"]
-    for image in k.get("images", []):
-        for c in (c for o in objs for c in _containers(o)):
-            name, sep, tag = c["image"].rpartition(":")
-            if not sep or "/" in tag:  # no tag; the colon belonged to a registry port
-                name, tag = c["image"], ""
-            if name == image["name"]:
-                c["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
-    return objs
-
-
-def overlay_objects() -> list[tuple[str, dict]]:
-    """(label, object) for every object as written in base/ and as rendered by each overlay."""
-    out = []
-    for path in sorted((K8S / "base").glob("*.yaml")):
-        if path.name != "kustomization.yaml":
-            out += [(f"base/{path.name}", o) for o in load_yaml_docs(path)]
-    for overlay in OVERLAYS:
-        out += [(f"overlays/{overlay}", o) for o in render(K8S / "overlays" / overlay)]
-    return out
-
-
 def _obj_id(label_obj: tuple[str, dict]) -> str:
     label, o = label_obj
     return f"{label}:{o['kind']}/{o['metadata']['name']}"
 
 
-ALL_OBJECTS = overlay_objects()
+ALL_OBJECTS = overlay_objects(K8S, OVERLAYS)
 KUBERAY_OBJECTS = [lo for lo in ALL_OBJECTS if lo[1]["kind"] in KUBERAY_KINDS]
 
 
@@ -607,7 +491,7 @@ def test_config_map_references_resolve():
     for overlay in OVERLAYS:
         objs = render(K8S / "overlays" / overlay)
         maps = {o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"}
-        refs = {e["configMapRef"]["name"] for o in objs for c in _containers(o) for e in c.get("envFrom", [])
+        refs = {e["configMapRef"]["name"] for o in objs for c in containers(o) for e in c.get("envFrom", [])
                 if "configMapRef" in e}
         assert refs and refs <= maps, f"overlays/{overlay}: ConfigMaps {sorted(refs - maps)} are not defined"
         assert all(o["metadata"].get("namespace") == f"omnidiff{'-dev' if overlay == 'dev' else ''}"
@@ -690,139 +574,3 @@ def test_dockerfile_runs_as_non_root_and_copies_the_packages():
     assert {".venv", ".git"} <= set(ignored), ".dockerignore must keep the venv and git history out of the context"
     run = " ".join(arg for i, arg in ins if i == "RUN")
     assert re.search(r"torch==[\d.]+\S*\s.*--index-url\s+\S+/cu\d+", run), "install a pinned CUDA torch wheel"
-
-
-# --------------------------------------------------------------------------------------------- live Ray
-
-# LEAD: overrides that turn configs/train/debug.yaml into a few-step run on a text-only shard set (the trainer
-# owns these names). debug.yaml's curriculum stages must add up to train.steps, so they are dropped; one worker
-# because this tests job submission, not FSDP (the trainer's own tests cover that), and saves ~15 s.
-TRAIN_OVERRIDES = ("train.steps=2", "data.stages=[]", "scaling.num_workers=1")
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclass
-class Head:
-    address: str
-    env: dict[str, str]
-    log: Path
-
-
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[Head]:
-    # Short path: Ray's unix sockets live under the temp dir and must stay under 108 characters.
-    temp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    gcs, dashboard, client, agent = _free_ports(4)
-    token = secrets.token_hex(32)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(
-        # Token auth as on the Kubernetes clusters (authOptions.mode: token); head and clients share the token.
-        RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token,
-        # Job entrypoints say plain `python`: make it the venv's, as the image's is on the pods.
-        PATH=f"{RAY_BIN.parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        RAY_USAGE_STATS_ENABLED="0",
-        RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1",  # Train V2 reports poll this; the default 2 s slows few-step runs
-    )
-    log = temp / "head.log"
-    cmd = [str(RAY_BIN), "start", "--head", f"--port={gcs}", "--node-ip-address=127.0.0.1",
-           "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-           f"--dashboard-agent-listen-port={agent}", "--num-cpus=2", f"--temp-dir={temp}",
-           "--disable-usage-stats", "--block"]
-    with log.open("wb") as out:
-        # Own process group: teardown stops exactly this head and its children, never other Ray instances.
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    head = Head(f"http://127.0.0.1:{dashboard}", env, log)
-    try:
-        _wait_for_jobs_api(head, proc, timeout=60)
-        yield head
-    finally:
-        # `ray start --block` stops the head's processes itself on SIGTERM (~5 s; signalling the whole group
-        # at once instead makes it wait ~35 s on already-dead children). After a Ray Train job it can take
-        # 20 s and more, so whatever of our group is still there after a short grace period is killed.
-        proc.terminate()
-        try:
-            proc.wait(timeout=8)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        shutil.rmtree(temp, ignore_errors=True)
-
-
-def _wait_for_jobs_api(head: Head, proc: subprocess.Popen, timeout: float) -> None:
-    request = urllib.request.Request(f"{head.address}/api/jobs/",
-                                     headers={"Authorization": f"Bearer {head.env['RAY_AUTH_TOKEN']}"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{head.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(request, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.25)
-    pytest.fail(f"Ray job API not up after {timeout} s:\n{head.log.read_text()[-3000:]}")
-
-
-def submit(head: Head, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
-    """`ray job submit` of the repo as working dir, as docs/kubernetes.md does against a cluster."""
-    cmd = [str(RAY_BIN), "job", "submit", "--address", head.address, "--working-dir", str(REPO), "--", *entrypoint]
-    return subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_ray_job_submit_with_token_runs_in_uploaded_working_dir(ray_head):
-    probe = ("import os, ray; ray.init(); "
-             "print('PROBE', int(ray.cluster_resources()['CPU']), os.path.isfile('infra/docker/Dockerfile'))")
-    result = submit(ray_head, "python", "-c", probe, timeout=120)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-4000:]
-    assert "PROBE 2 True" in out, out[-4000:]
-
-
-def test_ray_job_api_rejects_clients_without_the_token(ray_head, tmp_path):
-    env = {k: v for k, v in ray_head.env.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_MODE")}
-    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token to fall back on
-    result = subprocess.run([str(RAY_BIN), "job", "list", "--address", ray_head.address],
-                            env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "authentication token" in (result.stdout + result.stderr).lower()
-
-
-def test_tokenize_then_train_jobs_succeed(ray_head):
-    # Not tmp_path: pytest prunes old numbered temp dirs, and a concurrent pytest run could prune this one
-    # while the jobs (a minute or more) still write to it.
-    with tempfile.TemporaryDirectory(prefix="infra-jobs-") as tmp:
-        _tokenize_then_train(ray_head, Path(tmp))
-
-
-def _tokenize_then_train(ray_head: Head, tmp: Path) -> None:
-    corpus = tmp / "raw" / "text.jsonl"
-    corpus.parent.mkdir()
-    lines = ["The cat sat on the mat.", "Masked diffusion unmasks tokens in parallel.",
-             "Ray runs the jobs.", "A short corpus is enough for a smoke test."]
-    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines))
-    tokens, run_dir = tmp / "tokens" / "text", tmp / "run"
-
-    result = submit(ray_head, "python", "-m", "tokenize_jobs.run", "--kind", "text", "--input", str(corpus),
-                    "--output", str(tokens), "--config", "configs/tokenize/default.yaml", timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    # manifest.json is what the trainer opens (pipelines.train --shards: "tokenize output(s) holding manifest.json").
-    assert (tokens / "manifest.json").is_file(), f"tokenize wrote no manifest.json under {tokens}"
-
-    result = submit(ray_head, "python", "-m", "pipelines.train", "--config", "configs/train/debug.yaml",
-                    "--shards", str(tokens), "--run-dir", str(run_dir), *TRAIN_OVERRIDES, timeout=300)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert any(p.is_file() for p in run_dir.rglob("*")), f"train wrote nothing under {run_dir}"
