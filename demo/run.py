@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import sys
@@ -240,9 +239,11 @@ def train(cfg) -> dict:
     result = trainer.run(cfg)
     if getattr(result, "error", None):
         raise RuntimeError(f"training failed: {result.error}")
-    export = Path(cfg.run.run_dir) / "export"
-    config = json.loads((export / "config.json").read_text())
-    return {"export": str(export), "step": config.get("step"), "mlflow_run_id": config.get("mlflow_run_id")}
+    from pipelines import export
+
+    path = str(Path(cfg.run.run_dir) / "export")
+    config = export.read_config(path)
+    return {"export": path, "step": config.step, "mlflow_run_id": config.mlflow_run_id}
 
 
 def loss_history(tracking_uri: str, run_id: str) -> dict[str, Any]:

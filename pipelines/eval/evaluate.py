@@ -36,7 +36,6 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -45,6 +44,7 @@ from common import configlib, storage
 from common.rayutil import init_ray
 from model.prompts import TASKS, TaskTemplates
 from model.tokenizers.base import BadInput
+from pipelines import export as export_format
 from pipelines.eval import scoring
 from pipelines.infer.generate import input_base_dir, map_with_actors
 from pipelines.infer.predictor import (
@@ -52,7 +52,6 @@ from pipelines.infer.predictor import (
     Request,
     SamplerPresets,
     load_presets,
-    local_export,
     png_bytes,
     read_media,
     request_from_line,
@@ -421,16 +420,13 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
     "step", "sampler", "mlflow_run"}; with `return_predictions` the returned dict (not the file) also holds
     "predictions": one dict per item with "task", "label", "ok" and its output ("hyp", "image" (H, W, C) uint8,
     "audio_codes" + "transcript")."""
-    from model.tokenizers import TokenizerSet
-    from pipelines.infer.predictor import mlflow_run, read_export_config
-
     t0 = time.time()
     presets = presets or SamplerPresets()
     bad = [t for t in tasks or () if t not in TASKS]
     if bad:
         raise ValueError(f"--tasks {bad}: unknown; tasks: {list(TASKS)}")
-    export = local_export(checkpoint)
-    tokenizers = TokenizerSet.load(str(export / "tokenizers"))
+    export = export_format.read(checkpoint)
+    tokenizers = export.tokenizers()
     items = load_items(data, tokenizers, tasks=tasks, limit=limit)
     if not items:
         raise ValueError(f"--data {data}: no evaluation items" + (f" for tasks {list(tasks)}" if tasks else ""))
@@ -455,9 +451,8 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
     table = {task: task_metrics(task, [items[i] for i in idx], [preds[i] for i in idx], classifier=classifier,
                                 real_images=real, clip_model=clip_model)
              for task, idx in sorted(by_task.items(), key=lambda kv: TASKS.index(kv[0]))}
-    config = read_export_config(export)
-    run = mlflow_run(config, checkpoint, mlflow_tracking_uri) if mlflow else None
-    results = {"tasks": table, "checkpoint": checkpoint, "data": data, "step": config.get("step"),
+    run = export_format.mlflow_run(export.config, checkpoint, mlflow_tracking_uri) if mlflow else None
+    results = {"tasks": table, "checkpoint": checkpoint, "data": data, "step": export.config.step,
                "sampler": configlib.to_dict(presets), "seconds": round(time.time() - t0, 2),
                "mlflow_run": run[1] if run else None}
     if out:
@@ -468,7 +463,7 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
             + "\n" for i, p in enumerate(preds)))
     if run:
         try:
-            log_to_mlflow(results, run, config.get("step"))
+            log_to_mlflow(results, run, export.config.step)
         except Exception as e:  # metrics are in results.json either way; a tracking outage must not lose them
             print(f"eval: could not log to MLflow run {run[1]} at {run[0]}: {e}", file=sys.stderr)
             results["mlflow_run"] = None

@@ -422,8 +422,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     export_uri = storage.join(cfg.run.run_dir, "export")
     ckpt.export(model, export_uri, rank=rank, model_cfg=cfg.model, vocab=vocab,
-                tokenizers_uri=storage.join(data.first_set().uri, "tokenizers"),
-                extra={"step": step, "run_name": cfg.run.name, "mlflow_run_id": tracker.run_id})
+                tokenizers_uri=storage.join(data.first_set().uri, "tokenizers"), step=step, run_name=cfg.run.name,
+                mlflow_run_id=tracker.run_id)
     say(f"[train] done: {step} steps in {tracking.format_duration(time.perf_counter() - started)}; "
         f"model exported to {export_uri}")
     tracker.end()
@@ -482,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  omnidiff train --config configs/train/debug.yaml --shards runs/tok --run-dir runs/debug\n"
                "  omnidiff train --config configs/train/demo.yaml --shards runs/tok train.steps=500 optim.lr=1e-3\n"
                "outputs in the run dir: mlflow.db + mlartifacts/ (unless MLFLOW_TRACKING_URI is set), <name>/ "
-               "(checkpoints), export/ (model.safetensors, vocab.json, model_config.json, tokenizers/)",
+               "(checkpoints), export/ (model.safetensors, vocab.json, tokenizers/, config.json)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (configs/train/*.yaml); defaults are the debug model")
     p.add_argument("--shards", nargs="+", default=[], metavar="URI",

@@ -1,4 +1,5 @@
-"""Write a tokenize job's output by hand: WebDataset shards + manifest.json, exactly as CONTRACTS.md documents.
+"""Write a tokenize job's output by hand: WebDataset shards + manifest.json, in the format tokenize_jobs/writer.py
+writes and tokenize_jobs/shards.py reads.
 
 Training tests use this instead of running a tokenize job, which keeps them fast and doubles as an executable
 statement of the shard contract: if the real tokenize job and this helper ever disagree, one of them broke it.
