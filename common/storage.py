@@ -28,11 +28,14 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 
+from common.cli import STORAGE, CliError
+
 T = TypeVar("T")
 
 
-class StorageError(RuntimeError):
+class StorageError(RuntimeError, CliError):
     """A storage call failed for a reason that is not the data's: retries exhausted, or access refused."""
+    exit_code = STORAGE
 
     def __init__(self, message: str, uri: str) -> None:
         super().__init__(message)

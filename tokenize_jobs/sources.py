@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from common import storage
+from common.cli import BAD_INPUT, CliError
 from model.prompts import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, TaskTemplates, infer_task, task_messages
 from model.tokenizers.base import BadInput
 from tokenize_jobs.config import InputConfig, TasksConfig
@@ -41,8 +42,9 @@ from tokenize_jobs.config import InputConfig, TasksConfig
 TRANSCRIPT_SUFFIX = ".trans.txt"
 
 
-class InputError(RuntimeError):
+class InputError(RuntimeError, CliError):
     """The input location is missing or unreachable (reported before any work starts)."""
+    exit_code = BAD_INPUT
 
 
 def fingerprint(*parts: Any) -> str:

@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from common import configlib, storage
+from common import cli, configlib, storage
 from common.rayutil import init_ray
 from model.prompts import TASKS, TaskTemplates
 from model.tokenizers.base import BadInput
@@ -156,9 +156,9 @@ class WhisperJudge:
         try:
             from transformers import pipeline
         except ImportError:
-            raise RuntimeError(f"--asr-model {model_dir}: transcribing with Whisper needs the `transformers` "
-                               f"package (pip install transformers); without --asr-model, TTS is judged by "
-                               f"this model's own ASR direction") from None
+            raise configlib.ConfigError(f"--asr-model {model_dir}: transcribing with Whisper needs the `transformers` "
+                                        f"package (pip install transformers); without --asr-model, TTS is judged "
+                                        f"by this model's own ASR direction") from None
         self.pipe = pipeline("automatic-speech-recognition", model=model_dir)
 
     def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
@@ -324,8 +324,8 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], model_dir: st
         import torch
         from transformers import CLIPModel, CLIPProcessor
     except ImportError:
-        raise RuntimeError(f"--clip-model {model_dir}: the CLIP score needs the `transformers` package "
-                           f"(pip install transformers)") from None
+        raise configlib.ConfigError(f"--clip-model {model_dir}: the CLIP score needs the `transformers` package "
+                                    f"(pip install transformers)") from None
     model, proc = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
     rgb = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]  # (H, W, 1) -> (H, W, 3)
     with torch.no_grad():
@@ -475,7 +475,7 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnidiff eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="omnidiff eval", description=__doc__, epilog=cli.EXIT_STATUS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training export folder (local or s3://)")
     p.add_argument("--data", required=True, help="messages JSONL or tokenize output folder (local or s3://)")
@@ -500,24 +500,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        presets = load_presets(args.preset, args.sampler_config, args.overrides)
-        if not args.local:
-            if args.ray_address:   # else map_with_actors starts a local Ray if it needs one
-                init_ray(args.ray_address)
-        results = evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out,
-                           presets=presets, classifier_train_data=args.classifier_train_data,
-                           asr_model=args.asr_model, clip_model=args.clip_model, local=args.local,
-                           actors=args.actors, device=args.device, mlflow=not args.no_mlflow,
-                           mlflow_tracking_uri=args.mlflow_tracking_uri)
-    except (configlib.ConfigError, FileNotFoundError, ValueError, RuntimeError, BadInput) as e:
-        print(f"omnidiff eval: error: {e}", file=sys.stderr)
-        return 2
+    presets = load_presets(args.preset, args.sampler_config, args.overrides)
+    if not args.local and args.ray_address:   # else map_with_actors starts a local Ray if it needs one
+        init_ray(args.ray_address)
+    evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out, presets=presets,
+             classifier_train_data=args.classifier_train_data, asr_model=args.asr_model, clip_model=args.clip_model,
+             local=args.local, actors=args.actors, device=args.device, mlflow=not args.no_mlflow,
+             mlflow_tracking_uri=args.mlflow_tracking_uri)
     if args.out:
         print(f"wrote {storage.join(args.out, 'results.json')}", file=sys.stderr)
-    return 0 if results["tasks"] else 1
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import storage, tracking
+from common import cli, storage, tracking
 from common.configlib import ConfigError, from_dict, load, to_dict
 from common.rayutil import init_ray
 from model.diffusion import drop_prompts, global_count, loss_weights, mask_answer_tokens, masked_diffusion_loss
@@ -34,7 +34,7 @@ from model.prompts import ANSWER_MODALITY, TASKS, TaskTemplates
 from model.vocab import Modality, Vocab
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
+from pipelines.train.data import Batch, Sample, StreamState, collate, eval_prompts, load_data, step_generator
 
 # ---- model and optimizer ------------------------------------------------------------------------------------
 
@@ -482,7 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  omnidiff train --config configs/train/debug.yaml --shards runs/tok --run-dir runs/debug\n"
                "  omnidiff train --config configs/train/demo.yaml --shards runs/tok train.steps=500 optim.lr=1e-3\n"
                "outputs in the run dir: mlflow.db + mlartifacts/ (unless MLFLOW_TRACKING_URI is set), <name>/ "
-               "(checkpoints), export/ (model.safetensors, vocab.json, tokenizers/, config.json)",
+               "(checkpoints), export/ (model.safetensors, vocab.json, tokenizers/, config.json)\n"
+               + cli.EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (configs/train/*.yaml); defaults are the debug model")
     p.add_argument("--shards", nargs="+", default=[], metavar="URI",
@@ -493,20 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
-        result = run(cfg)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"omnidiff train: error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
+    result = run(cfg)
     if getattr(result, "error", None):
-        print(f"omnidiff train: training failed: {result.error}", file=sys.stderr)
-        return 1
+        raise cli.Failed(f"training failed: {result.error}")
     print(f"omnidiff train: finished; checkpoints in {storage.join(cfg.run.run_dir, cfg.run.name)}, "
           f"model in {storage.join(cfg.run.run_dir, 'export')}")
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":
