@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from common.configlib import from_dict, to_dict
@@ -20,7 +21,6 @@ from pipelines.train import trainer
 from pipelines.train.config import TrainConfig
 from tests.helpers.shardgen import small_vocab, write_shard_set
 
-ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "train" / "debug.yaml"
 
