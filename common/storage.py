@@ -28,15 +28,22 @@ from typing import Any, Callable, TypeVar
 
 import fsspec
 
+from common.cli import STORAGE, CliError
+
 T = TypeVar("T")
 
 
-class StorageError(RuntimeError):
+class StorageError(RuntimeError, CliError):
     """A storage call failed for a reason that is not the data's: retries exhausted, or access refused."""
+    exit_code = STORAGE
 
     def __init__(self, message: str, uri: str) -> None:
         super().__init__(message)
         self.uri = uri
+
+    def __reduce__(self):
+        # Ray ships a task's exception to the driver by pickling it: keep the URI on the way
+        return type(self), (str(self), self.uri)
 
 
 @dataclass(frozen=True)

@@ -38,13 +38,14 @@ import json
 import os
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
+from common import cli
 from model.prompts import TaskTemplates, task_messages
 from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 
@@ -263,11 +264,13 @@ def build_demo_corpus(out_dir: str | os.PathLike, *, n_train_images: int | None 
             "summary": str(out / "corpus.json"), "counts": counts, "held_out_voices": held_out_voices}
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m demo.corpus",
         description="Build the demo corpus (sklearn handwritten digits + espeak-ng digit words) as "
-                    "Omni-Diffusion messages JSONL: <out>/train.jsonl, <out>/test.jsonl, images/, audio/.")
+                    "Omni-Diffusion messages JSONL: <out>/train.jsonl, <out>/test.jsonl, images/, audio/.",
+        epilog=cli.EXIT_STATUS_HELP)
     parser.add_argument("--out", required=True, help="output folder (created; existing files are overwritten)")
     parser.add_argument("--small", action="store_true", help="tiny corpus for CI: 10 image slots per split")
     parser.add_argument("--n-train-images", type=int, default=None,
@@ -286,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo corpus in {result['root']}: train {sum(c['train'].values())} lines {c['train']}, "
           f"test {sum(c['test'].values())} lines {c['test']}; {c['images']} images, {c['audio']} clips; "
           f"held-out voices {result['held_out_voices']}")
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

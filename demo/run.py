@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
-import sys
 import threading
 import time
 from collections import defaultdict
@@ -35,7 +33,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from common import configlib
+from common import cli, configlib
 from common.configlib import ConfigError
 from model.tasks import spec
 from pipelines.infer.predictor import SamplerPresets
@@ -240,10 +238,12 @@ def train(cfg, budget: TimeBudget | None = None) -> dict:
 
     result = trainer.run(cfg, budget)
     if getattr(result, "error", None):
-        raise RuntimeError(f"training failed: {result.error}")
-    export = Path(cfg.run.run_dir) / "export"
-    config = json.loads((export / "config.json").read_text())
-    return {"export": str(export), "step": config.get("step"), "mlflow_run_id": config.get("mlflow_run_id")}
+        raise cli.Failed(f"training failed: {result.error}")
+    from pipelines import export
+
+    path = str(Path(cfg.run.run_dir) / "export")
+    config = export.read_config(path)
+    return {"export": path, "step": config.step, "mlflow_run_id": config.mlflow_run_id}
 
 
 def loss_history(tracking_uri: str, run_id: str) -> dict[str, Any]:
@@ -494,7 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  python -m demo --small --out /tmp/d # the CI variant: tiny corpus, 30 steps\n"
                "  python -m demo --steps 300 optim.lr=3e-3\n"
                "outputs: <out>/results.json, <out>/gallery/, <out>/train/mlflow.db (open with the printed "
-               "`mlflow ui` command), <out>/eval/predictions.jsonl",
+               "`mlflow ui` command), <out>/eval/predictions.jsonl\n" + cli.EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/demo", help="output folder, deleted and rewritten (default runs/demo)")
     p.add_argument("--small", action="store_true", help="CI variant: 10-image corpus, small.steps training "
@@ -508,14 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        demo = configlib.load(DemoConfig, args.config, args.demo_overrides)
-        results = run_demo(demo, Path(args.out), small=args.small, steps=args.steps, overrides=args.overrides)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"omnidiff demo: error: {e}", file=sys.stderr)
-        return 1
+    demo = configlib.load(DemoConfig, args.config, args.demo_overrides)
+    results = run_demo(demo, Path(args.out), small=args.small, steps=args.steps, overrides=args.overrides)
     out = Path(args.out).resolve()
     print("\n" + "=" * 70)
     print(f"Omni-Diffusion demo: {results['train']['steps']} training steps, "
@@ -526,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ngallery:  {results['gallery']['t2i']}, {results['gallery']['s2i']}, {results['gallery']['tts']}/")
     print(f"results:  {out / 'results.json'}")
     print(f"MLflow:   {results['mlflow']['ui']}   (then open http://127.0.0.1:5000)")
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 
-from common import configlib
+from common import cli, configlib
 from model.config import ModelConfig
 from model.transformer import Transformer
 
@@ -113,11 +113,13 @@ def format_plan(p: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="omnidiff plan",
         description="Estimate parameters, FLOPs per token and per-GPU memory for training a model with FSDP2 "
-                    "(bf16 compute, fp32 master weights and AdamW state). Exit status 0 if it fits, 1 if not.")
+                    "(bf16 compute, fp32 master weights and AdamW state).",
+        epilog=cli.EXIT_STATUS_HELP)
     ap.add_argument("--model", default="debug",
                     help=f"a model preset ({', '.join(ModelConfig.preset_names())}) or a model YAML file")
     ap.add_argument("--gpus", type=int, default=8, help="number of GPUs sharing the model (FSDP world size)")
@@ -131,18 +133,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="embedding rows, for presets whose vocab_size is 0 (taken from the vocabulary)")
     ap.add_argument("--headroom", type=float, default=1.15, help="safety factor on the estimate (default 1.15)")
     args = ap.parse_args(argv)
-    try:
-        cfg = _model_config(args.model)
-        p = plan(cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len or cfg.seq_len,
-                 micro_batch=args.micro_batch, activation_checkpointing=args.activation_checkpointing,
-                 dtype=args.dtype, vocab_size=args.vocab_size, headroom=args.headroom)
-    except (ValueError, configlib.ConfigError) as e:
-        print(f"omnidiff plan: {e}", file=sys.stderr)
-        return 2
+    cfg = _model_config(args.model)
+    p = plan(cfg, gpus=args.gpus, gpu_mem_gb=args.gpu_mem_gb, seq_len=args.seq_len or cfg.seq_len,
+             micro_batch=args.micro_batch, activation_checkpointing=args.activation_checkpointing,
+             dtype=args.dtype, vocab_size=args.vocab_size, headroom=args.headroom)
     print(f"model               {args.model}: dim {cfg.dim}, n_layers {cfg.n_layers}, n_heads {cfg.n_heads}, "
           f"n_kv_heads {cfg.n_kv_heads}, hidden_dim {cfg.hidden_dim}")
     print(format_plan(p))
-    return 0 if p["fits"] else 1
+    return cli.OK if p["fits"] else cli.NOT_MET
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 """`omnidiff <command> ...`: one entry point that hands the rest of the command line to the module that owns it.
 
-Each command is also `python -m <module> ...` (what `ray job submit -- python -m ...` runs on a cluster).
+Each command is also `python -m <module> ...` (what `ray job submit -- python -m ...` runs on a cluster). Every
+command exits with the status of one table, common/cli.py.
 """
 from __future__ import annotations
 
 import importlib
 import sys
+
+from common import cli
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("model.plan", "memory and FLOP plan of a model preset on N GPUs (meta device, no weights)"),
@@ -23,20 +26,20 @@ def usage() -> str:
     width = max(map(len, COMMANDS))
     lines = ["usage: omnidiff <command> [options]   (omnidiff <command> --help for each)", "", "commands:"]
     lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
-    return "\n".join(lines)
+    return "\n".join([*lines, "", cli.EXIT_STATUS_HELP])
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
-        return 0
+        return cli.OK
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"omnidiff: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
-        return 2
+        print(f"omnidiff: error: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return cli.BAD_INPUT
     module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    return int(module.main(rest) or cli.OK)
 
 
 if __name__ == "__main__":

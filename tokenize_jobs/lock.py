@@ -34,12 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common import storage
+from common.cli import LOCKED, CliError
 
 LOCK_NAME = "_lock.json"
 
 
-class LockHeld(RuntimeError):
+class LockHeld(RuntimeError, CliError):
     """Another run holds a live lock on the output."""
+    exit_code = LOCKED
 
 
 class LockLost(RuntimeError):

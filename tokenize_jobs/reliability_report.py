@@ -29,6 +29,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from common import cli
+
 MAX_SECONDS = 1.0                  # tokenizers.speech.max_seconds for the run: a 2 s clip is "over-long"
 BIG_LINE_BYTES = 100 * 2**20       # the 100 MB JSONL line
 OVERRIDES = ["ray.progress_bars=false", "shards.max_samples=4", f"tokenizers.speech.max_seconds={MAX_SECONDS}"]
@@ -279,12 +281,15 @@ def to_markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n"
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m tokenize_jobs.reliability_report",
         description="Tokenize a corpus holding every kind of bad input in one run and write the outcome table "
                     "(table.md, table.json) to --out. Needs ~110 MB of disk for the corpus (deleted afterwards "
-                    "unless --keep-corpus).")
+                    "unless --keep-corpus).",
+        epilog=f"exit status {cli.OK} when every case ended as expected, {cli.NOT_MET} when one did not. "
+               + cli.EXIT_STATUS_HELP)
     p.add_argument("--out", default="runs/reliability", help="folder for the corpus, output and tables")
     p.add_argument("--keep-corpus", action="store_true", help="keep the generated corpus and shards")
     args = p.parse_args(argv)
@@ -305,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(work)
     t = report["totals"]
-    return 0 if t["as_expected"] == t["cases"] and t["crashed"] == 0 else 1
+    return cli.OK if t["as_expected"] == t["cases"] and t["crashed"] == 0 else cli.NOT_MET
 
 
 if __name__ == "__main__":

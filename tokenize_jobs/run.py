@@ -11,10 +11,9 @@ inputs not done yet, committing shards as they fill (tokenize_jobs/writer.py) ->
 
 Without RAY_ADDRESS a local Ray is started for the job; with it (e.g. under `ray job submit`) the job joins that
 cluster. Every storage call retries transient faults (storage.retries, .backoff_s; common/storage.py): a fault
-that outlasts them fails the job naming the URI, and never quarantines an input. Exit status: 0 done (bad
-inputs are quarantined, not failures), 2 bad arguments/config or unreachable input/output, 3 the output is
-locked by another live run, 4 storage failed past its retries (rerun once it answers), 1 any other failure
-(committed shards are kept; rerun to continue).
+that outlasts them fails the job naming the URI (exit 4), and never quarantines an input. Exit status: the
+table in common/cli.py. Bad inputs are quarantined, not failures (exit 0); an unreachable input or output is
+bad input (2); after any failure the committed shards are kept: rerun to continue.
 """
 from __future__ import annotations
 
@@ -29,21 +28,22 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from common import configlib, storage
+from common import cli, configlib, storage
 from common.configlib import ConfigError
 from model.tokenizers import SET_FILE, TokenizerMismatch, TokenizerSet, config_diff
 from model.vocab import Vocab
 from tokenize_jobs import sources, summary
 from tokenize_jobs.config import KINDS, TokenizeJobConfig
-from tokenize_jobs.lock import LockHeld, OutputLock
+from tokenize_jobs.lock import OutputLock
 from tokenize_jobs.pipeline import _rows, build_dataset
 from tokenize_jobs.writer import OutputState, ShardWriter, clean_orphans
 
 TOKENIZERS_DIR = "tokenizers"
 
 
-class OutputError(RuntimeError):
+class OutputError(RuntimeError, cli.CliError):
     """The output location cannot be written (reported before any work starts)."""
+    exit_code = cli.BAD_INPUT
 
 
 def new_run_id() -> str:
@@ -276,8 +276,7 @@ examples:
 
 Without --config the embedded demo tokenizers are used (in-process BPE, 8x8 pixel images, EnCodec with
 codebooks fitted on the corpus). Set RAY_ADDRESS (or use `ray job submit`) to run on a cluster.
-exit status: 0 done, 2 bad arguments/config/unreachable input or output, 3 output locked, 4 storage failed
-past its retries (rerun once it answers), 1 other failure""")
+""" + cli.EXIT_STATUS_HELP + "\nbad inputs are quarantined, not failures (exit 0)")
     p.add_argument("--kind", required=True, choices=KINDS, help="what the input holds (see below)")
     p.add_argument("--input", required=True, help="corpus folder or file: local path or s3://bucket/prefix")
     p.add_argument("--output", required=True, help="output folder: local path or s3://bucket/prefix")
@@ -288,28 +287,15 @@ past its retries (rerun once it answers), 1 other failure""")
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = configlib.load(TokenizeJobConfig, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = configlib.load(TokenizeJobConfig, args.config, args.overrides)
     if args.print_config:
         print(configlib.dump_yaml(cfg))
-        return 0
-    try:
-        run_job(cfg, args.kind, args.input, args.output)
-    except LockHeld as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ConfigError, sources.InputError, OutputError, TokenizerMismatch) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except storage.StorageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    return 0
+        return cli.OK
+    run_job(cfg, args.kind, args.input, args.output)
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ Fingerprints (32 hex digits of sha256) decide what a rerun skips:
 Every reason an input is quarantined is a short stable tag (the `reason` column of quarantine.jsonl):
 bad_json, not_utf8, empty_text, line_too_long, file_too_large, bad_messages, bad_task, bad_media_path,
 path_escape, missing_media, file_vanished, placeholder_in_text, missing_caption, missing_image,
-missing_audio, missing_transcript, bad_parquet, unreadable_file, truncated_audio, plus those the tokenizers raise (model/tokenizers: corrupt_image,
-image_too_large, empty_file, corrupt_audio, audio_too_long, audio_nan, empty_audio, placeholder_mismatch,
+missing_audio, missing_transcript, bad_parquet, unreadable_file, truncated_audio, plus those the tokenizers
+raise (model/tokenizers: corrupt_image, image_too_large, empty_file, corrupt_audio, audio_too_long, audio_nan, empty_audio, placeholder_mismatch,
 bad_role, ...) and the tokenize stage (encode_error, no_answer, too_many_tokens, unexpected_error).
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from common import storage
+from common.cli import BAD_INPUT, CliError
 from model.prompts import TaskTemplates, answer_content, task_messages
 from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, infer_task
 from model.tokenizers.base import BadInput
@@ -42,8 +43,9 @@ from tokenize_jobs.config import InputConfig, TasksConfig
 TRANSCRIPT_SUFFIX = ".trans.txt"
 
 
-class InputError(RuntimeError):
+class InputError(RuntimeError, CliError):
     """The input location is missing or unreachable (reported before any work starts)."""
+    exit_code = BAD_INPUT
 
 
 def fingerprint(*parts: Any) -> str:

@@ -35,17 +35,17 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from common import configlib, storage, tracking
+from common import cli, configlib, storage, tracking
 from common.rayutil import init_ray
 from model.prompts import TaskTemplates
 from model.tasks import TASKS, Judge, spec
 from model.tokenizers.base import BadInput
 from model.vocab import Modality
+from pipelines import export as export_format
 from pipelines.eval import scoring
 from pipelines.infer.generate import input_base_dir, map_with_actors
 from pipelines.infer.predictor import (
@@ -53,7 +53,6 @@ from pipelines.infer.predictor import (
     Request,
     SamplerPresets,
     load_presets,
-    local_export,
     png_bytes,
     read_media,
     request_from_line,
@@ -156,9 +155,9 @@ class WhisperJudge:
         try:
             from transformers import pipeline
         except ImportError:
-            raise RuntimeError(f"--asr-model {model_dir}: transcribing with Whisper needs the `transformers` "
-                               f"package (pip install transformers); without --asr-model, TTS is judged by "
-                               f"this model's own ASR direction") from None
+            raise configlib.ConfigError(f"--asr-model {model_dir}: transcribing with Whisper needs the `transformers` "
+                                        f"package (pip install transformers); without --asr-model, TTS is judged "
+                                        f"by this model's own ASR direction") from None
         self.pipe = pipeline("automatic-speech-recognition", model=model_dir)
 
     def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
@@ -324,8 +323,8 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], model_dir: st
         import torch
         from transformers import CLIPModel, CLIPProcessor
     except ImportError:
-        raise RuntimeError(f"--clip-model {model_dir}: the CLIP score needs the `transformers` package "
-                           f"(pip install transformers)") from None
+        raise configlib.ConfigError(f"--clip-model {model_dir}: the CLIP score needs the `transformers` package "
+                                    f"(pip install transformers)") from None
     model, proc = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
     rgb = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]  # (H, W, 1) -> (H, W, 3)
     with torch.no_grad():
@@ -408,16 +407,13 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
     "step", "sampler", "mlflow_run"}; with `return_predictions` the returned dict (not the file) also holds
     "predictions": one dict per item with "task", "label", "ok" and its output ("hyp", "image" (H, W, C) uint8,
     "audio_codes" + "transcript")."""
-    from model.tokenizers import TokenizerSet
-    from pipelines.infer.predictor import mlflow_run, read_export_config
-
     t0 = time.time()
     presets = presets or SamplerPresets()
     bad = [t for t in tasks or () if t not in TASKS]
     if bad:
         raise ValueError(f"--tasks {bad}: unknown; tasks: {list(TASKS)}")
-    export = local_export(checkpoint)
-    tokenizers = TokenizerSet.load(str(export / "tokenizers"))
+    export = export_format.read(checkpoint)
+    tokenizers = export.tokenizers()
     items = load_items(data, tokenizers, tasks=tasks, limit=limit)
     if not items:
         raise ValueError(f"--data {data}: no evaluation items" + (f" for tasks {list(tasks)}" if tasks else ""))
@@ -443,9 +439,8 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
     table = {task: task_metrics(task, [items[i] for i in idx], [preds[i] for i in idx], classifier=classifier,
                                 real_images=real, clip_model=clip_model)
              for task, idx in sorted(by_task.items(), key=lambda kv: TASKS.index(kv[0]))}
-    config = read_export_config(export)
-    run = mlflow_run(config, checkpoint, mlflow_tracking_uri) if mlflow else None
-    results = {"tasks": table, "checkpoint": checkpoint, "data": data, "step": config.get("step"),
+    run = export_format.mlflow_run(export.config, checkpoint, mlflow_tracking_uri) if mlflow else None
+    results = {"tasks": table, "checkpoint": checkpoint, "data": data, "step": export.config.step,
                "sampler": configlib.to_dict(presets), "seconds": round(time.time() - t0, 2),
                "mlflow_run": run[1] if run else None}
     if out:
@@ -456,7 +451,7 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
             + "\n" for i, p in enumerate(preds)))
     if run:
         try:
-            tracking.log_results(*run, results, config.get("step"))
+            tracking.log_results(*run, results, export.config.step)
         except Exception as e:  # metrics are in results.json either way; a tracking outage must not lose them
             print(f"eval: could not log to MLflow run {run[1]} at {run[0]}: {e}", file=sys.stderr)
             results["mlflow_run"] = None
@@ -468,7 +463,7 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnidiff eval", description=__doc__,
+    p = argparse.ArgumentParser(prog="omnidiff eval", description=__doc__, epilog=cli.EXIT_STATUS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training export folder (local or s3://)")
     p.add_argument("--data", required=True, help="messages JSONL or tokenize output folder (local or s3://)")
@@ -493,24 +488,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        presets = load_presets(args.preset, args.sampler_config, args.overrides)
-        if not args.local:
-            if args.ray_address:   # else map_with_actors starts a local Ray if it needs one
-                init_ray(args.ray_address)
-        results = evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out,
-                           presets=presets, classifier_train_data=args.classifier_train_data,
-                           asr_model=args.asr_model, clip_model=args.clip_model, local=args.local,
-                           actors=args.actors, device=args.device, mlflow=not args.no_mlflow,
-                           mlflow_tracking_uri=args.mlflow_tracking_uri)
-    except (configlib.ConfigError, FileNotFoundError, ValueError, RuntimeError, BadInput) as e:
-        print(f"omnidiff eval: error: {e}", file=sys.stderr)
-        return 2
+    presets = load_presets(args.preset, args.sampler_config, args.overrides)
+    if not args.local and args.ray_address:   # else map_with_actors starts a local Ray if it needs one
+        init_ray(args.ray_address)
+    evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out, presets=presets,
+             classifier_train_data=args.classifier_train_data, asr_model=args.asr_model, clip_model=args.clip_model,
+             local=args.local, actors=args.actors, device=args.device, mlflow=not args.no_mlflow,
+             mlflow_tracking_uri=args.mlflow_tracking_uri)
     if args.out:
         print(f"wrote {storage.join(args.out, 'results.json')}", file=sys.stderr)
-    return 0 if results["tasks"] else 1
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from common import configlib, storage
+from common import cli, configlib, storage
 from common.rayutil import init_ray
 from model.tokenizers.base import BadInput
 from pipelines.infer.predictor import Predictor, SamplerPresets, load_presets, request_from_line
@@ -150,7 +150,7 @@ def run_generate(checkpoint: str, input_uri: str, output: str, *, presets: Sampl
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="omnidiff generate", description=__doc__,
+    p = argparse.ArgumentParser(prog="omnidiff generate", description=__doc__, epilog=cli.EXIT_STATUS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training export folder (local or s3://)")
     p.add_argument("--input", required=True, help="prompts JSONL, messages format (local or s3://)")
@@ -165,21 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        presets = load_presets(args.preset, args.sampler_config, args.overrides)
-        if not args.local:
-            init_ray(args.ray_address)
-        t0 = time.time()
-        summary = run_generate(args.checkpoint, args.input, args.output, presets=presets, device=args.device,
-                               actors=args.actors, local=args.local)
-    except (configlib.ConfigError, FileNotFoundError) as e:
-        print(f"omnidiff generate: error: {e}", file=sys.stderr)
-        return 2
+    presets = load_presets(args.preset, args.sampler_config, args.overrides)
+    if not args.local:
+        init_ray(args.ray_address)
+    t0 = time.time()
+    summary = run_generate(args.checkpoint, args.input, args.output, presets=presets, device=args.device,
+                           actors=args.actors, local=args.local)
     print(f"{summary['n_ok']} answered, {summary['n_errors']} errors in {time.time() - t0:.1f}s: "
           f"{summary['results']} {summary['errors']}")
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Any-to-any inference on a training export: load it once, build prompts, sample, decode every answer.
 
-    load_export(uri)      <export>/ (local or s3://) -> Loaded(model, vocab, tokenizers, model_config, ...)
+    load_export(uri)      a training export (pipelines/export.py) -> Loaded(model, vocab, tokenizers, ...)
     Predictor             holds one Loaded; prepare(Request) -> Prepared (prompt ids + canvas plan);
                           run([Prepared]) -> [Output] (batched `model.sampling.generate`, then detokenized)
     SamplerPresets        per-task sampler settings (the reference's, or the CPU demo's), `key=value` overridable
@@ -31,16 +31,10 @@ Our task templates answer spoken questions in text, so this is off by default.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import math
 import os
-import posixpath
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -62,12 +56,9 @@ from model.tasks import (
 )
 from model.tokenizers.base import BadInput
 from model.vocab import Modality, Vocab
+from pipelines import export as export_format
+from pipelines.export import ExportConfig
 
-EXPORT_FILES = ("model.safetensors", "vocab.json")
-# The model config: CONTRACTS.md's config.json ({"model": {...}, "step", "run_name", "mlflow"?}), or the trainer's
-# model_config.json (the ModelConfig alone) with export.json ({"step", "run_name", "mlflow_run_id", ...}).
-CONFIG_FILES = ("config.json", "model_config.json")
-TOKENIZERS_DIR = "tokenizers"
 
 
 # ---- sampler presets ----------------------------------------------------------------------------------------
@@ -137,29 +128,13 @@ class Loaded:
     vocab: Vocab
     tokenizers: Any              # model.tokenizers.TokenizerSet
     model_config: ModelConfig
-    config: dict                 # the export's config.json
+    config: ExportConfig         # the export's config.json
     path: str                    # local folder holding the export
     device: torch.device
     source: str = ""             # the export as given (local path or s3:// URI)
 
     def mlflow_run(self, tracking_uri: str = "") -> tuple[str, str] | None:
-        return mlflow_run(self.config, self.source or self.path, tracking_uri)
-
-
-def mlflow_run(config: dict, export: str, tracking_uri: str = "") -> tuple[str, str] | None:
-    """(tracking_uri, run_id) of the training run, or None when the export names no run. The run id comes from
-    the export config; the tracking URI from `tracking_uri`, the export, $MLFLOW_TRACKING_URI, or the trainer's
-    default store beside a local export (<run-dir>/mlflow.db for <run-dir>/export)."""
-    ml = config.get("mlflow") if isinstance(config.get("mlflow"), dict) else {}
-    run_id = ml.get("run_id") or config.get("mlflow_run_id")
-    if not run_id:
-        return None
-    uri = tracking_uri or ml.get("tracking_uri") or config.get("mlflow_tracking_uri") \
-        or os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri and export and not storage.is_s3(export):
-        db = Path(export).resolve().parent / "mlflow.db"
-        uri = f"sqlite:///{db}" if db.is_file() else ""
-    return (str(uri), str(run_id)) if uri else None
+        return export_format.mlflow_run(self.config, self.source or self.path, tracking_uri)
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -169,90 +144,24 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device(device)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("OMNIDIFF_CACHE", Path.home() / ".cache" / "omnidiff")) / "exports"
-
-
-def local_export(uri: str) -> Path:
-    """The export as a local folder: itself when local, else a cached download of the s3:// prefix (fetched
-    again when the remote config.json or weights size changed)."""
-    if not storage.is_s3(uri):
-        path = Path(uri)
-        if not path.is_dir():
-            raise FileNotFoundError(f"checkpoint {uri} is not a folder: give a training export "
-                                    f"(<run-dir>/export, holding {', '.join(EXPORT_FILES)} and tokenizers/)")
-        return path
-    fs = storage.filesystem(uri)
-    base = uri.rstrip("/")
-    try:
-        weights_size = fs.size(posixpath.join(base, "model.safetensors"))
-        remote_config = b"".join(storage.read_bytes(posixpath.join(base, f)) for f in CONFIG_FILES
-                                 if fs.exists(posixpath.join(base, f)))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint {uri} has no model.safetensors: give a training export "
-                                f"(<run-dir>/export)") from None
-    stamp = hashlib.sha256(remote_config + str(weights_size).encode()).hexdigest()
-    dest = cache_root() / hashlib.sha256(base.encode()).hexdigest()[:16]
-    marker = dest / ".complete"
-    if marker.is_file() and marker.read_text() == stamp:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".download-", dir=dest.parent))
-    try:
-        fs.get(base + "/", str(staging), recursive=True)
-        (staging / ".complete").write_text(stamp)
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(staging, dest)  # concurrent loaders never see a half-downloaded export
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return dest
-
-
 def load_export(uri: str, device: str | torch.device | None = None, dtype: str = "auto") -> Loaded:
-    """Read `<export>/` (local or s3://): weights, model config, vocabulary and tokenizers, checked against each
-    other. `dtype`: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"."""
-    from model.tokenizers import TokenizerSet
+    """The model of the export at `uri` (local or s3://; pipelines/export.py) with its vocabulary and tokenizers,
+    checked against each other. `dtype`: "auto" (bf16 on CUDA, fp32 on CPU), "bf16" or "fp32"."""
     from model.transformer import Transformer
-    from model.weights import load_native, load_state_strict
+    from model.weights import load_state_strict
 
-    path = local_export(uri)
-    missing = [f for f in (*EXPORT_FILES, TOKENIZERS_DIR) if not (path / f).exists()]
-    if not any((path / f).is_file() for f in CONFIG_FILES):
-        missing.append(" or ".join(CONFIG_FILES))
-    if missing:
-        raise FileNotFoundError(f"checkpoint {uri} lacks {missing}: an export holds {', '.join(EXPORT_FILES)}, "
-                                f"the model config and {TOKENIZERS_DIR}/ (written by `omnidiff train` at the end "
-                                f"of a run)")
-    config = read_export_config(path)
-    model_config = configlib.from_dict(ModelConfig, config["model"], "export model config")
-    vocab = Vocab.from_json((path / "vocab.json").read_text())
-    tokenizers = TokenizerSet.load(str(path / TOKENIZERS_DIR))
-    vocab.check_same(tokenizers.vocab, what="export's tokenizers", expected="export's vocab.json")
-
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"dtype={dtype!r}: expected auto, bf16 or fp32")
+    ex = export_format.read(uri)
+    vocab = ex.vocab()
+    tokenizers = ex.tokenizers()
     device = resolve_device(device)
-    model = Transformer(model_config, vocab_size=vocab.size, media_markers=vocab.media_markers)
-    state, _ = load_native(path / "model.safetensors")
-    load_state_strict(model, state, str(path / "model.safetensors"))
+    model = Transformer(ex.config.model, vocab_size=vocab.size, media_markers=vocab.media_markers)
+    load_state_strict(model, ex.state_dict(), str(ex.weights))
     if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
         model = model.to(torch.bfloat16)
-    elif dtype not in ("auto", "fp32"):
-        raise ValueError(f"dtype={dtype!r}: expected auto, bf16 or fp32")
     model = model.to(device).eval()
-    return Loaded(model, vocab, tokenizers, model_config, config, str(path), device, str(uri))
-
-
-def read_export_config(path: Path) -> dict:
-    """The export's config as CONTRACTS.md's config.json shape: {"model": {...}, "step"?, "run_name"?, ...}."""
-    if (path / "config.json").is_file():
-        config = json.loads((path / "config.json").read_text())
-        if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
-            raise ValueError(f"{path / 'config.json'}: expected {{\"model\": {{...}}, \"step\": ...}}")
-        return config
-    model = json.loads((path / "model_config.json").read_text())
-    if not isinstance(model, dict):
-        raise ValueError(f"{path / 'model_config.json'}: expected the model config as a JSON object")
-    extra = json.loads((path / "export.json").read_text()) if (path / "export.json").is_file() else {}
-    return {**(extra if isinstance(extra, dict) else {}), "model": model}
+    return Loaded(model, vocab, tokenizers, ex.config.model, ex.config, str(ex.path), device, str(uri))
 
 
 # ---- requests ---------------------------------------------------------------------------------------------

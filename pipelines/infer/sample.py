@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from common.configlib import ConfigError
+from common import cli
 from model.tasks import TASKS, all_tasks
 from model.tokenizers.base import BadInput
 from pipelines.infer.predictor import SAMPLER_KEYS, Predictor, Request, load_presets
@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     needs = "; ".join(f"{t}: {'+'.join(n) or '-'}" for t, n in NEEDS.items())
     p = argparse.ArgumentParser(
         prog="omnidiff sample", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=f"inputs each task needs: {needs}. Sampler keys: {', '.join(SAMPLER_KEYS)}, batch_size, seed.")
+        epilog=f"inputs each task needs: {needs}. Sampler keys: {', '.join(SAMPLER_KEYS)}, batch_size, seed.\n"
+               f"{cli.EXIT_STATUS_HELP}")
     p.add_argument("--checkpoint", required=True, help="training export folder (local or s3://)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--text", default="", help="text input (t2i caption, tts text, vqa question, text prompt)")
@@ -49,18 +50,15 @@ def check_inputs(task: str, text: str, image: str | None, audio: str | None) -> 
         raise BadInput("unused_input", f"--task {task} takes no {' or '.join('--' + e for e in extra)}")
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        check_inputs(args.task, args.text, args.image, args.audio)
-        presets = load_presets(args.preset, args.sampler_config, args.overrides, tasks=[args.task])
-        predictor = Predictor.from_export(args.checkpoint, args.device, presets)
-        request = Request(task=args.task, text=args.text, images=[args.image] if args.image else [],
-                          audios=[args.audio] if args.audio else [])
-        out = predictor.predict([request])[0]
-    except (BadInput, ConfigError, FileNotFoundError) as e:
-        print(f"omnidiff sample: error: {e}", file=sys.stderr)
-        return 2
+    check_inputs(args.task, args.text, args.image, args.audio)
+    presets = load_presets(args.preset, args.sampler_config, args.overrides, tasks=[args.task])
+    predictor = Predictor.from_export(args.checkpoint, args.device, presets)
+    request = Request(task=args.task, text=args.text, images=[args.image] if args.image else [],
+                      audios=[args.audio] if args.audio else [])
+    out = predictor.predict([request])[0]
     written = out.save(args.out) if args.out else {}
     if out.text is not None:
         print(out.text)
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {kind}: {uri}", file=sys.stderr)
     if out.audio_codes is not None:
         print(f"speech: {out.audio_codes.shape[1]} frames ({len(out.wav) / out.sample_rate:.2f} s)", file=sys.stderr)
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Checkpoints: one Stateful object through torch.distributed.checkpoint (DCP), reported to Ray Train, and the
-final single-file export.
+"""Checkpoints: one Stateful object through torch.distributed.checkpoint (DCP), reported to Ray Train; at the end
+of training, the sharded model gathered for the export (whose format pipelines/export.py owns).
 
 Layout of one checkpoint (Ray merges every rank's directory into `<run_dir>/<name>/step_XXXXXXXX/`):
 
@@ -13,10 +13,11 @@ never picks it; if the newest checkpoint is damaged anyway, resume falls back to
 Ray keeps the last `keep_last` (CheckpointConfig.num_to_keep), so there is a previous one to fall back to.
 
 Safety: DCP's default planner unpickles non-tensor entries with `weights_only=False`; `SafeLoadPlanner` loads
-them with `weights_only=True`, so a tampered checkpoint cannot run code. The export is safetensors.
+them with `weights_only=True`, so a tampered checkpoint cannot run code.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -42,16 +43,13 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from common import storage
-from common.configlib import to_dict
 from model.vocab import Vocab
-from model.weights import save_safetensors
+from pipelines import export as export_format
 
 log = logging.getLogger(__name__)
 
 MARKER = "complete.rank{rank}.json"
 CKPT_DIR = re.compile(r"^step_(\d{8})(?:_([0-9a-f]+))?$")
-EXPORT_FILES = ("model.safetensors", "vocab.json", "model_config.json")
-EXPORT_CONFIG = "config.json"   # CONTRACTS.md: {"model": {...}, "step", "run_name", ...}; written last
 
 
 def checkpoint_dir_name(step: int, attempt: str = "") -> str:
@@ -257,31 +255,12 @@ def restore(state: TrainState, run_uri: str, latest_uri: str | None = None, *, s
 # ---- final export -------------------------------------------------------------------------------------------
 
 def export(model: torch.nn.Module, out_uri: str, *, rank: int, model_cfg: Any, vocab: Vocab,
-           tokenizers_uri: str | None, extra: dict[str, Any] | None = None) -> None:
-    """Consolidate the sharded model into `<out_uri>/model.safetensors` (native keys, full fp32 tensors) plus
-    vocab.json, model_config.json and the shards' tokenizers/ folder: everything sampling needs
-    (pipelines/inference.load_export), nothing it must reassemble. Collective (every rank gathers its shards);
-    rank 0 writes. `config.json` ({"model": ..., "step": ..., ...}) is written last: its presence means the
-    export is complete."""
+           tokenizers_uri: str | None, step: int, run_name: str = "", mlflow_run_id: str | None = None) -> None:
+    """Consolidate the sharded model and write it as the run's export (pipelines/export.py: the format, and
+    the one writer). Collective: every rank gathers its shards; rank 0 writes."""
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank != 0:
         return
-    cfg_json = json.dumps({**to_dict(model_cfg), "vocab_size": int(model.vocab_size)}, indent=2)
-    with tempfile.TemporaryDirectory(prefix="export-") as d:
-        weights = Path(d) / "model.safetensors"
-        save_safetensors(full, weights, metadata={"model_config": cfg_json, "vocab": vocab.to_json()})
-        storage.upload_file_atomic(weights, storage.join(out_uri, "model.safetensors"))
-    storage.write_text_atomic(storage.join(out_uri, "vocab.json"), vocab.to_json())
-    storage.write_text_atomic(storage.join(out_uri, "model_config.json"), cfg_json)
-    copied = False
-    if tokenizers_uri and storage.exists(tokenizers_uri):
-        fs = storage.filesystem(tokenizers_uri)
-        for entry in fs.find(tokenizers_uri):
-            rel = entry[len(tokenizers_uri.replace("s3://", "").rstrip("/")) + 1:] if storage.is_s3(tokenizers_uri) \
-                else os.path.relpath(entry, tokenizers_uri)
-            storage.write_bytes_atomic(storage.join(out_uri, "tokenizers", rel), storage.read_bytes(
-                entry if not storage.is_s3(tokenizers_uri) else f"s3://{entry}"))
-        copied = True
-    index = {"model": json.loads(cfg_json), **(extra or {}),
-             "files": list(EXPORT_FILES) + (["tokenizers/"] if copied else [])}
-    storage.write_text_atomic(storage.join(out_uri, EXPORT_CONFIG), json.dumps(index, indent=2))
+    export_format.write(out_uri, full, model_config=dataclasses.replace(model_cfg, vocab_size=int(model.vocab_size)),
+                        vocab=vocab, tokenizers_uri=tokenizers_uri, step=step, run_name=run_name,
+                        mlflow_run_id=mlflow_run_id)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common import storage, tracking
+from common import cli, storage, tracking
 from common.configlib import ConfigError, from_dict, load, to_dict
 from common.rayutil import init_ray
 from model.diffusion import (
@@ -43,7 +43,7 @@ from model.vocab import Modality, Vocab
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.budget import BudgetProbe, TimeBudget
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import Batch, DataError, Sample, StreamState, collate, eval_prompts, load_data, step_generator
+from pipelines.train.data import Batch, Sample, StreamState, collate, eval_prompts, load_data, step_generator
 
 # ---- model and optimizer ------------------------------------------------------------------------------------
 
@@ -433,8 +433,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     export_uri = storage.join(cfg.run.run_dir, "export")
     ckpt.export(model, export_uri, rank=rank, model_cfg=cfg.model, vocab=vocab,
-                tokenizers_uri=storage.join(data.first_set().uri, "tokenizers"),
-                extra={"step": step, "run_name": cfg.run.name, "mlflow_run_id": tracker.run_id})
+                tokenizers_uri=storage.join(data.first_set().uri, "tokenizers"), step=step, run_name=cfg.run.name,
+                mlflow_run_id=tracker.run_id)
     say(f"[train] done: {step} steps in {tracking.format_duration(time.perf_counter() - started)}; "
         f"model exported to {export_uri}")
     tracker.end()
@@ -495,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  omnidiff train --config configs/train/debug.yaml --shards runs/tok --run-dir runs/debug\n"
                "  omnidiff train --config configs/train/demo.yaml --shards runs/tok train.steps=500 optim.lr=1e-3\n"
                "outputs in the run dir: mlflow.db + mlartifacts/ (unless MLFLOW_TRACKING_URI is set), <name>/ "
-               "(checkpoints), export/ (model.safetensors, vocab.json, model_config.json, tokenizers/)",
+               "(checkpoints), export/ (model.safetensors, vocab.json, tokenizers/, config.json)\n"
+               + cli.EXIT_STATUS_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML run config (configs/train/*.yaml); defaults are the debug model")
     p.add_argument("--shards", nargs="+", default=[], metavar="URI",
@@ -509,20 +510,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
-        result = run(cfg, TimeBudget(args.time_budget) if args.time_budget else None)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
-        print(f"omnidiff train: error: {e}", file=sys.stderr)
-        return 2
+    cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
+    result = run(cfg, TimeBudget(args.time_budget) if args.time_budget else None)
     if getattr(result, "error", None):
-        print(f"omnidiff train: training failed: {result.error}", file=sys.stderr)
-        return 1
+        raise cli.Failed(f"training failed: {result.error}")
     print(f"omnidiff train: finished; checkpoints in {storage.join(cfg.run.run_dir, cfg.run.name)}, "
           f"model in {storage.join(cfg.run.run_dir, 'export')}")
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":

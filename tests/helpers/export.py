@@ -1,5 +1,5 @@
-"""Write a training export by hand (CONTRACTS.md "Export"): a debug Transformer with random weights, config.json,
-vocab.json and a fitted demo tokenizer set. Sampling, generate and eval tests run on it instead of training one.
+"""A training export without training: a debug Transformer with random weights and a fitted demo tokenizer set,
+written by pipelines/export.py. Sampling, generate and eval tests run on it instead of training one.
 
 Also writes small media files (an 8x8 digit PNG, a short WAV) and a messages JSONL in the demo corpus format.
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,12 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-from common import configlib
 from model.config import ModelConfig
 from model.prompts import TaskTemplates, task_messages
 from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 from model.tokenizers import TokenizerSet, default_tokenizer_config
 from model.transformer import Transformer
-from model.weights import save_safetensors
+from pipelines import export
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SAMPLE_RATE = 24_000
@@ -41,34 +41,23 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-def write_debug_export(out: str | Path, *, seed: int = 0, mlflow: dict | None = None,
-                       layout: str = "contract", tokenizers_from: str | Path | None = None) -> Path:
-    """<out>/model.safetensors, vocab.json, tokenizers/ and the model config: layout "contract" writes
-    CONTRACTS.md's config.json (with `mlflow` = {"tracking_uri", "run_id"} when given); "trainer" writes what
-    pipelines/checkpoint.export writes (model_config.json + export.json with "mlflow_run_id").
-    `tokenizers_from`: copy this saved tokenizer set instead of fitting one (saves the EnCodec fit)."""
+def write_debug_export(out: str | Path, *, seed: int = 0, mlflow_run_id: str | None = None,
+                       tokenizers_from: str | Path | None = None) -> Path:
+    """A debug Transformer with random weights, exported to `out` by pipelines/export.py (as the trainer does),
+    with a demo tokenizer set fitted on `corpus_texts` and tones. `tokenizers_from`: use this saved tokenizer
+    set instead of fitting one (saves the EnCodec fit)."""
     out = Path(out)
-    if tokenizers_from is not None:
-        shutil.copytree(tokenizers_from, out / "tokenizers", dirs_exist_ok=True)
-    tokenizers = TokenizerSet.prepare(default_tokenizer_config(), str(out / "tokenizers"), texts=corpus_texts(),
-                                      wavs=[tone(0.6, 220.0 + 40 * i, seed=i) for i in range(4)])
-    vocab = tokenizers.vocab
-    cfg = ModelConfig.preset("debug")
-    torch.manual_seed(seed)
-    model = Transformer(cfg, vocab_size=vocab.size, media_markers=vocab.media_markers)
-    save_safetensors(model, out / "model.safetensors")
-    cfg.vocab_size = model.vocab_size
-    if layout == "contract":
-        config = {"model": configlib.to_dict(cfg), "step": 0, "run_name": "debug"}
-        if mlflow is not None:
-            config["mlflow"] = mlflow
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-    else:
-        (out / "model_config.json").write_text(json.dumps(configlib.to_dict(cfg), indent=2))
-        extra = {"files": ["model.safetensors", "vocab.json", "model_config.json", "tokenizers/"], "step": 0,
-                 "run_name": "debug", "mlflow_run_id": (mlflow or {}).get("run_id")}
-        (out / "export.json").write_text(json.dumps(extra, indent=2))
-    (out / "vocab.json").write_text(vocab.to_json())
+    with tempfile.TemporaryDirectory(prefix="debug-tokenizers-") as scratch:
+        if tokenizers_from is None:
+            tokenizers_from = Path(scratch) / "tokenizers"
+            TokenizerSet.prepare(default_tokenizer_config(), str(tokenizers_from), texts=corpus_texts(),
+                                 wavs=[tone(0.6, 220.0 + 40 * i, seed=i) for i in range(4)])
+        vocab = TokenizerSet.load(str(tokenizers_from)).vocab
+        torch.manual_seed(seed)
+        model = Transformer(ModelConfig.preset("debug"), vocab_size=vocab.size, media_markers=vocab.media_markers)
+        export.write(str(out), model.state_dict(), model_config=replace(model.cfg, vocab_size=model.vocab_size),
+                     vocab=vocab, tokenizers_uri=str(tokenizers_from), step=0, run_name="debug",
+                     mlflow_run_id=mlflow_run_id)
     return out
 
 

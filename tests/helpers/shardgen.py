@@ -1,4 +1,5 @@
-"""Write a tokenize job's output by hand: WebDataset shards + manifest.json, exactly as CONTRACTS.md documents.
+"""Write a tokenize job's output by hand: WebDataset shards + manifest.json, in the format tokenize_jobs/writer.py
+writes and tokenize_jobs/shards.py reads.
 
 Training tests use this instead of running a tokenize job, which keeps them fast and doubles as an executable
 statement of the shard contract: if the real tokenize job and this helper ever disagree, one of them broke it.
@@ -17,13 +18,8 @@ from typing import Sequence
 import numpy as np
 import webdataset as wds
 
-from model.vocab import Vocab
-
-# Which modality each task answers in, and what its prompt holds (matches model/prompts.TaskTemplates).
-ANSWER = {"t2i": "image", "i2t": "text", "vqa": "text", "asr": "text", "tts": "audio", "s2i": "image",
-          "svqa": "text", "text": "text"}
-PROMPT = {"t2i": ("text",), "i2t": ("image",), "vqa": ("image", "text"), "asr": ("audio",), "tts": ("text",),
-          "s2i": ("audio",), "svqa": ("image", "audio"), "text": ("text",)}
+from model.tasks import spec
+from model.vocab import Modality, Vocab
 
 
 def small_vocab() -> Vocab:
@@ -32,12 +28,12 @@ def small_vocab() -> Vocab:
                  image_tokenizer="pixel-4x4x1-17", speech_tokenizer="test@2q")
 
 
-def _span(kind: str, vocab: Vocab, key: int, length: int) -> list[int]:
+def _span(kind: Modality, vocab: Vocab, key: int, length: int) -> list[int]:
     """A deterministic span of `kind` ids keyed on `key` (so answers are predictable from prompts)."""
     pattern = (np.arange(length) + key) % 7
-    if kind == "text":
+    if kind == Modality.TEXT:
         return (pattern + 2).tolist()
-    if kind == "image":
+    if kind == Modality.IMAGE:
         return [vocab.boi_id, *vocab.image_ids(pattern % vocab.image_codebook_size).tolist(), vocab.eoi_id]
     codes = np.stack([pattern % vocab.audio_codebook_size] * vocab.n_q)       # (n_q, T)
     return [vocab.boa_id, *vocab.audio_ids(codes).tolist(), vocab.eoa_id]
@@ -46,11 +42,11 @@ def _span(kind: str, vocab: Vocab, key: int, length: int) -> list[int]:
 def make_sample(task: str, vocab: Vocab, key: int, *, media_len: int = 16, text_len: int = 6
                 ) -> tuple[np.ndarray, np.ndarray]:
     """<im_start><user> prompt <im_end> <im_start><assistant> answer <im_end> -> (input_ids int32, answer_mask)."""
+    t = spec(task)   # the prompt holds the task's media, then text where its template takes {text}
     prompt: list[int] = []
-    for kind in PROMPT[task]:
-        prompt += _span(kind, vocab, key, text_len if kind == "text" else media_len)
-    answer_kind = ANSWER[task]
-    answer = _span(answer_kind, vocab, key, text_len if answer_kind == "text" else media_len)
+    for kind in (*t.inputs, *((Modality.TEXT,) if t.needs_text or not t.inputs else ())):
+        prompt += _span(kind, vocab, key, text_len if kind == Modality.TEXT else media_len)
+    answer = _span(t.answer, vocab, key, text_len if t.answer == Modality.TEXT else media_len)
     head = [vocab.im_start_id, vocab.role_id("user"), *prompt, vocab.im_end_id,
             vocab.im_start_id, vocab.role_id("assistant")]
     body = answer + [vocab.im_end_id]

@@ -9,10 +9,9 @@ import os
 
 import numpy as np
 import pytest
+import ray
 
 from demo import run as demo
-
-ray = pytest.importorskip("ray")
 
 TASKS = {"i2t", "asr", "t2i", "s2i", "tts", "svqa"}
 

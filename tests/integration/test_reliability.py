@@ -380,8 +380,8 @@ def test_a_throttled_input_file_fails_the_job_and_the_rerun_tokenizes_all_of_it(
     printed = "".join(capfd.readouterr())
     CAPTURED.append(printed)
     err = [line for line in printed.splitlines() if line.startswith("error: ")]
-    assert err and f"{inp}/a.jsonl" in err[0] and "SlowDown" in err[0] or "reduce your request rate" in err[0], \
-        printed[-3000:]
+    assert err, printed[-3000:]
+    assert f"{inp}/a.jsonl" in err[0] and ("SlowDown" in err[0] or "reduce your request rate" in err[0]), err[0]
     assert proxy.injected_on["503", "GET"] >= 3
     if storage.exists(f"{out}/manifest.json"):   # tokenizers were fitted: nothing of the file may be done
         c = shards.read_manifest(out)["counts"]

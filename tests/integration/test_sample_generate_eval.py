@@ -85,8 +85,8 @@ def test_eval_end_to_end_on_ray_logs_to_mlflow(ray_local, export, corpus, tmp_pa
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = mlflow.MlflowClient(tracking_uri=uri)
     run_id = client.create_run(client.create_experiment("train", artifact_location=str(tmp_path / "art"))).info.run_id
-    tracked = write_debug_export(tmp_path / "export", mlflow={"tracking_uri": uri, "run_id": run_id},
-                                 tokenizers_from=export / "tokenizers")
+    # the trainer's layout: the run's store at <run-dir>/mlflow.db, beside <run-dir>/export
+    tracked = write_debug_export(tmp_path / "export", mlflow_run_id=run_id, tokenizers_from=export / "tokenizers")
     out = tmp_path / "eval"
     results = evaluate.evaluate(str(tracked), str(corpus / "test.jsonl"), out=str(out), presets=FAST,
                                 classifier_train_data=str(corpus / "test.jsonl"), local=False)

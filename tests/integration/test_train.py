@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from common.configlib import from_dict, to_dict
@@ -21,7 +22,6 @@ from pipelines.train.budget import TimeBudget
 from pipelines.train.config import TrainConfig
 from tests.helpers.shardgen import small_vocab, write_shard_set
 
-ray = pytest.importorskip("ray")
 REPO = Path(__file__).resolve().parents[2]
 DEBUG_YAML = REPO / "configs" / "train" / "debug.yaml"
 

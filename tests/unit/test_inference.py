@@ -24,7 +24,6 @@ from pipelines.infer.predictor import (
     SamplerPresets,
     load_export,
     load_presets,
-    mlflow_run,
     request_from_line,
     spoken_text,
 )
@@ -89,19 +88,21 @@ def test_load_export_checks_files_and_vocab(export, loaded, tmp_path):
         load_export(str(other))
 
 
-def test_trainer_export_layout_and_mlflow_run(tmp_path, export):
+def test_export_names_its_mlflow_run_and_the_store_is_found(tmp_path, export, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    trainer = write_debug_export(run_dir / "export", layout="trainer", mlflow={"run_id": "abc"},
-                                 tokenizers_from=export / "tokenizers")
-    assert (trainer / "model_config.json").is_file() and not (trainer / "config.json").exists()
-    loaded = load_export(str(trainer), device="cpu")
+    tracked = write_debug_export(run_dir / "export", mlflow_run_id="abc", tokenizers_from=export / "tokenizers")
+    loaded = load_export(str(tracked), device="cpu")
+    assert loaded.config.mlflow_run_id == "abc" and loaded.config.run_name == "debug"
     assert loaded.model_config.vocab_size == loaded.vocab.size
-    assert loaded.mlflow_run() is None or loaded.mlflow_run()[1] == "abc"  # no store yet unless env names one
+    assert loaded.mlflow_run() is None                      # no store beside the export, none in the environment
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    assert loaded.mlflow_run() == ("http://tracking:5000", "abc")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     (run_dir / "mlflow.db").write_bytes(b"")
-    assert mlflow_run(loaded.config, str(trainer)) == (f"sqlite:///{(run_dir / 'mlflow.db').resolve()}", "abc")
-    assert mlflow_run(loaded.config, str(trainer), "http://x") == ("http://x", "abc")
-    assert mlflow_run({"mlflow": {"tracking_uri": "sqlite:///a.db", "run_id": "r"}}, "") == ("sqlite:///a.db", "r")
-    assert mlflow_run({"model": {}}, str(export)) is None
+    assert loaded.mlflow_run() == (f"sqlite:///{(run_dir / 'mlflow.db').resolve()}", "abc")
+    assert loaded.mlflow_run("http://x") == ("http://x", "abc")
+    assert load_export(str(export), device="cpu").mlflow_run("http://x") is None   # no run recorded
 
 
 # ---- canvases ---------------------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def test_task_metrics_tts_and_images():
     said = [{**p, "hyp": h} for p, h in zip(preds[:2], ["one", "nine"])] + preds[2:]
     m = evaluate.task_metrics("s2i", chain, said, classifier=ByMean())
     assert m["transcript_exact_match"] == 0.25 and m["class_accuracy"] == pytest.approx(1 / 3)
-    with pytest.raises(RuntimeError, match="transformers"):
+    with pytest.raises(ConfigError, match="transformers"):
         evaluate.clip_score([white], ["a"], "/nonexistent")
 
 

@@ -3,15 +3,17 @@ loading (safetensors, weights_only .pt, s3://), image loading errors, benchmark 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
+import boto3
 import numpy as np
 import pytest
 import torch
+from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from common.configlib import ConfigError
+from model.tokenizers import ImageTokenizerConfig
 from model.tokenizers.base import BadInput, ImageTokenizer
 from model.tokenizers.magvit2 import (
     LFQuantizer,
@@ -29,16 +31,10 @@ from model.tokenizers.magvit2 import (
 KEYS_FILE = Path(__file__).parent / "data" / "magvit2_keys.txt"
 
 
-@dataclass
-class _ImageCfg:
-    """The magvit2 fields of ImageTokenizerConfig (CONTRACTS.md), so these tests do not depend on the tokenizer
-    set module; test_accepts_contract_config checks the real class when it exists."""
-    kind: str = "magvit2"
-    size: int = 32
-    magvit2_preset: str = "tiny"
-    weights: str = ""
-    random_init: bool = True
-    max_pixels: int = 50_000_000
+def magvit2_cfg(**overrides) -> ImageTokenizerConfig:
+    """The tokenizer set's image config as a magvit2 job sets it: the tiny preset at 32x32, random weights."""
+    return ImageTokenizerConfig(**{"kind": "magvit2", "size": 32, "magvit2_preset": "tiny", "random_init": True,
+                                   **overrides})
 
 
 def recorded_keys() -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -63,7 +59,7 @@ def public_meta_model() -> Magvit2:
 
 @pytest.fixture(scope="module")
 def tiny():
-    return build_magvit2(_ImageCfg(), device="cpu")
+    return build_magvit2(magvit2_cfg(), device="cpu")
 
 
 def _images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -153,37 +149,29 @@ def test_encode_matches_the_network_and_value_range(tiny):
 
 
 def test_random_init_is_the_same_in_every_process_and_fingerprinted(tiny):
-    again = build_magvit2(_ImageCfg(), device="cpu")
+    again = build_magvit2(magvit2_cfg(), device="cpu")
     images = _images(2, 32, seed=1)
     assert np.array_equal(again.encode(images), tiny.encode(images))
     assert again.fingerprint() == tiny.fingerprint()
-    other_size = build_magvit2(_ImageCfg(size=64), device="cpu")
+    other_size = build_magvit2(magvit2_cfg(size=64), device="cpu")
     assert other_size.tokens_per_image == 16 and other_size.fingerprint() != tiny.fingerprint()
 
 
 def test_device_is_cuda_when_available():
-    tok = build_magvit2(_ImageCfg())
+    tok = build_magvit2(magvit2_cfg())
     assert tok.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert next(tok.model.parameters()).device.type == tok.device.type
 
 
 def test_build_errors_are_actionable():
     with pytest.raises(ConfigError, match="image.weights"):
-        build_magvit2(_ImageCfg(random_init=False))
+        build_magvit2(magvit2_cfg(random_init=False))
     with pytest.raises(ConfigError, match="both set"):
-        build_magvit2(_ImageCfg(weights="/x.safetensors"))
+        build_magvit2(magvit2_cfg(weights="/x.safetensors"))
     with pytest.raises(ConfigError, match="image.size=40"):
-        build_magvit2(_ImageCfg(size=40))
+        build_magvit2(magvit2_cfg(size=40))
     with pytest.raises(ConfigError, match="unknown magvit2 preset"):
-        build_magvit2(_ImageCfg(magvit2_preset="huge"))
-
-
-def test_accepts_contract_config():
-    tokenizers = pytest.importorskip("model.tokenizers")
-    if not hasattr(tokenizers, "ImageTokenizerConfig"):
-        pytest.skip("model.tokenizers.ImageTokenizerConfig not written yet")
-    cfg = tokenizers.ImageTokenizerConfig(kind="magvit2", size=32, magvit2_preset="tiny", random_init=True)
-    assert build_magvit2(cfg, device="cpu").tokens_per_image == 4
+        build_magvit2(magvit2_cfg(magvit2_preset="huge"))
 
 
 # --------------------------------------------------------------------------------------------------- weights
@@ -201,7 +189,7 @@ def test_load_weights_from_file(tmp_path, tiny, fmt):
         save_file(state, str(path))
     else:
         torch.save(state, path)
-    tok = build_magvit2(_ImageCfg(weights=str(path), random_init=False), device="cpu")
+    tok = build_magvit2(magvit2_cfg(weights=str(path), random_init=False), device="cpu")
     ref = build_model(Magvit2Config.preset("tiny"), preset="tiny", seed=7)
     images = _images(2, 32, seed=3)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -217,7 +205,7 @@ def test_file_with_wrong_keys_is_refused_with_names(tmp_path):
     torch.save(state, path)
     with pytest.raises(WeightsError, match=r"missing key\(s\): encoder.quant_conv.bias.*unexpected key\(s\): "
                                            r"extra.weight"):
-        build_magvit2(_ImageCfg(weights=str(path), random_init=False))
+        build_magvit2(magvit2_cfg(weights=str(path), random_init=False))
 
 
 def test_wrong_lfq_tables_are_refused(tmp_path):
@@ -226,7 +214,7 @@ def test_wrong_lfq_tables_are_refused(tmp_path):
     path = tmp_path / "flipped.pt"
     torch.save(state, path)
     with pytest.raises(WeightsError, match="LFQ tables"):
-        build_magvit2(_ImageCfg(weights=str(path), random_init=False))
+        build_magvit2(magvit2_cfg(weights=str(path), random_init=False))
 
 
 class _Evil:
@@ -247,16 +235,14 @@ def test_malicious_pickle_is_refused(tmp_path):
         data = f.read()
     assert not marker.exists()
     with pytest.raises(WeightsError, match="weights_only=True"):
-        build_magvit2(_ImageCfg(weights=str(path), random_init=False))
+        build_magvit2(magvit2_cfg(weights=str(path), random_init=False))
     assert not marker.exists()
     torch.load(io.BytesIO(data), weights_only=False)
     assert marker.exists()
 
 
 def test_load_weights_from_s3(tmp_path, monkeypatch):
-    moto_server = pytest.importorskip("moto.server")
-    boto3 = pytest.importorskip("boto3")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     try:
         host, port = server.get_host_and_port()
@@ -269,7 +255,7 @@ def test_load_weights_from_s3(tmp_path, monkeypatch):
         s3 = boto3.client("s3", endpoint_url=endpoint)
         s3.create_bucket(Bucket="models")
         s3.put_object(Bucket="models", Key="magvitv2/model.safetensors", Body=save(state))
-        tok = build_magvit2(_ImageCfg(weights="s3://models/magvitv2/model.safetensors", random_init=False),
+        tok = build_magvit2(magvit2_cfg(weights="s3://models/magvitv2/model.safetensors", random_init=False),
                             device="cpu")
         assert torch.equal(tok.model.state_dict()["decoder.conv_out.weight"], state["decoder.conv_out.weight"])
     finally:
@@ -321,7 +307,7 @@ def test_too_large_is_refused_from_the_header(tiny):
     big = _encode_image(Image.new("RGB", (3000, 2000)), fmt="PNG")
     # truncated: decoding would fail, so image_too_large proves the header check came first
     truncated = big[:200]
-    small_limit = build_magvit2(_ImageCfg(max_pixels=1_000_000), device="cpu")
+    small_limit = build_magvit2(magvit2_cfg(max_pixels=1_000_000), device="cpu")
     for data in (big, truncated):
         with pytest.raises(BadInput) as e:
             small_limit.load(data, source="big.png")

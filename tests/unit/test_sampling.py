@@ -5,8 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from model.config import ModelConfig
 from model.sampling import (Block, asr_length, block_spans, default_steps, generate, num_transfer_tokens,
                             position_penalty_factor, sample_categorical, tts_length)
+from model.transformer import Transformer
 from model.vocab import Modality, Vocab
 
 VOCAB = Vocab(text_size=300, n_q=2, image_codebook_size=17)
@@ -257,10 +259,8 @@ def test_batched_left_padded_prompts_match_single_runs(model):
 
 
 def test_real_debug_transformer():
-    transformer = pytest.importorskip("model.transformer")
-    from model.config import ModelConfig
     torch.manual_seed(0)
-    net = transformer.Transformer(ModelConfig.preset("debug"), vocab_size=VOCAB.size).eval()
+    net = Transformer(ModelConfig.preset("debug"), vocab_size=VOCAB.size).eval()
     lengths = [3, 6]
     P = max(lengths)
     batch = torch.full((2, P), VOCAB.pad_id)

@@ -3,6 +3,7 @@ and the bounded retry every storage call goes through."""
 from __future__ import annotations
 
 import os
+import pickle
 import stat
 
 import pytest
@@ -85,6 +86,8 @@ def test_call_retries_transient_faults_then_names_the_uri(capsys, fast_policy):
         storage.call(down, uri, "uploading")
     assert len(calls) == 4 and e.value.uri == uri   # bounded
     assert not isinstance(e.value, OSError)           # never read as a bad input by content handlers
+    again = pickle.loads(pickle.dumps(e.value))       # as Ray ships it from a task to the driver
+    assert (type(again), str(again), again.uri) == (storage.StorageError, str(e.value), uri)
 
     def refused(fs):
         calls.append(1)

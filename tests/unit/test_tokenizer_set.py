@@ -1,8 +1,10 @@
 import json
 import socket
 
+import boto3
 import numpy as np
 import pytest
+from moto.server import ThreadedMotoServer
 
 from common import configlib
 from common.configlib import ConfigError
@@ -177,9 +179,6 @@ def _free_port() -> int:
 
 @pytest.fixture()
 def s3(monkeypatch):
-    boto3 = pytest.importorskip("boto3")
-    from moto.server import ThreadedMotoServer
-
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=_free_port(), verbose=False)
     server.start()
     host, port = server.get_host_and_port()

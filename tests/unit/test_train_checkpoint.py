@@ -11,6 +11,7 @@ import torch.distributed.checkpoint as dcp
 from model.config import ModelConfig
 from model.transformer import Transformer
 from model.weights import load_native
+from pipelines import export
 from pipelines.train import checkpoint as ckpt
 from tests.helpers.shardgen import small_vocab
 
@@ -106,14 +107,16 @@ def test_export_holds_weights_vocab_config_and_tokenizers(tmp_path):
     tok.mkdir(parents=True)
     (tok / "tokenizers.json").write_text("{}")
     ckpt.export(state.model, str(tmp_path / "export"), rank=0, model_cfg=state.model.cfg, vocab=VOCAB,
-                tokenizers_uri=str(tok), extra={"step": 3})
+                tokenizers_uri=str(tok), step=3, run_name="r", mlflow_run_id="abc")
     out = tmp_path / "export"
     weights, meta = load_native(out / "model.safetensors")
     assert torch.equal(weights["tok_embeddings.weight"], state.model.tok_embeddings.weight)
-    assert json.loads((out / "model_config.json").read_text())["vocab_size"] == VOCAB.size
     assert (out / "vocab.json").read_text() == VOCAB.to_json() == meta["vocab"]
     assert (out / "tokenizers" / "tokenizers.json").is_file()
-    assert json.loads((out / "config.json").read_text())["step"] == 3
+    config = export.read_config(str(out))
+    assert (config.step, config.run_name, config.mlflow_run_id) == (3, "r", "abc")
+    assert config.model.vocab_size == VOCAB.size and config.model.dim == state.model.cfg.dim
+    assert config.files == ["model.safetensors", "vocab.json", "tokenizers/"]
 
 
 @pytest.fixture
@@ -153,6 +156,6 @@ def test_restore_and_export_on_s3(s3, tmp_path):
     (tok / "vocab.json").write_text(VOCAB.to_json())
     fs.put(str(tok), f"{s3}/set/tokenizers", recursive=True)
     ckpt.export(dst.model, f"{s3}/run/export", rank=0, model_cfg=dst.model.cfg, vocab=VOCAB,
-                tokenizers_uri=f"{s3}/set/tokenizers", extra={"step": 8})
+                tokenizers_uri=f"{s3}/set/tokenizers", step=8)
     assert storage.exists(f"{s3}/run/export/tokenizers/vocab.json")
-    assert json.loads(storage.read_text(f"{s3}/run/export/config.json"))["step"] == 8
+    assert export.read_config(f"{s3}/run/export").step == 8
