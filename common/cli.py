@@ -12,6 +12,8 @@ error to it and reports it on stderr as one line, `error: <message>`.
                   already committed is kept
     5  NOT_MET    the command ran and its answer is no (`omnidiff plan`: the model does not fit; the tokenize
                   reliability report: a case did not end as expected), so a script can tell it from a crash
+ 16-31            tokenize_jobs.passes: 16 + the bits of the input kinds whose pass failed (text 1, image-text 2,
+                  speech-text 4, messages 8); the others ran
 
 Which errors get which code: an exception that derives from `CliError` carries its own `exit_code`; any other
 `ValueError` or `FileNotFoundError` is bad input (2), because that is what this code base raises for a value

@@ -36,7 +36,7 @@ import numpy as np
 from common import cli, configlib
 from common.configlib import ConfigError
 from model.tasks import spec
-from pipelines.infer.predictor import SamplerPresets
+from pipelines.infer.presets import SamplerPresets
 from pipelines.train.budget import TimeBudget
 from tokenize_jobs.config import TokenizeJobConfig
 

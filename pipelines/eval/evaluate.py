@@ -51,14 +51,13 @@ from pipelines.infer.generate import input_base_dir, map_with_actors
 from pipelines.infer.predictor import (
     Predictor,
     Request,
-    SamplerPresets,
-    load_presets,
     png_bytes,
     read_media,
     request_from_line,
     spoken_text,
     user_text,
 )
+from pipelines.infer.presets import SamplerPresets, load_presets
 
 LOCAL_MAX_ITEMS = 32   # evaluation sets up to this size run in-process unless local=False
 

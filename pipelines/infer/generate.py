@@ -34,7 +34,8 @@ import numpy as np
 from common import cli, configlib, storage
 from common.rayutil import init_ray
 from model.tokenizers.base import BadInput
-from pipelines.infer.predictor import Predictor, SamplerPresets, load_presets, request_from_line
+from pipelines.infer.predictor import Predictor, request_from_line
+from pipelines.infer.presets import SamplerPresets, load_presets
 
 
 def input_base_dir(uri: str) -> str:

@@ -15,7 +15,8 @@ import sys
 from common import cli
 from model.tasks import TASKS, all_tasks
 from model.tokenizers.base import BadInput
-from pipelines.infer.predictor import SAMPLER_KEYS, Predictor, Request, load_presets
+from pipelines.infer.predictor import Predictor, Request
+from pipelines.infer.presets import SAMPLER_KEYS, load_presets
 
 NEEDS = {t.name: (("text",) if t.needs_text else ()) + tuple(m.name.lower() for m in t.inputs)
          for t in all_tasks()}

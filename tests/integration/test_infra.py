@@ -340,7 +340,7 @@ def test_entrypoint_survives_the_kuberay_submitter_shell(where, entrypoint):
     assert json.loads(out.stdout) == shlex.split(entrypoint), f"{where}: the submitter shell changes the entrypoint"
 
 
-TRAIN_JOBS = [lo for lo in KUBERAY_OBJECTS if "pipelines.train.trainer" in (job_spec(lo[1]) or {}).get("entrypoint", "")]
+TRAIN_JOBS = [lo for lo in KUBERAY_OBJECTS if "pipelines.train" in (job_spec(lo[1]) or {}).get("entrypoint", "")]
 
 
 @pytest.mark.parametrize("label_obj", TRAIN_JOBS, ids=_obj_id)
@@ -348,7 +348,7 @@ def test_train_job_cluster_fits_its_config_scaling(label_obj):
     from pipelines.train.config import TrainConfig
 
     label, o = label_obj
-    (cmd,) = [c for c in shell_commands(job_spec(o)["entrypoint"]) if c[:3] == ["python", "-m", "pipelines.train.trainer"]]
+    (cmd,) = [c for c in shell_commands(job_spec(o)["entrypoint"]) if c[:3] == ["python", "-m", "pipelines.train"]]
     args = cmd[3:]
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     scaling = configlib.load(TrainConfig, REPO / args[args.index("--config") + 1], overrides).scaling

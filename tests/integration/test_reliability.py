@@ -603,7 +603,7 @@ def test_sentinel_credentials_appear_in_no_output(env, tmp_path, capfd):
     state.extra = {"step": 1, "mlflow_run_id": t.run_id}
     ckpt.save_local(state, tmp_path / "ckpt" / ckpt.checkpoint_dir_name(1), rank=0, world_size=1)
     ckpt.export(state.model, str(tmp_path / "export"), rank=0, model_cfg=state.model.cfg, vocab=VOCAB,
-                tokenizers_uri=None, extra={"step": 1})
+                tokenizers_uri=None, step=1)
     CAPTURED.append("".join(capfd.readouterr()))
     needles = [v.encode() for v in SENTINELS.values()]
     assert all(n in os.environ.get(k, "").encode() for k, n in zip(SENTINELS, needles))  # they were set

@@ -11,7 +11,7 @@ import ray
 
 from pipelines.eval import evaluate
 from pipelines.infer import generate
-from pipelines.infer.predictor import load_presets
+from pipelines.infer.presets import load_presets
 from tests.helpers.export import demo_lines, write_debug_export, write_jsonl, write_media
 
 FAST = load_presets("reference", None, ["steps=2", "tts.length_ratio=4", "asr.max_length=8", "text.length=8",

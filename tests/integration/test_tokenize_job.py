@@ -460,6 +460,29 @@ def test_unreachable_input_or_output_fails_before_any_work(tmp_path, cluster, ca
     assert rc == 2 and "bucket s3://no-such-bucket does not exist" in capsys.readouterr().err
 
 
+def test_passes_run_each_kind_on_its_own(tmp_path, cluster, corpus, capsys):
+    """tokenize_jobs.passes over a root: text is tokenized, the kinds with no raw prefix are skipped, and a
+    speech-text pass whose output is locked by another run fails alone; the exit status names it (16 + 4)."""
+    from tokenize_jobs import passes
+    from tokenize_jobs.lock import OutputLock
+
+    root = tmp_path / "data"
+    shutil.copytree(corpus["text"], root / "raw" / "text")
+    shutil.copytree(corpus["speech-text"], root / "raw" / "speech-text")
+    (root / "raw" / "messages").mkdir(parents=True)   # present but empty: skipped like a missing prefix
+    held = OutputLock(str(root / "tokens" / "speech-text"), "another-run", ttl_s=600, heartbeat_s=60).acquire()
+    try:
+        rc = passes.main(["--root", str(root), *BASE_OVERRIDES])
+    finally:
+        held.release()
+    out = capsys.readouterr().out
+    assert rc == passes.FAILED_BASE + passes.KIND_BITS["speech-text"] == 20
+    assert out.strip().splitlines()[-1] == "failed: speech-text (exit 3)"
+    status = {line.split()[0]: line.split()[1] for line in out.strip().splitlines()[-5:-1]}
+    assert status == {"text": "done", "image-text": "skipped", "speech-text": "failed", "messages": "skipped"}
+    assert _sample_set(root / "tokens" / "text") and not (root / "tokens" / "speech-text" / "manifest.json").exists()
+
+
 # ---- MAGVIT-v2 --------------------------------------------------------------------------------------------------
 
 def test_magvit2_image_tokenizer_job(cluster, tmp_path):

@@ -21,12 +21,11 @@ from pipelines.infer import sample
 from pipelines.infer.predictor import (
     Predictor,
     Request,
-    SamplerPresets,
     load_export,
-    load_presets,
     request_from_line,
     spoken_text,
 )
+from pipelines.infer.presets import SamplerPresets, load_presets
 from tests.helpers.export import demo_lines, write_debug_export, write_media
 
 FAST = ["steps=2", "batch_size=4"]
