@@ -16,6 +16,7 @@ or not at all). Retrying either is safe: a repeated PUT or rename writes the sam
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import posixpath
@@ -357,6 +358,82 @@ def download_to(uri: str, local_path: str | Path) -> Path:
     else:
         upload_file_atomic(uri, local_path)
     return local_path
+
+
+# ---- conditional writes (optimistic concurrency) ----------------------------------------------------------------
+
+class VersionConflict(RuntimeError):
+    """A conditional write found the object changed (or created) since the version the writer holds."""
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def read_versioned(uri: str) -> tuple[bytes | None, str | None]:
+    """The object's bytes and version, or (None, None) when it does not exist. The version is the S3 ETag, or
+    locally a digest of the bytes; `write_if` takes it."""
+    if not is_s3(uri):
+        try:
+            data = read_bytes(uri)
+        except FileNotFoundError:
+            return None, None
+        return data, _sha(data)
+
+    def read(fs):
+        for _ in range(5):   # the ETag before and after the read agree: the bytes are that version's
+            try:
+                before = fs.info(uri, refresh=True)["ETag"]
+                data = fs.cat_file(uri)
+                if fs.info(uri, refresh=True)["ETag"] == before:
+                    return data, before
+            except FileNotFoundError:
+                return None, None
+        raise VersionConflict(f"{uri} kept changing while it was read")
+    return call(read, uri, "reading")
+
+
+def write_if(uri: str, data: bytes, expected: str | None) -> str:
+    """Write `data` to `uri` only if its current version is `expected` (None: only if it does not exist); returns
+    the new version. Raises VersionConflict when someone else wrote it since. On S3 one conditional PUT
+    (If-Match / If-None-Match); locally a compare-and-replace under an flock. A retried write that had in fact
+    succeeded (its answer lost) finds its own bytes and succeeds."""
+    if not is_s3(uri):
+        return call(lambda fs: _write_if_local(Path(uri), data, expected), uri, "writing")
+
+    def put(fs):
+        bucket, key, _ = fs.split_path(uri)
+        cond = {"IfMatch": expected} if expected else {"IfNoneMatch": "*"}
+        try:
+            return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, **cond)["ETag"]
+        except (FileExistsError, FileNotFoundError, OSError) as e:
+            if isinstance(e, OSError) and not isinstance(e, (FileExistsError, FileNotFoundError)) \
+                    and e.errno != errno.EINVAL:
+                raise   # not a precondition failure: transient, retried by `call`
+        current, version = read_versioned(uri)
+        if current == data and version is not None:
+            return version
+        raise VersionConflict(f"{uri} changed since version {expected} (now {version})")
+    return call(put, uri, "writing")
+
+
+def _write_if_local(path: Path, data: bytes, expected: str | None) -> str:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.guard"), "a+") as guard:
+        fcntl.flock(guard.fileno(), fcntl.LOCK_EX)
+        try:
+            current = path.read_bytes() if path.exists() else None
+            version = None if current is None else _sha(current)
+            if version != expected:
+                if current == data:
+                    return version
+                raise VersionConflict(f"{path} changed since version {expected} (now {version})")
+            _write_local(path, lambda f: f.write(data))
+            return _sha(data)
+        finally:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_UN)
 
 
 def remove(uri: str) -> None:

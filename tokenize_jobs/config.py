@@ -83,8 +83,11 @@ class RayConfig:
 class LockConfig:
     """The output lock: a run refreshes it every `heartbeat_s`; one not refreshed for `ttl_s` is stale and the
     next run takes it over (so a crashed run does not block the schedule for longer than `ttl_s`)."""
-    ttl_s: float = 600.0
-    heartbeat_s: float = 60.0
+    # A lapsed lease is safe to take over even from a live but stalled owner: the new owner fences the output
+    # (tokenize_jobs/writer.fence) and the stalled one can no longer commit. So the lease is short, and a crashed
+    # run on another host (a retried RayJob, the next cron run) waits at most a minute.
+    ttl_s: float = 60.0
+    heartbeat_s: float = 15.0
 
     def __post_init__(self) -> None:
         if not 0 < self.heartbeat_s < self.ttl_s:

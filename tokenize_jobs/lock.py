@@ -14,11 +14,16 @@ Atomicity, per backend:
   supports both since 2024; so do MinIO and moto. Release: `DeleteObject` with `If-Match` of our last ETag.
 
 Expiry is wall-clock time written by the owner: hosts must agree on the time within a small fraction of
-`ttl_s` (NTP gives milliseconds; the default ttl is 10 minutes).
+`ttl_s` (NTP gives milliseconds; the default lease is a minute). The owner is a run (its id, host, pid and a
+random lease token); a retried job or the next scheduled run on another pod takes a crashed run's lock over
+once its lease lapses.
 
-Heartbeats run in a daemon thread. If one finds the lock no longer ours (another run took it over because
-ours stalled past the ttl), `check()` raises `LockLost`; the writer calls it before every manifest commit, so
-a run that lost its lock never commits again.
+The lock alone cannot stop a writer that stalled past its lease (a frozen process, a long GC pause) from
+committing once it wakes: a check before the commit races with the takeover. Fencing does: the new owner
+rewrites the manifest conditionally right after taking the lock (tokenize_jobs/writer.fence), and every commit
+is a conditional write on the manifest version its writer last wrote, so the stalled writer's next commit fails
+(`FencedOut`). Heartbeats still run in a daemon thread; one that finds the lock no longer ours makes `check()`
+raise `LockLost`, which stops a run early.
 """
 from __future__ import annotations
 
@@ -44,8 +49,9 @@ class LockHeld(RuntimeError, CliError):
     exit_code = LOCKED
 
 
-class LockLost(RuntimeError):
+class LockLost(RuntimeError, CliError):
     """This run's lock was taken over (its heartbeat stalled past the ttl); it must stop writing."""
+    exit_code = LOCKED
 
 
 @dataclass
@@ -122,6 +128,12 @@ class OutputLock:
         self._thread = threading.Thread(target=self._heartbeat_loop, name="tokenize-lock-heartbeat", daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def token(self) -> str:
+        """This run's lease: the random token of its lock record."""
+        assert self._record is not None, "acquire() first"
+        return self._record.token
 
     def check(self) -> None:
         if self._lost:

@@ -36,7 +36,7 @@ from tokenize_jobs import sources, summary
 from tokenize_jobs.config import KINDS, TokenizeJobConfig
 from tokenize_jobs.lock import OutputLock
 from tokenize_jobs.pipeline import _rows, build_dataset
-from tokenize_jobs.writer import OutputState, ShardWriter, clean_orphans
+from tokenize_jobs.writer import ShardWriter, clean_orphans, fence
 
 TOKENIZERS_DIR = "tokenizers"
 
@@ -191,7 +191,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
     lock.acquire()
     started_ray = False
     try:
-        state = OutputState.load(out)
+        state = fence(out, run_id, lock.token)   # from here on, no earlier writer can commit
         orphans = clean_orphans(out, state.manifest)
         units = sources.list_units(ctx, cfg.input)
         artifacts = storage.join(out, TOKENIZERS_DIR)

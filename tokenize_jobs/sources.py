@@ -18,8 +18,9 @@ Every reason an input is quarantined is a short stable tag (the `reason` column 
 bad_json, not_utf8, empty_text, line_too_long, file_too_large, bad_messages, bad_task, bad_media_path,
 path_escape, missing_media, file_vanished, placeholder_in_text, missing_caption, missing_image,
 missing_audio, missing_transcript, bad_parquet, unreadable_file, truncated_audio, plus those the tokenizers
-raise (model/tokenizers: corrupt_image, image_too_large, empty_file, corrupt_audio, audio_too_long, audio_nan, empty_audio, placeholder_mismatch,
-bad_role, ...) and the tokenize stage (encode_error, no_answer, too_many_tokens, unexpected_error).
+raise (model/tokenizers: corrupt_image, image_too_large, empty_file, corrupt_audio, audio_too_long, audio_nan,
+empty_audio, placeholder_mismatch, bad_role, ...) and the tokenize stage (encode_error, no_answer,
+too_many_tokens, unexpected_error). A storage fault is never a reason: it fails the job (common/storage.py).
 """
 from __future__ import annotations
 

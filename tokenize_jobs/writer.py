@@ -39,6 +39,7 @@ import numpy as np
 
 from common import storage
 from tokenize_jobs.config import ShardConfig
+from tokenize_jobs.lock import LockLost
 from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
 
 SHARDS_DIR = "shards"
@@ -84,21 +85,28 @@ def tar_end(size_so_far: int) -> bytes:
 
 # ---- state of an output folder --------------------------------------------------------------------------------
 
+class FencedOut(LockLost):
+    """Another run committed to the output since this run took it over: this run must not commit."""
+
+
 @dataclass
 class OutputState:
-    """What earlier runs committed: the manifest and the done-sets loaded from its indexes."""
+    """What earlier runs committed: the manifest (None before the first commit; a manifest holding only the
+    writer's fence counts as none), its version (for conditional commits), and the done-sets of its indexes."""
     manifest: dict[str, Any] | None
+    version: str | None = None
+    writer: dict[str, Any] | None = None                           # the fence: the run that owns the output
     done: set[str] = field(default_factory=set)                    # input and unit fingerprints
     done_by_file: dict[str, set[str]] = field(default_factory=dict)  # file (relative) -> input fingerprints
     quarantine_lines: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, out: str) -> "OutputState":
-        uri = storage.join(out, MANIFEST)
-        if not storage.exists(uri):
-            return cls(manifest=None)
-        manifest = json.loads(storage.read_text(uri))
-        state = cls(manifest=manifest)
+        data, version = storage.read_versioned(storage.join(out, MANIFEST))
+        manifest = json.loads(data) if data is not None else None
+        if manifest is None or "vocab" not in manifest:
+            return cls(manifest=None, version=version)
+        state = cls(manifest=manifest, version=version)
         paths = [storage.join(out, e["path"]) for e in manifest.get("indexes", [])]
         blobs = storage.read_many(paths)
         for p in paths:
@@ -114,6 +122,30 @@ class OutputState:
                         {"source": rec["source"], "reason": rec["reason"], "detail": rec["detail"]},
                         ensure_ascii=False))
         return state
+
+
+def fence(out: str, run_id: str, lease: str, attempts: int = 5) -> OutputState:
+    """Take the output over for this run, so that no earlier writer can commit again: rewrite its manifest (or
+    create one holding only the fence) conditionally on the version just read. Every later commit of this run
+    is conditional on the version it wrote (`ShardWriter`), and a writer that stalled past its lock's lease
+    holds an older version: its next commit fails (`FencedOut`) instead of overwriting this run's. Called right
+    after taking the lock, before deleting orphans (their writer can no longer commit them)."""
+    uri = storage.join(out, MANIFEST)
+    for _ in range(attempts):
+        state = OutputState.load(out)
+        data, _ = storage.read_versioned(uri) if state.version else (None, None)
+        current = json.loads(data) if data is not None else {"format_version": FORMAT_VERSION, "shards": [],
+                                                                 "indexes": [], "runs": []}
+        current["writer"] = {"run_id": run_id, "lease": lease, "since": time.time()}
+        try:
+            state.version = storage.write_if(uri, json.dumps(current, indent=1, ensure_ascii=False).encode(),
+                                             state.version)
+            state.writer = current["writer"]
+            return state
+        except storage.VersionConflict:
+            continue   # a stalled writer committed between our read and our write: read its commit, try again
+    raise FencedOut(f"could not take over {out}: its manifest changed {attempts} times while this run tried; "
+                    f"another writer is still committing there")
 
 
 def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
@@ -138,13 +170,17 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
 def _fault_point(commits_done: int, stage: str) -> None:
     """Fault injection for crash tests: OMNIDIFF_FAIL_AFTER_SHARDS=k[:mode] fails once k shards are committed
     in this run. mode `raise` (default) raises in the driver; `kill` SIGKILLs the driver process; `mid` stops
-    during the next commit, after its shard is uploaded and before its manifest is written."""
+    during the next commit, after its shard is uploaded and before its manifest is written; `stop` freezes the
+    driver there (SIGSTOP: a writer stalled past its lease, resumed by SIGCONT)."""
     spec = os.environ.get("OMNIDIFF_FAIL_AFTER_SHARDS")
     if not spec:
         return
     k, _, mode = spec.partition(":")
     mode = mode or "raise"
-    if commits_done != int(k) or (mode == "mid") != (stage == "mid"):
+    if commits_done != int(k) or (mode in ("mid", "stop")) != (stage == "mid"):
+        return
+    if mode == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
         return
     if mode == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
@@ -162,6 +198,8 @@ class ShardWriter:
     def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState, shard_cfg: ShardConfig,
                  check_lock: Callable[[], None] = lambda: None):
         self.out, self.run_id, self.header = out, run_id, header
+        self.version = state.version   # every manifest commit is conditional on it (see `fence`)
+        self.writer = state.writer or {"run_id": run_id}
         self.shard_cfg, self.check_lock = shard_cfg, check_lock
         prev = state.manifest or {}
         self.shards: list[dict[str, Any]] = list(prev.get("shards", []))
@@ -303,13 +341,19 @@ class ShardWriter:
                 "quarantined_by_reason": dict(sorted(t["quarantined_by_reason"].items())),
             },
             "runs": (self.runs + [self.run_record])[-MAX_RUN_RECORDS:],
+            "writer": self.writer,
             "updated": time.time(),
         }
 
     def _write_manifest(self) -> None:
         text = json.dumps(self.manifest(), indent=1, ensure_ascii=False)
         uri = storage.join(self.out, MANIFEST)
-        storage.write_text_atomic(uri, text)
+        try:
+            self.version = storage.write_if(uri, text.encode("utf-8"), self.version)
+        except storage.VersionConflict as e:
+            raise FencedOut(f"run {self.run_id} stopped before committing to {self.out}: another run took the "
+                            f"output over ({e}); this run's lock lease must have lapsed. Its uncommitted shards "
+                            f"are deleted by the next run.") from None
 
     def finish(self, status: str = "done") -> None:
         self.commit()

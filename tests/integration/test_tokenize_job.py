@@ -12,10 +12,12 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -410,6 +412,74 @@ def test_kill_9_of_the_driver_then_rerun(tokenized, corpus, tmp_path, cluster):
     assert (dst / "_lock.json").exists()
     s = _run("speech-text", corpus["speech-text"], dst, "shards.max_samples=2")
     assert s["took_over_lock_of"] and _sample_set(dst) == want
+
+
+def _frozen(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_writer_frozen_past_its_lease_cannot_commit_after_the_takeover(tokenized, corpus, tmp_path, cluster):
+    """Writer A, a real process joined to the test's Ray, freezes (SIGSTOP) in the middle of its second commit,
+    after uploading that shard and before the manifest. Its 3 s lease lapses; run B takes the output over,
+    fences it, deletes A's uncommitted shard and finishes. Resumed (SIGCONT), A's commit is refused: it exits 3
+    and the output holds exactly the full sample set, once."""
+    import ray
+
+    out, _ = tokenized
+    want = Counter(k for k in _sample_set(out) if k[0].startswith(("a.jsonl", "b.txt")))
+    dst = tmp_path / "out"
+    dst.mkdir()
+    _seed_tokenizers(out, dst)
+    lease = ("shards.max_samples=2", "lock.ttl_s=3", "lock.heartbeat_s=1")
+    env = {**os.environ, "OMNIDIFF_FAIL_AFTER_SHARDS": "1:stop", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    cmd = [sys.executable, "-m", "tokenize_jobs.run", "--kind", "text", "--input", str(corpus["text"]),
+           "--output", str(dst), *BASE_OVERRIDES, *lease]
+    a = subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not _frozen(a.pid):
+            assert a.poll() is None and time.monotonic() < deadline, "writer A never reached its second commit"
+            time.sleep(0.2)
+        time.sleep(4)                                    # A's lease lapses while it is frozen
+        s = _run("text", corpus["text"], dst, *lease)    # B
+        assert s["took_over_lock_of"] and s["orphans_removed"]
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+        printed = a.communicate(timeout=120)[0]
+    assert a.returncode == 3, printed[-3000:]
+    assert "another run took the output over" in printed or "lost its lock" in printed, printed[-3000:]
+    assert _sample_set(dst) == want
+    manifest = json.loads((dst / "manifest.json").read_text())
+    assert manifest["counts"]["inputs_seen"] == 8 and manifest["writer"]["run_id"] == manifest["runs"][-1]["run_id"]
+    assert sorted(p.name for p in (dst / "shards").iterdir()) == sorted(e["path"].split("/")[-1]
+                                                                       for e in manifest["shards"])
+
+
+def test_two_writers_racing_on_one_output_commit_each_input_once(tokenized, corpus, tmp_path, cluster):
+    """Two tokenize processes started together on the same output: one writes; the other is refused the lock
+    (exit 3) or, if it starts after the first finished, finds nothing left to do. Every input is in exactly once."""
+    import ray
+
+    out, _ = tokenized
+    want = Counter(k for k in _sample_set(out) if k[0].startswith(("a.jsonl", "b.txt")))
+    dst = tmp_path / "out"
+    dst.mkdir()
+    _seed_tokenizers(out, dst)
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env.pop("OMNIDIFF_FAIL_AFTER_SHARDS", None)
+    cmd = [sys.executable, "-m", "tokenize_jobs.run", "--kind", "text", "--input", str(corpus["text"]),
+           "--output", str(dst), *BASE_OVERRIDES, "shards.max_samples=1"]
+    procs = [subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[2], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[0]) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes in ([0, 0], [0, 3]), [text[-2000:] for _, text in results]
+    if codes == [0, 3]:
+        assert any("locked by run" in text for rc, text in results if rc == 3)
+    assert _sample_set(dst) == want
+    assert json.loads((dst / "manifest.json").read_text())["counts"]["inputs_seen"] == 8
 
 
 # ---- S3 ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from tokenize_jobs.config import ShardConfig
 from tokenize_jobs.lock import LOCK_NAME, LockHeld, LockLost, LockRecord, OutputLock
 
 
@@ -150,3 +151,39 @@ def test_tokenize_cli_exits_3_with_the_owner_when_locked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "locked by run nightly-run" in err and "lock.ttl_s" in err
     assert not (out / "manifest.json").exists() and not (out / "shards").exists()
+
+
+def test_conditional_write_is_a_compare_and_swap(out):
+    """storage.write_if, the primitive behind fencing: create-if-absent, replace-if-unchanged, refuse otherwise;
+    a retried write whose first try had succeeded finds its own bytes and succeeds."""
+    from common import storage
+
+    uri = storage.join(out, "m.json")
+    assert storage.read_versioned(uri) == (None, None)
+    v1 = storage.write_if(uri, b"one", None)
+    with pytest.raises(storage.VersionConflict):
+        storage.write_if(uri, b"other", None)              # it exists now
+    v2 = storage.write_if(uri, b"two", v1)
+    with pytest.raises(storage.VersionConflict):
+        storage.write_if(uri, b"three", v1)               # a writer holding the old version is refused
+    assert storage.write_if(uri, b"two", v1) == v2         # ... unless it is writing what is already there
+    assert storage.read_versioned(uri) == (b"two", v2)
+
+
+def test_a_stalled_writer_is_fenced_out_by_the_new_owner(out):
+    """Writer A holds the manifest's version; its lease lapses and B takes the output over (fence). A's next
+    commit fails with FencedOut (exit status 3) and B's manifest stands."""
+    from common import cli, storage
+    from tokenize_jobs.writer import FencedOut, ShardWriter, fence
+
+    header = {"vocab": {}, "job": {"kind": "text", "input": "x"}}
+    a = ShardWriter(out, "run-a", header, fence(out, "run-a", "lease-a"), ShardConfig())
+    a._write_manifest()                                  # A commits once while it owns the output
+    b_state = fence(out, "run-b", "lease-b")             # A stalls past its lease; B takes over
+    b = ShardWriter(out, "run-b", header, b_state, ShardConfig())
+    b._write_manifest()
+    with pytest.raises(FencedOut, match="another run took the output over") as e:
+        a._write_manifest()                               # A wakes up and tries to commit
+    assert cli.exit_code(e.value) == cli.LOCKED
+    manifest = json.loads(storage.read_text(storage.join(out, "manifest.json")))
+    assert manifest["runs"][-1]["run_id"] == "run-b" and manifest["writer"]["run_id"] == "run-b"
