@@ -339,7 +339,7 @@ def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, sampl
         """`samples` images per digit: the eval's first, then generated for the rest (one batch)."""
         rows = [[p["image"] for p in scored[(task, d)][:samples]] for d in range(10)]
         need = [(d, k) for d in range(10) for k in range(len(rows[d]), samples)]
-        need = [(d, k) for d, k in need if task == "t2i" or k < len(lines[d])]
+        need = [(d, k) for d, k in need if not spec(task).inputs or k < len(lines[d])]
         for (d, _), o in zip(need, predictor.predict([request(d, k) for d, k in need])):
             rows[d].append(o.image)
         return rows

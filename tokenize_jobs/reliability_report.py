@@ -70,14 +70,15 @@ def png_header(w: int, h: int) -> bytes:
             + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
 
 
-def wav(seconds: float = 0.4, sr: int = 16000, seed: int = 0, value: float | None = None) -> bytes:
+def wav(seconds: float = 0.4, sr: int = 16000, seed: int = 0, value: float | None = None, fmt: str = "WAV") -> bytes:
+    """A tone (or a constant `value`) as audio file bytes (WAV float32, or e.g. FLAC)."""
     import soundfile as sf
 
     t = np.arange(int(seconds * sr)) / sr
     x = (0.3 * np.sin(2 * np.pi * (150 + 60 * seed) * t)).astype(np.float32) if value is None \
         else np.full(t.size, value, np.float32)
     buf = io.BytesIO()
-    sf.write(buf, x, sr, format="WAV", subtype="FLOAT")
+    sf.write(buf, x, sr, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
     return buf.getvalue()
 
 

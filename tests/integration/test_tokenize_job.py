@@ -7,14 +7,11 @@ reruns, new inputs, interrupted runs, S3, and a MAGVIT-v2 image tokenizer.
 """
 from __future__ import annotations
 
-import io
 import json
-import logging
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -24,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tokenize_jobs.reliability_report import png, png_header
+from tests.helpers.moto_s3 import moto_s3
+from tokenize_jobs.reliability_report import png, png_header, wav, wav_claiming_huge_length
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -40,22 +38,10 @@ def _png(size: int = 8, seed: int = 0) -> bytes:
 
 
 def _audio(seconds: float = 0.4, sr: int = 16000, seed: int = 0, fmt: str = "WAV", value: float | None = None):
-    import soundfile as sf
-
-    t = np.arange(int(seconds * sr)) / sr
-    f0 = 150 + 60 * seed
-    x = (0.3 * np.sin(2 * np.pi * f0 * t)).astype(np.float32) if value is None else np.full(t.size, value, np.float32)
-    buf = io.BytesIO()
-    sf.write(buf, x, sr, format=fmt, subtype="FLOAT" if fmt == "WAV" else None)
-    return buf.getvalue()
+    return wav(seconds, sr, seed, value, fmt)
 
 
-def _huge_wav() -> bytes:
-    """A short WAV whose header claims ~4 GB of samples."""
-    data = bytearray(_audio())
-    i = data.find(b"data")
-    data[i + 4:i + 8] = struct.pack("<I", 0xFFFFFF00)
-    return bytes(data)
+_huge_wav = wav_claiming_huge_length
 
 
 def _jsonl(path: Path, lines: list) -> None:
@@ -199,28 +185,14 @@ def _free_port() -> int:
 def cluster():
     """moto S3 on 127.0.0.1, then a local Ray whose workers inherit the S3 settings (set before ray.init)."""
     import ray
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield {"endpoint": env["AWS_ENDPOINT_URL"]}
-    if started:
-        ray.shutdown()
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3() as endpoint:
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield {"endpoint": endpoint}
+        if started:
+            ray.shutdown()
 
 
 def _cfg(*overrides: str):

@@ -23,30 +23,13 @@ def _record(**kw) -> str:
 @pytest.fixture(scope="module")
 def s3_out():
     """A moto S3 server; yields a function giving a fresh s3:// output prefix."""
-    import os
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     from common import storage
+    from tests.helpers.moto_s3 import moto_s3
 
-    storage.filesystem("s3://lock-tests").mkdir("lock-tests")
-    counter = iter(range(1000))
-    yield lambda: f"s3://lock-tests/out{next(counter)}"
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with moto_s3():
+        storage.filesystem("s3://lock-tests").mkdir("lock-tests")
+        counter = iter(range(1000))
+        yield lambda: f"s3://lock-tests/out{next(counter)}"
 
 
 def _read(out: str) -> LockRecord | None:
