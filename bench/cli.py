@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bench import fsdp, read, sample, tokenize, train
+from common import cli
+from common.configlib import ConfigError
 from bench.common import Plan, Suite, cuda_available, host_info
 from bench.report import format_table, markdown_table
 
@@ -133,30 +135,28 @@ See docs/performance.md for what each ratio means.""")
     return p
 
 
+@cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)   # overrides may come after the options
     plan = Plan.for_mode("tiny" if args.tiny else "quick" if args.quick else "full")
     if args.repeats is not None:
         if args.repeats < 1:
-            print(f"omnidiff bench: --repeats={args.repeats} must be >= 1", file=sys.stderr)
-            return 2
+            raise ConfigError(f"--repeats={args.repeats} must be >= 1")
         plan = replace(plan, repeats=args.repeats)
     if args.threads < 1:
-        print(f"omnidiff bench: --threads={args.threads} must be >= 1", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--threads={args.threads} must be >= 1")
     plan = replace(plan, threads=args.threads).for_device(cuda_available())
     plan = replace(plan, fsdp_overrides=tuple(args.overrides), fsdp_profile=args.profile)
     names = list(BENCHES) if args.bench == "all" else [args.bench]
     if (args.overrides or args.profile) and "fsdp" not in names:
-        print("omnidiff bench: KEY=VALUE overrides and --profile apply to the fsdp benchmark only", file=sys.stderr)
-        return 2
+        raise ConfigError("KEY=VALUE overrides and --profile apply to the fsdp benchmark only")
     summary = run_benches(names, plan, Path(args.out), Path(args.work) if args.work else None)
     m = summary["meta"]
     print(f"\nomnidiff bench {args.bench} ({plan.mode}): {m['host_before']['cpus']} CPUs, load average "
           f"{m['host_before']['loadavg']} -> {m['host_after']['loadavg']}, {m['wall_s']:.0f} s")
     print(summary["table"])
     print(f"\nJSON in {args.out}/")
-    return 0
+    return cli.OK
 
 
 if __name__ == "__main__":
