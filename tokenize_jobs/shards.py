@@ -52,6 +52,9 @@ def read_manifest(out: str) -> dict[str, Any]:
     if version != FORMAT_VERSION:
         raise ShardError(f"{uri}: format_version {version!r} is not {FORMAT_VERSION}; this code reads only "
                          f"version {FORMAT_VERSION}: re-tokenize the corpus with this version")
+    if "vocab" not in manifest:   # only a writer's fence (tokenize_jobs/writer.fence): nothing committed yet
+        raise FileNotFoundError(f"{uri} holds no committed shard yet (a tokenize run took the output over and has "
+                                f"not committed; rerun it if it stopped)")
     return manifest
 
 

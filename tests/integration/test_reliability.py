@@ -383,9 +383,8 @@ def test_a_throttled_input_file_fails_the_job_and_the_rerun_tokenizes_all_of_it(
     assert err, printed[-3000:]
     assert f"{inp}/a.jsonl" in err[0] and ("SlowDown" in err[0] or "reduce your request rate" in err[0]), err[0]
     assert proxy.injected_on["503", "GET"] >= 3
-    if storage.exists(f"{out}/manifest.json"):   # tokenizers were fitted: nothing of the file may be done
-        c = shards.read_manifest(out)["counts"]
-        assert c["inputs_seen"] == 0 and c["inputs_quarantined"] == 0, c
+    with pytest.raises(FileNotFoundError, match="no committed shard yet"):   # nothing of the file is done
+        shards.read_manifest(out)
 
     time.sleep(3)   # lock.ttl_s of the failed run
     assert main(args) == 0
