@@ -22,6 +22,8 @@ def _tokenize_rows(r: dict[str, Any]) -> list[Row]:
                      fmt(e["job_vs_bare_per_core"]), e["goal"], _met(e)))
         rows.append((f"  {mod}: end-to-end job samples/s (with {fmt(e['job_startup_s'], 2)} s start-up)",
                      fmt(e["job_end_to_end_samples_per_s"]), fmt(e["end_to_end_vs_bare"]), "", ""))
+        rows.append((f"  {mod}: bytes received by the driver vs shard bytes ({e['shards']} shards)",
+                     f"{e['driver_bytes']:,}", fmt(e["driver_bytes_per_shard_byte"]), "O(shards)", ""))
     for mod, w in r["workers"].items():
         rows.append((f"tokenize {mod}: 2 actors vs 1 (samples/s)",
                      f"{fmt(w['actors_2'])} vs {fmt(w['actors_1'])}", fmt(w["speedup_2_vs_1"]), "", ""))

@@ -135,7 +135,8 @@ def run_job_timed(mod: Modality, corpus: Path, out: Path, artifacts: Path, actor
         wall = time.perf_counter() - t
     shutil.rmtree(out, ignore_errors=True)
     return {"wall_s": wall, "samples": s["samples_written"], "inputs": s["inputs_tokenized"], "tokens": s["tokens"],
-            "quarantined": s["inputs_quarantined"]}
+            "quarantined": s["inputs_quarantined"], "driver_bytes": s["driver_bytes"], "shards": s["shards_written"],
+            "bytes_written": s["bytes_written"]}
 
 
 def _media_lists(messages: list[dict], images: list, audios: list) -> tuple[list, list]:
@@ -307,6 +308,9 @@ def _tokenize_side_by_side(suite: Suite, mod: Modality, corpus: Path, small: Pat
         "actors": actors, "inputs": jobs[0]["inputs"], "samples": n, "samples_small_run": n0,
         "same_work": all(j["samples"] == bares[0]["samples"] and j["tokens"] == bares[0]["tokens"] for j in jobs),
         "quarantined": jobs[0]["quarantined"],
+        # bytes the job's driver received against the bytes of shards written: every token passes through it
+        "driver_bytes": jobs[0]["driver_bytes"], "driver_bytes_per_shard_byte":
+            jobs[0]["driver_bytes"] / max(1, jobs[0]["bytes_written"]), "shards": jobs[0]["shards"],
         "job_samples_per_s": spread(thr), "job_end_to_end_samples_per_s": spread(e2e),
         "bare_samples_per_s": spread(bare_thr), "bare_tokenizer_load_s": spread([b["load_s"] for b in bares]),
         "job_startup_s": spread(startup), "job_vs_bare_per_core": per_core,

@@ -18,7 +18,7 @@ def build(*, run_id: str, output: str, kind: str, input_uri: str, units_listed: 
         "samples_per_task": dict(sorted(run["samples_per_task"].items())),
         "tokens_per_task": dict(sorted(run["tokens_per_task"].items())),
         "tokens": sum(run["tokens_per_task"].values()),
-        "shards_written": run["shards"], "bytes_written": run["bytes"],
+        "shards_written": run["shards"], "bytes_written": run["bytes"], "driver_bytes": run["driver_bytes"],
         "wall_s": round(wall_s, 2), "samples_per_s": round(run["samples_written"] / wall_s, 1) if wall_s > 0 else 0.0,
         "orphans_removed": orphans_removed, "took_over_lock_of": took_over,
         "totals": totals,
@@ -49,7 +49,8 @@ def format_table(s: dict[str, Any]) -> str:
         rows.append((f"  {task}", f"{n:,} samples, {s['tokens_per_task'].get(task, 0):,} tokens"))
     rows += [
         ("tokens", f"{s['tokens']:,}"),
-        ("shards", f"{s['shards_written']:,} ({_fmt_bytes(s['bytes_written'])})"),
+        ("shards", f"{s['shards_written']:,} ({_fmt_bytes(s['bytes_written'])}; the driver received "
+                   f"{_fmt_bytes(s['driver_bytes'])})"),
         ("wall time", f"{s['wall_s']:.1f} s"),
         ("samples/s", f"{s['samples_per_s']:,.1f}"),
     ]

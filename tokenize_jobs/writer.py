@@ -217,7 +217,7 @@ class ShardWriter:
         self.quarantine_lines = list(state.quarantine_lines)
         # this run
         self.run = {"inputs_tokenized": 0, "inputs_quarantined": 0, "samples_written": 0, "shards": 0,
-                    "bytes": 0, "samples_per_task": Counter(), "tokens_per_task": Counter(),
+                    "bytes": 0, "driver_bytes": 0, "samples_per_task": Counter(), "tokens_per_task": Counter(),
                     "quarantined_by_reason": Counter()}
         self.run_record = {"run_id": run_id, "kind": header["job"]["kind"], "input": header["job"]["input"],
                            "started": time.time(), "status": "running"}
@@ -239,6 +239,8 @@ class ShardWriter:
 
     # ---- rows -------------------------------------------------------------------------------------------
     def add_row(self, row: dict[str, Any]) -> None:
+        # what reached the driver: tokens (tar bytes) and metadata; the scale-out goal is O(shards)
+        self.run["driver_bytes"] += sum(len(v) for v in row.values() if isinstance(v, (bytes, str)))
         status, unit = row["status"], row["unit"]
         if status == "unit":  # a unit with nothing new to do (all of its inputs were done earlier)
             self._index_lines.append(json.dumps({"unit": unit}))
