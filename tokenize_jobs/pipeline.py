@@ -1,11 +1,14 @@
-"""The Ray Data plan: listed units -> inputs -> decoded media -> token ids -> rows the driver's writer commits.
+"""The Ray Data plan: listed units -> inputs -> decoded media -> token ids -> shards -> rows the driver commits.
 
     from_items(units, blocks)               driver: the listing (plain dicts), one wave at a time, in few blocks
     .flat_map(expand)                       tasks: open JSONL/parquet/transcripts, one row per new input
     .repartition(rows per block)            streaming split: one big JSONL/parquet unit feeds every actor
     .map_batches(decode)                    tasks: read + decode media (image/speech `load`), parse records
     .map_batches(Tokenize, ActorPool)       actors: encode media (batched), text, messages -> tar bytes per input
-    .iter_batches()                         driver: tokenize_jobs/writer.py appends rows to shards and commits
+    .repartition(inputs per shard)          streaming: blocks the size of a shard
+    .map_batches(write)                     tasks: pack and upload the shards (writer.write_shards); rows lose
+                                            their tar bytes
+    .iter_batches()                         driver: tokenize_jobs/writer.py commits index + manifest per shard
 
 Each stage passes every input on, tokenized or with a quarantine reason, so the writer accounts for all of them.
 Tokenizers are built once per actor (and once per decode worker process, for their `load`), from the artifacts
@@ -28,7 +31,7 @@ from model.tokenizers import TokenizerConfig, TokenizerSet
 from model.tokenizers.base import BadInput
 from tokenize_jobs import sources
 from tokenize_jobs.config import TokenizeJobConfig
-from tokenize_jobs.writer import sample_tar_bytes
+from tokenize_jobs.writer import SHARD_COLUMNS, sample_tar_bytes, write_shards
 
 OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "tar", "stats")
 
@@ -275,7 +278,15 @@ def _media_order(name: str) -> int:
 
 # ---- the plan -------------------------------------------------------------------------------------------------
 
-def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str):
+def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
+          max_bytes: int) -> dict[str, list]:
+    """Pack a block of tokenized inputs into shards and upload them from this worker (writer.write_shards)."""
+    storage.set_policy(ctx["storage"])
+    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes), SHARD_COLUMNS)
+
+
+def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
+                  out: str, run_id: str):
     import ray
 
     job = configlib.to_dict(cfg)
@@ -298,4 +309,10 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
                                          "max_tokens": cfg.input.max_tokens},
         compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=r.batch_size, batch_format="numpy",
         num_cpus=r.actor_cpus, num_gpus=gpus)
+    # A block per shard: an input gives one sample or a few (one per task), so a shard's worth of inputs
+    # closes at most a few shards, each written by the worker that holds the block.
+    ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples))
+    ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
+                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes},
+                        batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus)
     return ds

@@ -2,7 +2,7 @@
 
 Output layout (local folder or s3:// prefix):
 
-    shards/<run_id>-<seq:06d>.tar     WebDataset tars; each sample's 3 members contiguous
+    shards/<run_id>-<uuid>.tar        WebDataset tars; each sample's 3 members contiguous
     index/<run_id>-<seq:06d>.jsonl    what that commit finished: one line per input (tokenized or quarantined,
                                       with its fingerprint and file) and one per completed listing unit
     manifest.json                     vocab, tokenizers, job, shards, indexes, counts, runs (written last)
@@ -10,10 +10,13 @@ Output layout (local folder or s3:// prefix):
     tokenizers/                       tokenizer artifacts (tokenizers.json, vocab.json, text.json, ...)
     _lock.json                        the run lock (tokenize_jobs/lock.py)
 
-A commit is: upload the shard (one atomic write), write its index (one atomic write), rewrite the manifest
-(one atomic write). Only the manifest makes a shard exist: a run killed between the three leaves files no
-manifest lists, which the next run deletes before it starts (it holds the lock, so no one else is writing).
-Inputs are marked done only through a committed index, so a killed run's inputs are redone exactly once.
+A commit is: a worker uploads the shard (one atomic write, under a name no retried task can take:
+`write_shards`) and hands the driver its metadata; the driver writes its index (one atomic write) and rewrites
+the manifest (one conditional write: `fence`). Only the manifest makes a shard exist: a shard of a failed task
+or of a run killed before its commit is a file no manifest lists, which the next run deletes before it starts
+(it holds the lock and has fenced the output, so no one else can commit). Inputs are marked done only through a
+committed index, so a killed run's inputs are redone exactly once. Tokens never pass through the driver: it
+receives each input's metadata (fingerprint, status, sample counts) and each shard's path, size and sha256.
 
 Why sidecar indexes rather than fingerprints inside the manifest: the manifest is rewritten at every commit;
 with millions of inputs a manifest holding every fingerprint would make each commit rewrite (and each reader
@@ -28,11 +31,10 @@ import json
 import os
 import signal
 import tarfile
-import tempfile
 import time
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
@@ -81,6 +83,48 @@ def tar_end(size_so_far: int) -> bytes:
     """End-of-archive marker (two zero blocks), then zero padding to a whole record."""
     n = size_so_far + 2 * TAR_BLOCK
     return b"\0" * (2 * TAR_BLOCK + (-n) % TAR_RECORD)
+
+
+# ---- shards, written by the workers ----------------------------------------------------------------------------
+
+SHARD_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "stats", "shard",
+                 "samples", "bytes", "sha256")
+
+
+def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int
+                 ) -> list[dict[str, Any]]:
+    """Worker side of a commit: pack the tokenized inputs of `rows` (in order) into shards of at most
+    `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit), upload each under
+    a name no other task or attempt can take (`<run_id>-<uuid>.tar`), and return the rows without their tar
+    bytes, each shard announced by a `status="shard"` row right after the inputs it holds. The driver commits
+    at those rows (index + manifest); a shard it never commits (a failed task, a killed run) is an orphan the
+    next run deletes."""
+    out_rows: list[dict[str, Any]] = []
+    parts: list[bytes] = []
+    size = samples = 0
+
+    def close() -> None:
+        nonlocal parts, size, samples
+        data = b"".join(parts) + tar_end(size)
+        rel = f"{SHARDS_DIR}/{run_id}-{uuid.uuid4().hex[:12]}.tar"
+        storage.write_bytes_atomic(storage.join(out, rel), data)
+        out_rows.append({**dict.fromkeys(SHARD_COLUMNS, ""), "unit_new": 0, "status": "shard", "shard": rel,
+                         "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        parts, size, samples = [], 0, 0
+
+    for row in rows:
+        tar = row.get("tar") or b""
+        if row["status"] == "ok":
+            parts.append(tar)
+            size += len(tar)
+            samples += len(json.loads(row["stats"]))
+        out_rows.append({**{k: row.get(k, "") for k in SHARD_COLUMNS}, "samples": 0, "bytes": 0,
+                         "shard": "", "sha256": ""})
+        if samples >= max_samples or size >= max_bytes:
+            close()
+    if samples:
+        close()
+    return out_rows
 
 
 # ---- state of an output folder --------------------------------------------------------------------------------
@@ -190,9 +234,10 @@ def _fault_point(commits_done: int, stage: str) -> None:
 # ---- the writer -------------------------------------------------------------------------------------------------
 
 class ShardWriter:
-    """Buffers tokenized inputs into a local tar and commits shard + index + manifest when it is full.
+    """The driver's side of a commit: the workers wrote the shards (`write_shards`); this records what each one
+    holds and commits index + manifest when a shard is announced, so the driver handles metadata only.
 
-    `add_row` takes the pipeline's output rows (see pipeline.py: status ok/quarantined/unit). The caller calls
+    `add_row` takes the pipeline's output rows (status ok/quarantined/unit, and shard rows). The caller calls
     `finish()` at the end (commits what is pending and rewrites quarantine.jsonl)."""
 
     def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState, shard_cfg: ShardConfig,
@@ -223,16 +268,11 @@ class ShardWriter:
                            "started": time.time(), "status": "running"}
         self._unit_expected: dict[str, int] = {}
         self._unit_seen: Counter = Counter()
-        self._tmpdir = tempfile.TemporaryDirectory(prefix="omnidiff-shard-")
         self._seq = 0
         self._reset_pending()
 
     def _reset_pending(self) -> None:
-        self._tar_path = Path(self._tmpdir.name) / f"{self._seq:06d}.tar"
-        self._tar = open(self._tar_path, "wb")
-        self._sha = hashlib.sha256()
-        self._bytes = 0
-        self._samples = 0
+        self._samples = 0              # samples of the inputs since the last commit: the next shard's
         self._index_lines: list[str] = []
         self._pending = {"tok": 0, "quar": 0, "per_task": Counter(), "tokens": Counter(), "answer": Counter(),
                          "reasons": Counter(), "quarantine_lines": []}
@@ -242,14 +282,14 @@ class ShardWriter:
         # what reached the driver: tokens (tar bytes) and metadata; the scale-out goal is O(shards)
         self.run["driver_bytes"] += sum(len(v) for v in row.values() if isinstance(v, (bytes, str)))
         status, unit = row["status"], row["unit"]
+        if status == "shard":  # a worker wrote a shard of the inputs since the last commit
+            self.commit({"path": row["shard"], "samples": int(row["samples"]), "bytes": int(row["bytes"]),
+                         "sha256": row["sha256"]})
+            return
         if status == "unit":  # a unit with nothing new to do (all of its inputs were done earlier)
             self._index_lines.append(json.dumps({"unit": unit}))
             return
         if status == "ok":
-            data = row["tar"]
-            self._tar.write(data)
-            self._sha.update(data)
-            self._bytes += len(data)
             stats = json.loads(row["stats"])
             self._samples += len(stats)
             for s in stats:
@@ -271,28 +311,18 @@ class ShardWriter:
         if self._unit_seen[unit] == self._unit_expected[unit]:
             self._index_lines.append(json.dumps({"unit": unit}))
             del self._unit_seen[unit], self._unit_expected[unit]
-        if self._samples >= self.shard_cfg.max_samples or self._bytes >= self.shard_cfg.max_bytes:
-            self.commit()
 
     # ---- commits ----------------------------------------------------------------------------------------
-    def commit(self) -> None:
-        """Make everything pending durable: shard (if any sample), index, then the manifest."""
-        if not self._index_lines:
+    def commit(self, shard_entry: dict[str, Any] | None = None) -> None:
+        """Make everything pending durable: its index, then the manifest listing `shard_entry` (the shard the
+        workers wrote of the pending inputs; None when they are all quarantined or done)."""
+        if not self._index_lines and shard_entry is None:
             return
+        if (shard_entry["samples"] if shard_entry else 0) != self._samples:
+            raise RuntimeError(f"shard {shard_entry} does not hold the {self._samples} samples of the inputs "
+                               f"announced before it: rows reached the driver out of order")
         self.check_lock()
         name = f"{self.run_id}-{self._seq:06d}"
-        shard_entry = None
-        if self._samples:
-            end = tar_end(self._bytes)
-            self._tar.write(end)
-            self._sha.update(end)
-            self._tar.close()
-            size = self._bytes + len(end)
-            rel = f"{SHARDS_DIR}/{name}.tar"
-            storage.upload_file_atomic(self._tar_path, storage.join(self.out, rel))
-            shard_entry = {"path": rel, "samples": self._samples, "bytes": size, "sha256": self._sha.hexdigest()}
-        else:
-            self._tar.close()
         index_rel = f"{INDEX_DIR}/{name}.jsonl"
         index_text = "\n".join(self._index_lines) + "\n"
         storage.write_text_atomic(storage.join(self.out, index_rel), index_text)
@@ -321,7 +351,6 @@ class ShardWriter:
             self.run["bytes"] += shard_entry["bytes"]
         self.quarantine_lines += p["quarantine_lines"]
         self._write_manifest()
-        self._tar_path.unlink(missing_ok=True)
         self._seq += 1
         self._reset_pending()
         if shard_entry:
@@ -366,11 +395,8 @@ class ShardWriter:
         text = "".join(line + "\n" for line in self.quarantine_lines)
         uri = storage.join(self.out, QUARANTINE)
         storage.write_text_atomic(uri, text)
-        self._tmpdir.cleanup()
 
     def abort(self) -> None:
-        """Drop what is pending (a failed run); committed shards stay."""
-        try:
-            self._tar.close()
-        finally:
-            self._tmpdir.cleanup()
+        """Drop what is pending (a failed run): committed shards stay; shards written but never committed are
+        deleted by the next run (`clean_orphans`)."""
+        self._reset_pending()

@@ -203,13 +203,13 @@ def _stop_s3_after_first_commit(monkeypatch, endpoint, restart_after: float | No
     original = writer.ShardWriter.commit
     state = {"stopped_at": None}
 
-    def commit(self):
-        if self.run["shards"] == 1 and self._samples and state["stopped_at"] is None:
+    def commit(self, shard_entry=None):
+        if self.run["shards"] == 1 and shard_entry and state["stopped_at"] is None:
             endpoint.stop()
             state["stopped_at"] = time.monotonic()
             if restart_after is not None:
                 threading.Timer(restart_after, endpoint.start).start()
-        original(self)
+        original(self, shard_entry)
     monkeypatch.setattr(writer.ShardWriter, "commit", commit)
     return state
 

@@ -348,12 +348,12 @@ def test_interrupted_runs_resume_to_exactly_the_full_sample_set(tokenized, corpu
     _seed_tokenizers(out, dst)
     few = "shards.max_samples=2"  # one input (t2i + i2t) per shard
     # killed in the middle of its 2nd commit: shard 1 is committed; shard 2 and its index are uploaded but the
-    # manifest never lists them (orphans)
+    # manifest never lists them (orphans), nor the shards other workers wrote meanwhile
     monkeypatch.setenv("OMNIDIFF_FAIL_AFTER_SHARDS", "1:mid")
     with pytest.raises(RuntimeError, match="injected failure after 1"):
         _run("image-text", corpus["image-text"], dst, few)
     assert len(json.loads((dst / "manifest.json").read_text())["shards"]) == 1
-    assert len(list((dst / "shards").iterdir())) == 2
+    assert len(list((dst / "shards").iterdir())) >= 2
     monkeypatch.delenv("OMNIDIFF_FAIL_AFTER_SHARDS")
     s = _run("image-text", corpus["image-text"], dst, few)
     assert s["orphans_removed"] and all(p.startswith(("shards/", "index/")) for p in s["orphans_removed"])
@@ -425,8 +425,12 @@ def test_a_writer_frozen_past_its_lease_cannot_commit_after_the_takeover(tokeniz
     assert _sample_set(dst) == want
     manifest = json.loads((dst / "manifest.json").read_text())
     assert manifest["counts"]["inputs_seen"] == 8 and manifest["writer"]["run_id"] == manifest["runs"][-1]["run_id"]
-    assert sorted(p.name for p in (dst / "shards").iterdir()) == sorted(e["path"].split("/")[-1]
-                                                                       for e in manifest["shards"])
+    # A's Ray workers may still have uploaded shards while its driver was frozen: never listed, and the next
+    # run deletes them
+    listed = {e["path"].split("/")[-1] for e in manifest["shards"]}
+    assert listed <= {p.name for p in (dst / "shards").iterdir()}
+    again = _run("text", corpus["text"], dst, *lease)
+    assert again["inputs_seen"] == 0 and {p.name for p in (dst / "shards").iterdir()} == listed
 
 
 def test_two_writers_racing_on_one_output_commit_each_input_once(tokenized, corpus, tmp_path, cluster):
