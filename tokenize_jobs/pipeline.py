@@ -309,10 +309,13 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
                                          "max_tokens": cfg.input.max_tokens},
         compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=r.batch_size, batch_format="numpy",
         num_cpus=r.actor_cpus, num_gpus=gpus)
-    # A block per shard: an input gives one sample or a few (one per task), so a shard's worth of inputs
-    # closes at most a few shards, each written by the worker that holds the block.
-    ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples))
+    # A block per shard (strict: small blocks are combined, not only large ones split): an input gives one
+    # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
+    ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
     ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
                                           "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes},
                         batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus)
+    # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
+    # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.
+    ds.context.execution_options.preserve_order = True
     return ds
