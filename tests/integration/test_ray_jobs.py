@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 RAY_BIN = Path(sys.executable).parent / "ray"  # the venv's CLI, matching the venv's Ray
 
 
-# LEAD: overrides that turn configs/train/debug.yaml into a few-step run on a text-only shard set (the trainer
+# Overrides that turn configs/train/debug.yaml into a few-step run on a text-only shard set (the trainer
 # owns these names). debug.yaml's curriculum stages must add up to train.steps, so they are dropped; one worker
 # because this tests job submission, not FSDP (the trainer's own tests cover that), and saves ~15 s.
 TRAIN_OVERRIDES = ("train.steps=2", "data.stages=[]", "scaling.num_workers=1")
