@@ -280,9 +280,6 @@ class RetryingReader(io.RawIOBase):
         self._drop()
         return self._pos
 
-    def size(self) -> int:
-        return self._size
-
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = max(0, self._size - self._pos)

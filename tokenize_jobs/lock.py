@@ -187,23 +187,16 @@ class OutputLock:
             f"{self.uri} by hand.")
 
     def _retrying(self, fn, what: str) -> None:
-        """`fn()` retried on transient storage faults under the storage retry policy, with a fresh client each
-        time. Safe for the conditional requests: a retried create or take-over that had in fact succeeded
-        finds its own token in the lock (`_acquire_s3`)."""
-        waits = storage.policy().waits()
-        for attempt in range(len(waits) + 1):
+        """`fn()` under the storage retry policy (common/storage.call), with a fresh client after a fault. Safe
+        for the conditional requests: a retried create or take-over that had in fact succeeded finds its own
+        token in the lock (`_acquire_s3`)."""
+        def attempt(_fs) -> None:
             try:
                 return fn()
-            except (LockHeld, LockLost):
-                raise
-            except Exception as e:  # noqa: BLE001 - sorted below
-                if not storage.is_transient(e) or attempt == len(waits):
-                    raise storage.StorageError(f"{what} {self.uri} failed after {attempt + 1} attempt(s): "
-                                               f"{type(e).__name__}: {e}", self.uri) from e
+            except Exception:
                 self._fs = None
-                print(f"[tokenize] {what} {self.uri} failed ({type(e).__name__}: {str(e)[:200]}); retry "
-                      f"{attempt + 1}/{len(waits)}", flush=True)
-                time.sleep(waits[attempt])
+                raise
+        return storage.call(attempt, self.uri, what)
 
     def _heartbeat_loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

@@ -46,7 +46,10 @@ def tokens_uri(root: str, kind: str) -> str:
 
 
 def _has_inputs(uri: str) -> bool:
-    return storage.exists(uri) and storage.isdir(uri) and bool(storage.find(uri))
+    try:
+        return bool(storage.find(uri))   # a missing prefix lists as nothing
+    except FileNotFoundError:
+        return False
 
 
 def run_passes(cfg: TokenizeJobConfig, root: str, kinds: Sequence[str] = tuple(KIND_BITS)) -> list[PassResult]:

@@ -212,7 +212,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
             "tokenizers": {"dir": TOKENIZERS_DIR, "names": tok.names, "fingerprints": tok.fingerprints},
             "job": {"kind": kind, "input": ctx["input"], "config": configlib.to_dict(cfg)},
         }
-        writer = ShardWriter(out, run_id, header, state, cfg.shards, check_lock=lock.check)
+        writer = ShardWriter(out, run_id, header, state, check_lock=lock.check)
         try:
             if todo:
                 import ray

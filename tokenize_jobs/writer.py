@@ -40,7 +40,6 @@ from typing import Any, Callable
 import numpy as np
 
 from common import storage
-from tokenize_jobs.config import ShardConfig
 from tokenize_jobs.lock import LockLost
 from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
 
@@ -139,6 +138,7 @@ class OutputState:
     writer's fence counts as none), its version (for conditional commits), and the done-sets of its indexes."""
     manifest: dict[str, Any] | None
     version: str | None = None
+    stored: dict[str, Any] | None = None                           # the manifest as stored (a fence-only one too)
     writer: dict[str, Any] | None = None                           # the fence: the run that owns the output
     done: set[str] = field(default_factory=set)                    # input and unit fingerprints
     done_by_file: dict[str, set[str]] = field(default_factory=dict)  # file (relative) -> input fingerprints
@@ -149,8 +149,8 @@ class OutputState:
         data, version = storage.read_versioned(storage.join(out, MANIFEST))
         manifest = json.loads(data) if data is not None else None
         if manifest is None or "vocab" not in manifest:
-            return cls(manifest=None, version=version)
-        state = cls(manifest=manifest, version=version)
+            return cls(manifest=None, version=version, stored=manifest)
+        state = cls(manifest=manifest, version=version, stored=manifest)
         paths = [storage.join(out, e["path"]) for e in manifest.get("indexes", [])]
         blobs = storage.read_many(paths)
         for p in paths:
@@ -177,9 +177,7 @@ def fence(out: str, run_id: str, lease: str, attempts: int = 5) -> OutputState:
     uri = storage.join(out, MANIFEST)
     for _ in range(attempts):
         state = OutputState.load(out)
-        data, _ = storage.read_versioned(uri) if state.version else (None, None)
-        current = json.loads(data) if data is not None else {"format_version": FORMAT_VERSION, "shards": [],
-                                                                 "indexes": [], "runs": []}
+        current = dict(state.stored or {"format_version": FORMAT_VERSION, "shards": [], "indexes": [], "runs": []})
         current["writer"] = {"run_id": run_id, "lease": lease, "since": time.time()}
         try:
             state.version = storage.write_if(uri, json.dumps(current, indent=1, ensure_ascii=False).encode(),
@@ -240,12 +238,12 @@ class ShardWriter:
     `add_row` takes the pipeline's output rows (status ok/quarantined/unit, and shard rows). The caller calls
     `finish()` at the end (commits what is pending and rewrites quarantine.jsonl)."""
 
-    def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState, shard_cfg: ShardConfig,
+    def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState,
                  check_lock: Callable[[], None] = lambda: None):
         self.out, self.run_id, self.header = out, run_id, header
         self.version = state.version   # every manifest commit is conditional on it (see `fence`)
         self.writer = state.writer or {"run_id": run_id}
-        self.shard_cfg, self.check_lock = shard_cfg, check_lock
+        self.check_lock = check_lock
         prev = state.manifest or {}
         self.shards: list[dict[str, Any]] = list(prev.get("shards", []))
         self.indexes: list[dict[str, Any]] = list(prev.get("indexes", []))

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from tokenize_jobs.config import ShardConfig
 from tokenize_jobs.lock import LOCK_NAME, LockHeld, LockLost, LockRecord, OutputLock
 
 
@@ -160,10 +159,10 @@ def test_a_stalled_writer_is_fenced_out_by_the_new_owner(out):
     from tokenize_jobs.writer import FencedOut, ShardWriter, fence
 
     header = {"vocab": {}, "job": {"kind": "text", "input": "x"}}
-    a = ShardWriter(out, "run-a", header, fence(out, "run-a", "lease-a"), ShardConfig())
+    a = ShardWriter(out, "run-a", header, fence(out, "run-a", "lease-a"))
     a._write_manifest()                                  # A commits once while it owns the output
     b_state = fence(out, "run-b", "lease-b")             # A stalls past its lease; B takes over
-    b = ShardWriter(out, "run-b", header, b_state, ShardConfig())
+    b = ShardWriter(out, "run-b", header, b_state)
     b._write_manifest()
     with pytest.raises(FencedOut, match="another run took the output over") as e:
         a._write_manifest()                               # A wakes up and tries to commit
