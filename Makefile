@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # CPU build of torch (a file on these machines' disk); GPU images bring their own CUDA torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test test-unit test-all bench clean
+.PHONY: venv demo test test-unit test-cluster test-all bench clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,10 @@ test: $(STAMP)
 # the per-module unit tests alone (no Ray cluster, no servers): under a minute
 test-unit: $(STAMP)
 	$(VPY) -m pytest -q tests/unit
+
+# a head and 2 worker hosts in network namespaces, S3 (moto) and MLflow on the bridge: needs root (skips elsewhere)
+test-cluster: $(STAMP)
+	$(VPY) -m pytest -q -m cluster tests/cluster
 
 test-all: $(STAMP)
 	$(VPY) -m pytest -q -m ''

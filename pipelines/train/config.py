@@ -159,6 +159,9 @@ class RunConfig:
     name: str = "omnidiff"
     run_dir: str = "runs/train"   # local or s3://: Ray storage_path; checkpoints in <run_dir>/<name>/
     max_failures: int = 1         # group restarts from the last checkpoint before the run fails
+    # Restarting a group waits up to $RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s) for its resources, e.g. a lost
+    # host coming back; the run fails after this many such waits in a row (-1 = wait for ever, Ray's default).
+    max_start_failures: int = 5
 
 
 @dataclass

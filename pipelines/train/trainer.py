@@ -480,7 +480,8 @@ def run(cfg: TrainConfig, budget: TimeBudget | None = None):
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.run_dir,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                                   controller_failure_limit=cfg.run.max_start_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
     )
     return trainer.fit()
@@ -512,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli.command
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)   # key=value overrides may sit between options
     cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
     result = run(cfg, TimeBudget(args.time_budget) if args.time_budget else None)
     if getattr(result, "error", None):
