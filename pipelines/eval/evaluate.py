@@ -378,7 +378,8 @@ def task_metrics(task: str, items: list[dict], preds: list[dict], *, classifier:
 def format_table(results: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for m in results.values() for k in m if k not in ("n", "n_failed")})
     header = ["task", "n", *metrics]
-    rows = [[task, str(m["n"]), *(f"{m[k]:.4f}" if k in m else "-" for k in metrics)]
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731  (counts stay integers)
+    rows = [[task, str(m["n"]), *(cell(m[k]) if k in m else "-" for k in metrics)]
             for task, m in results.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731

@@ -7,13 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 
 from common import configlib
 from pipelines.eval import benchmarks as B
 from pipelines.eval import scoring
-from tests.helpers.export import digit_png
-
+from tests.helpers.benchmarks import (
+    write_librispeech,
+    write_libritts,
+    write_mme,
+    write_pope,
+)
 
 # ---- POPE ---------------------------------------------------------------------------------------------------
 
@@ -39,21 +42,6 @@ def test_pope_metrics_by_hand():
     none_yes = B.pope_metrics(["no", "no"], ["yes", "no"])
     assert none_yes == pytest.approx({"accuracy": 0.5, "precision": 0.0, "recall": 0.0, "f1": 0.0,
                                       "yes_ratio": 0.0})
-
-
-def write_pope(root: Path) -> Path:
-    (root / "val2014").mkdir(parents=True)
-    lines = {"random": [(1, "a.png", "Is there a dog in the image?", "yes"),
-                        (2, "a.png", "Is there a cat in the image?", "no"),
-                        (3, "b.png", "Is there a car in the image?", "no")],
-             "adversarial": [(7, "b.png", "Is there a bus in the image?", "yes"),
-                             (8, "a.png", "Is there a bird in the image?", "no")]}
-    for split, rows in lines.items():
-        (root / f"coco_pope_{split}.json").write_text("".join(
-            json.dumps({"question_id": q, "image": im, "text": t, "label": lab}) + "\n" for q, im, t, lab in rows))
-    for name in ("a.png", "b.png"):
-        (root / "val2014" / name).write_bytes(digit_png(3))
-    return root
 
 
 def test_pope_layout_and_scores(tmp_path):
@@ -101,26 +89,6 @@ def test_mme_subtask_metrics_by_hand():
     assert m == pytest.approx({"acc": 0.75, "acc_plus": 0.5, "score": 125.0})
     with pytest.raises(ValueError, match="even"):
         B.mme_subtask_metrics(["yes"], ["yes"])
-
-
-def write_mme(root: Path) -> Path:
-    """Two subtasks: `existence` with the reference's image layout (images/<subtask>/), `count` with the
-    release layout (MME_Benchmark_release_version/<subtask>/)."""
-    results = root / "eval_tool" / "Your_Results"
-    results.mkdir(parents=True)
-    (results / "existence.txt").write_text(
-        "e1.png\tIs there a dog in this image? Please answer yes or no.\tYes\n"
-        "e1.png\tIs there a cat in this image? Please answer yes or no.\tNo\n"
-        "e2.png\tIs there a car in this image? Please answer yes or no.\tYes\n"
-        "e2.png\tIs there a bus in this image? Please answer yes or no.\tNo\n")
-    (results / "count.txt").write_text(
-        "c1.png\tAre there two dogs in the image? Please answer yes or no.\tYes\n"
-        "c1.png\tAre there three dogs in the image? Please answer yes or no.\tNo\n")
-    (root / "images" / "existence").mkdir(parents=True)
-    (root / "MME_Benchmark_release_version" / "count").mkdir(parents=True)
-    for rel in ("images/existence/e1.png", "images/existence/e2.png", "MME_Benchmark_release_version/count/c1.png"):
-        (root / rel).write_bytes(digit_png(5))
-    return root
 
 
 def test_mme_layout_and_scores(tmp_path):
@@ -180,17 +148,6 @@ def test_librispeech_wer_by_hand():
         scoring.corpus_wer([[]], [["A"]])
 
 
-def write_librispeech(root: Path) -> Path:
-    chapter = root / "1089" / "134686"
-    chapter.mkdir(parents=True)
-    (chapter / "1089-134686.trans.txt").write_text("1089-134686-0000 HE HOPED THERE WOULD BE STEW\n"
-                                                    "1089-134686-0001 STUFF IT INTO YOU\n")
-    t = np.arange(8000) / 16000
-    for utt in ("1089-134686-0000", "1089-134686-0001"):
-        sf.write(chapter / f"{utt}.flac", (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000)
-    return root
-
-
 def test_librispeech_layout_and_scores(tmp_path):
     root = write_librispeech(tmp_path / "test-clean")
     items = B.load_librispeech(str(root), prompt=B.BENCHMARKS["librispeech"].prompt)
@@ -235,11 +192,9 @@ def test_whisper_judge_audio_to_wer(whisper_dir, tmp_path):
     heard = judge.transcribe(wavs, sample_rate=24_000)
     assert heard == ["hello hello", "", "hello hello"]
 
-    for name, text in (("1_1_1_1", "Hello, hello!"), ("1_1_1_2", "Hello world."), ("1_1_1_3", "Hello world.")):
-        d = tmp_path / "tts" / "1" / "1"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"{name}.normalized.txt").write_text(text + "\n")
-    items = B.load_libritts(str(tmp_path / "tts"), prompt=B.BENCHMARKS["libritts"].prompt)
+    root = write_libritts(tmp_path / "tts", {"1_1_1_1": "Hello, hello!", "1_1_1_2": "Hello world.",
+                                             "1_1_1_3": "Hello world."})
+    items = B.load_libritts(str(root), prompt=B.BENCHMARKS["libritts"].prompt)
     assert [it["spoken"] for it in items] == ["Hello, hello!", "Hello world.", "Hello world."]
     assert items[1]["request"]["messages"][0]["content"] == "Convert the text to speech.\nHello world."
     preds = [{"ok": True, "transcript": t, "speech_frames": 0 if not t else 75} for t in heard]
