@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import time
 import traceback
@@ -315,7 +316,11 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], model_dir: st
     except ImportError:
         raise configlib.ConfigError(f"--clip-model {model_dir}: the CLIP score needs the `transformers` package "
                                     f"(pip install transformers)") from None
-    model, proc = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
+    if not os.path.isdir(model_dir):   # weights load from a local folder only, never from a hub at run time
+        raise configlib.ConfigError(f"--clip-model {model_dir!r}: not a local folder; give the folder a CLIP model "
+                                    f"and its processor were saved to (save_pretrained)")
+    model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(model_dir, local_files_only=True)
     rgb = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]  # (H, W, 1) -> (H, W, 3)
     with torch.no_grad():
         inputs = proc(text=list(texts), images=rgb, return_tensors="pt", padding=True)
