@@ -33,6 +33,7 @@ template instead (what a model trained on template-built corpora saw), or give a
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -95,8 +96,14 @@ def mme_subtask_metrics(answers: Sequence[str], truths: Sequence[str]) -> dict[s
 
 # ---- layouts -> eval items ------------------------------------------------------------------------------
 
+def _absolute(uri: str) -> str:
+    """s3:// URIs as they are, local paths made absolute: Ray actors do not share the driver's working folder."""
+    return uri if storage.is_s3(uri) else os.path.abspath(uri)
+
+
 def _files(root: str) -> dict[str, str]:
-    """Every file under `root`: path relative to root -> full URI (local path or s3://...)."""
+    """Every file under `root`: path relative to root -> full URI (absolute local path or s3://...)."""
+    root = _absolute(root)
     try:
         found = storage.find(root)
     except FileNotFoundError:
@@ -106,8 +113,10 @@ def _files(root: str) -> dict[str, str]:
     bare = root.split("://", 1)[-1].rstrip("/")
     out = {}
     for f in found:
-        rel = f[len(bare):].lstrip("/") if f.startswith(bare) else f
-        out[rel.replace("\\", "/")] = storage.join(root, rel)
+        if not f.startswith(bare + "/"):
+            raise RuntimeError(f"listing {root} returned {f}, which is not under it")
+        rel = f[len(bare) + 1:].replace("\\", "/")
+        out[rel] = storage.join(root, rel)
     return out
 
 
@@ -122,7 +131,7 @@ def _request(task: str, prompt: str, text: str, *, images: Sequence[str] = (), a
 
 def load_pope(data: str, *, prompt: str, limit: int | None = None, images: str = "") -> list[dict]:
     files = _files(data)
-    image_root = images or storage.join(data, "val2014")
+    image_root = _absolute(images or storage.join(data, "val2014"))
     items: list[dict] = []
     for split in POPE_SPLITS:
         rel = next((r for r in sorted(files) if posixpath.basename(r) == f"coco_pope_{split}.json"), None)

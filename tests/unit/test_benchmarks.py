@@ -44,7 +44,7 @@ def test_pope_metrics_by_hand():
                                       "yes_ratio": 0.0})
 
 
-def test_pope_layout_and_scores(tmp_path):
+def test_pope_layout_and_scores(tmp_path, monkeypatch):
     root = write_pope(tmp_path / "pope")
     items = B.load_pope(str(root), prompt=B.BENCHMARKS["pope"].prompt)
     assert [(it["split"], it["id"], it["ref_text"]) for it in items] == [
@@ -54,6 +54,8 @@ def test_pope_layout_and_scores(tmp_path):
     assert req["messages"] == [{"role": "user", "content": "Is there a dog in the image?\n<|image|>"}]
     assert req["images"] == [str(root / "val2014" / "a.png")] and req["task"] == "vqa"
     assert len(B.load_pope(str(root), prompt="{text}", limit=1)) == 2        # one per split
+    monkeypatch.chdir(tmp_path)   # a relative --data still gives absolute media paths (actors run elsewhere)
+    assert B.load_pope("pope", prompt="{text}")[0]["request"]["images"] == [str(root / "val2014" / "a.png")]
     templ = B.load_pope(str(root), prompt="template")[0]["request"]
     assert "messages" not in templ and templ["text"] == "Is there a dog in the image?"
 
