@@ -9,7 +9,7 @@ VPY="$VENV/bin/python"
 "$VPY" -m pip install -q --upgrade pip wheel
 # torch first, and only if absent: a bare `torch` requirement would pull a CUDA build.
 "$VPY" -c "import torch" 2>/dev/null || "$VPY" -m pip install -q "$TORCH_SPEC"
-"$VPY" -m pip install -q -e ".[dev]"
+"$VPY" -m pip install -q -e ".[dev,eval]"
 # encodec imports torchaudio; PyPI's torchaudio wheel is CUDA-linked and its native libs fail to load
 # beside CPU torch. Its pure-Python parts (resample, convert_audio) are all encodec needs here, so
 # install both without deps and drop the native libs when torch is a CPU build. Audio I/O uses soundfile.

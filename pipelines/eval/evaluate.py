@@ -2,6 +2,10 @@
 
     omnidiff eval --checkpoint runs/demo/train/export --data runs/demo/corpus/test.jsonl \\
         --classifier-train-data runs/demo/corpus/train.jsonl --out runs/demo/eval [--tasks asr tts] [--limit 50]
+    omnidiff eval --checkpoint $CK --benchmark pope|mme|librispeech|libritts --data <public layout> [--out DIR]
+
+--benchmark runs a published benchmark from its public file layout and scores it by its published protocol
+(POPE, MME perception, LibriSpeech WER, LibriTTS WER judged by Whisper): pipelines/eval/benchmarks.py.
 
 --data is a messages JSONL (the demo corpus' test.jsonl: a final assistant turn is the reference answer,
 "label" / "options" fields optional) or a tokenize output folder (shards + manifest.json; the answer span of each
@@ -13,7 +17,7 @@ word WER with jiwer):
     tts              wer of the generated speech transcribed by a judge: by default this model's own ASR direction
                      applied to the speech TOKENS it generated (the demo's offline EnCodec has an untrained
                      decoder, so re-encoding its audio would judge noise); `--asr-model <whisper dir>` transcribes
-                     the decoded waveform with a Whisper model instead (needs `transformers`)
+                     the decoded waveform with a local Whisper model instead (pipelines/eval/whisper.py)
     i2t vqa svqa text  exact_match; option_accuracy for lines with "options" (multiple choice)
     t2i s2i          class_accuracy: generated images classified by an image classifier fitted on real images of
                      --classifier-train-data (lines/samples with a label), next to real_accuracy, the same
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import time
 import traceback
@@ -46,7 +51,8 @@ from model.tasks import TASKS, Judge, spec
 from model.tokenizers.base import BadInput
 from model.vocab import Modality
 from pipelines import export as export_format
-from pipelines.eval import scoring
+from pipelines.eval import benchmarks, scoring
+from pipelines.eval.whisper import WhisperJudge
 from pipelines.infer.generate import input_base_dir, map_with_actors
 from pipelines.infer.predictor import (
     Predictor,
@@ -147,24 +153,6 @@ def _label(value: Any) -> int | None:
 
 # ---- generation (in-process or in Ray actors) ------------------------------------------------------------
 
-class WhisperJudge:
-    """Transcribes waveforms with a local Whisper model through `transformers` (optional dependency)."""
-
-    def __init__(self, model_dir: str):
-        try:
-            from transformers import pipeline
-        except ImportError:
-            raise configlib.ConfigError(f"--asr-model {model_dir}: transcribing with Whisper needs the `transformers` "
-                                        f"package (pip install transformers); without --asr-model, TTS is judged "
-                                        f"by this model's own ASR direction") from None
-        self.pipe = pipeline("automatic-speech-recognition", model=model_dir)
-
-    def __call__(self, wav: np.ndarray, sample_rate: int) -> str:
-        if wav.size == 0:
-            return ""
-        return str(self.pipe({"raw": wav.astype(np.float32), "sampling_rate": sample_rate})["text"])
-
-
 class EvalWorker:
     """Ray Data UDF: eval items -> predictions (hypothesis text, generated image as PNG, TTS transcript)."""
 
@@ -172,9 +160,11 @@ class EvalWorker:
                  asr_model: str = ""):
         self.predictor = Predictor.from_export(checkpoint, device, configlib.from_dict(SamplerPresets, presets))
         self.base_dir = base_dir
-        self.whisper = WhisperJudge(asr_model) if asr_model else None
+        self.whisper = WhisperJudge(asr_model, device=str(self.predictor.device)) if asr_model else None
 
     def request(self, item: dict) -> Request:
+        if item.get("request") is not None:   # a benchmark item (pipelines/eval/benchmarks.py)
+            return Request(**item["request"])
         if item.get("prompt_ids") is not None:
             return Request(task=item["task"], prompt_ids=np.asarray(item["prompt_ids"], dtype=np.int64))
         req, _ = request_from_line(json.loads(item["line"]), self.base_dir)
@@ -215,8 +205,10 @@ class EvalWorker:
     def _transcribe(self, tts: list[tuple[dict, Any]]) -> None:
         """TTS judge: Whisper on the waveform, or this model's ASR on the generated codes (default)."""
         if self.whisper is not None:
-            for p, out in tts:
-                p["transcript"] = self.whisper(out.wav, out.sample_rate)
+            wavs = [out.wav if out.wav is not None else np.zeros(0, np.float32) for _, out in tts]
+            heard = self.whisper.transcribe(wavs, tts[0][1].sample_rate)
+            for (p, _), text in zip(tts, heard):
+                p["transcript"] = text
             return
         asr = [self.predictor.prepare(Request(task="asr", audios=[out.audio_codes])) for _, out in tts]
         for (p, _), heard in zip(tts, self.predictor.run(asr)):
@@ -324,7 +316,11 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], model_dir: st
     except ImportError:
         raise configlib.ConfigError(f"--clip-model {model_dir}: the CLIP score needs the `transformers` package "
                                     f"(pip install transformers)") from None
-    model, proc = CLIPModel.from_pretrained(model_dir).eval(), CLIPProcessor.from_pretrained(model_dir)
+    if not os.path.isdir(model_dir):   # weights load from a local folder only, never from a hub at run time
+        raise configlib.ConfigError(f"--clip-model {model_dir!r}: not a local folder; give the folder a CLIP model "
+                                    f"and its processor were saved to (save_pretrained)")
+    model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
+    proc = CLIPProcessor.from_pretrained(model_dir, local_files_only=True)
     rgb = [np.repeat(im, 3, axis=2) if im.shape[2] == 1 else im for im in images]  # (H, W, 1) -> (H, W, 3)
     with torch.no_grad():
         inputs = proc(text=list(texts), images=rgb, return_tensors="pt", padding=True)
@@ -387,7 +383,8 @@ def task_metrics(task: str, items: list[dict], preds: list[dict], *, classifier:
 def format_table(results: dict[str, dict[str, float]]) -> str:
     metrics = sorted({k for m in results.values() for k in m if k not in ("n", "n_failed")})
     header = ["task", "n", *metrics]
-    rows = [[task, str(m["n"]), *(f"{m[k]:.4f}" if k in m else "-" for k in metrics)]
+    cell = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731  (counts stay integers)
+    rows = [[task, str(m["n"]), *(cell(m[k]) if k in m else "-" for k in metrics)]
             for task, m in results.items()]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths))  # noqa: E731
@@ -400,23 +397,33 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
              out: str | None = None, presets: SamplerPresets | None = None, classifier_train_data: str = "",
              asr_model: str = "", clip_model: str = "", local: bool | None = None, actors: int | None = None,
              device: str = "auto", mlflow: bool = True, mlflow_tracking_uri: str = "", verbose: bool = True,
-             return_predictions: bool = False) -> dict:
-    """Evaluate `checkpoint` on `data` (messages JSONL or shards folder). Returns the results dict written to
-    <out>/results.json: {"tasks": {task: {metric: value, "n": n, "n_failed": k}}, "checkpoint", "data",
-    "step", "sampler", "mlflow_run"}; with `return_predictions` the returned dict (not the file) also holds
-    "predictions": one dict per item with "task", "label", "ok" and its output ("hyp", "image" (H, W, C) uint8,
-    "audio_codes" + "transcript")."""
+             return_predictions: bool = False, benchmark: str = "", images: str = "", prompt: str = "reference"
+             ) -> dict:
+    """Evaluate `checkpoint` on `data` (messages JSONL or shards folder; with `benchmark`, that benchmark's
+    public layout: pipelines/eval/benchmarks.py, `images` and `prompt` as it says). Returns the results dict
+    written to <out>/results.json: {"tasks": {row: {metric: value, "n": n, "n_failed": k}}, "checkpoint",
+    "data", "benchmark", "step", "sampler", "mlflow_run"}, a row per task (per split / subtask for a
+    benchmark); with `return_predictions` the returned dict (not the file) also holds "predictions": one dict
+    per item with "task", "label", "ok" and its output ("hyp", "image" (H, W, C) uint8, "audio_codes" +
+    "transcript")."""
     t0 = time.time()
     presets = presets or SamplerPresets()
     bad = [t for t in tasks or () if t not in TASKS]
     if bad:
         raise ValueError(f"--tasks {bad}: unknown; tasks: {list(TASKS)}")
+    bench = benchmarks.get(benchmark) if benchmark else None
+    if bench and bench.needs_asr_model and not asr_model:
+        raise configlib.ConfigError(f"--benchmark {benchmark} is judged by an external recognizer: give "
+                                    f"--asr-model <local Whisper folder>")
     export = export_format.read(checkpoint)
     tokenizers = export.tokenizers()
-    items = load_items(data, tokenizers, tasks=tasks, limit=limit)
+    if bench:
+        items = bench.load(data, prompt=benchmarks.prompt_for(bench, prompt), limit=limit, images=images)
+    else:
+        items = load_items(data, tokenizers, tasks=tasks, limit=limit)
     if not items:
         raise ValueError(f"--data {data}: no evaluation items" + (f" for tasks {list(tasks)}" if tasks else ""))
-    base = "" if is_shards(data) else input_base_dir(data)
+    base = "" if bench or is_shards(data) else input_base_dir(data)
 
     classifier = None
     real: dict[int, np.ndarray] = {}
@@ -432,21 +439,26 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
     # actors load the export by its own URI: on another node the local cache path above does not exist
     preds = run_predictions(checkpoint, items, presets, base_dir=base, device=device, asr_model=asr_model,
                             local=local, actors=actors)
-    by_task: dict[str, list[int]] = defaultdict(list)
-    for i, it in enumerate(items):
-        by_task[it["task"]].append(i)
-    table = {task: task_metrics(task, [items[i] for i in idx], [preds[i] for i in idx], classifier=classifier,
-                                real_images=real, clip_model=clip_model)
-             for task, idx in sorted(by_task.items(), key=lambda kv: TASKS.index(kv[0]))}
+    if bench:
+        table = bench.score(items, preds, asr_model=asr_model)
+    else:
+        by_task: dict[str, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            by_task[it["task"]].append(i)
+        table = {task: task_metrics(task, [items[i] for i in idx], [preds[i] for i in idx], classifier=classifier,
+                                    real_images=real, clip_model=clip_model)
+                 for task, idx in sorted(by_task.items(), key=lambda kv: TASKS.index(kv[0]))}
     run = export_format.mlflow_run(export.config, checkpoint, mlflow_tracking_uri) if mlflow else None
-    results = {"tasks": table, "checkpoint": checkpoint, "data": data, "step": export.config.step,
+    results = {"tasks": table, "checkpoint": checkpoint, "data": data, "benchmark": benchmark or None,
+               "step": export.config.step,
                "sampler": configlib.to_dict(presets), "seconds": round(time.time() - t0, 2),
                "mlflow_run": run[1] if run else None}
     if out:
         storage.write_text_atomic(storage.join(out, "results.json"), json.dumps(results, indent=2))
         storage.write_text_atomic(storage.join(out, "predictions.jsonl"), "".join(
             json.dumps({**{k: v for k, v in p.items() if k != "image"},
-                        "ref": items[i].get("ref_text") or items[i].get("spoken"), "label": items[i].get("label")})
+                        "ref": items[i].get("ref_text") or items[i].get("spoken"), "label": items[i].get("label"),
+                        **{k: items[i][k] for k in ("id", "split", "subtask") if k in items[i]}})
             + "\n" for i, p in enumerate(preds)))
     if run:
         try:
@@ -465,9 +477,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnidiff eval", description=__doc__, epilog=cli.EXIT_STATUS_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="training export folder (local or s3://)")
-    p.add_argument("--data", required=True, help="messages JSONL or tokenize output folder (local or s3://)")
+    p.add_argument("--data", required=True, help="messages JSONL or tokenize output folder (local or s3://); "
+                                                 "with --benchmark, the benchmark's public layout")
+    p.add_argument("--benchmark", choices=list(benchmarks.BENCHMARKS), default="",
+                   help="a published benchmark and its protocol (pipelines/eval/benchmarks.py) instead of --tasks")
+    p.add_argument("--images", default="", help="pope: the COCO val2014 image folder (default <data>/val2014); "
+                                                "mme: where the images are, if not under --data")
+    p.add_argument("--prompt", default="reference", help="benchmark prompt wording: reference (the reference's "
+                                                         "evaluation wording), template (this product's task "
+                                                         "template), or a wording with {text} and placeholders")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=None, help="tasks to evaluate (default: all)")
-    p.add_argument("--limit", type=int, default=None, help="at most N items per task")
+    p.add_argument("--limit", type=int, default=None, help="at most N items per task (benchmarks: per split for "
+                                                           "pope, images per subtask for mme, utterances)")
     p.add_argument("--out", default=None, help="folder for results.json and predictions.jsonl")
     p.add_argument("--classifier-train-data", default="", help="labeled real images (JSONL or shards) to fit "
                                                                "the t2i/s2i image classifier on")
@@ -490,12 +511,17 @@ def build_parser() -> argparse.ArgumentParser:
 @cli.command
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    presets = load_presets(args.preset, args.sampler_config, args.overrides)
+    if args.benchmark and args.tasks:
+        raise configlib.ConfigError("--benchmark and --tasks: give one (a benchmark decides its task)")
+    # a benchmark's own sampler settings (the reference's) come before the command line's overrides
+    bench_overrides = list(benchmarks.get(args.benchmark).sampler) if args.benchmark else []
+    presets = load_presets(args.preset, args.sampler_config, bench_overrides + list(args.overrides))
     if not args.local and args.ray_address:   # else map_with_actors starts a local Ray if it needs one
         init_ray(args.ray_address)
     evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out, presets=presets,
              classifier_train_data=args.classifier_train_data, asr_model=args.asr_model, clip_model=args.clip_model,
              local=args.local, actors=args.actors, device=args.device, mlflow=not args.no_mlflow,
+             benchmark=args.benchmark, images=args.images, prompt=args.prompt,
              mlflow_tracking_uri=args.mlflow_tracking_uri)
     if args.out:
         print(f"wrote {storage.join(args.out, 'results.json')}", file=sys.stderr)

@@ -109,7 +109,8 @@ def load_export(uri: str, device: str | torch.device | None = None, dtype: str =
 class Request:
     """One prompt. Either `messages` (prompt turns with `<|image|>` / `<|audio|>` placeholders; no assistant
     answer), or nothing (the task template filled with `text`), or `prompt_ids` already tokenized (from shards;
-    ending with `<im_start><assistant>`).
+    ending with `<im_start><assistant>`). With `messages`, a TTS request's `text` (if given) is the text to read,
+    which sizes the canvas when the wording is not the task template's (a benchmark's prompt).
 
     images: each a path / s3:// URI (relative ones resolved against `base_dir`), file bytes, uint8 pixels
         (H, W, C), or integer codes (tokens_per_image,). audios: each a path / URI, file bytes, a float32 24 kHz
@@ -312,8 +313,8 @@ class Predictor:
 
     def _text_to_read_tokens(self, req: Request, prompt: np.ndarray) -> int:
         template = self.templates.get(req.task)
-        if req.prompt_ids is None and req.messages is None:
-            text = req.text
+        if req.prompt_ids is None and (req.messages is None or req.text):
+            text = req.text   # the template's text, or the text to read beside messages of another wording
         elif req.messages is not None:
             users = [m.get("content", "") for m in req.messages if m.get("role") == "user"]
             text = spoken_text(template, users[-1] if users else "")

@@ -157,3 +157,75 @@ def test_export_and_generate_through_s3(export, corpus, tmp_path, monkeypatch):
         assert fs.exists("s3://runs/gen/results.jsonl") and fs.exists("s3://runs/gen/media/000002.wav")
     finally:
         server.stop()
+
+
+# ---- published benchmarks from their public layouts (pipelines/eval/benchmarks.py) -------------------------
+
+BENCH_FAST = load_presets("reference", None, ["steps=2", "vqa.length=8", "asr.max_length=8",
+                                              "tts.length_ratio=4", "tts.max_length=32", "batch_size=8"])
+
+
+def test_benchmark_pope_on_ray(ray_local, export, tmp_path):
+    """POPE through the Ray Data actor pool: one row per split, metrics recomputable from the predictions."""
+    from pipelines.eval.benchmarks import pope_answer, pope_metrics
+    from tests.helpers.benchmarks import write_pope
+
+    root = write_pope(tmp_path / "pope")
+    out = tmp_path / "eval"
+    results = evaluate.evaluate(str(export), str(root), benchmark="pope", out=str(out), presets=BENCH_FAST,
+                                local=False, mlflow=False)
+    t = results["tasks"]
+    assert set(t) == {"pope/random", "pope/adversarial"} and results["benchmark"] == "pope"
+    assert (t["pope/random"]["n"], t["pope/adversarial"]["n"]) == (3, 2)
+    preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [(p["split"], p["id"]) for p in preds] == [("random", 1), ("random", 2), ("random", 3),
+                                                      ("adversarial", 7), ("adversarial", 8)]
+    assert all(p["ok"] and isinstance(p["hyp"], str) for p in preds)
+    for split in ("random", "adversarial"):
+        rows = [p for p in preds if p["split"] == split]
+        expect = pope_metrics([pope_answer(p["hyp"]) for p in rows], [p["ref"] for p in rows])
+        assert {k: t[f"pope/{split}"][k] for k in expect} == pytest.approx(expect)
+
+
+def test_benchmarks_mme_librispeech_libritts_local(export, tmp_path, capsys):
+    """MME and LibriSpeech in-process; LibriTTS judged by a tiny local Whisper through the eval worker (decoded
+    speech -> 16 kHz -> transcript -> Whisper-normalised WER); the CLI selects a benchmark's protocol."""
+    from pipelines.eval import scoring
+    from pipelines.eval.whisper import english_normalizer
+    from tests.helpers.benchmarks import write_librispeech, write_libritts, write_mme
+    from tests.helpers.whisper import write_tiny_whisper
+
+    mme = evaluate.evaluate(str(export), str(write_mme(tmp_path / "MME")), benchmark="mme", presets=BENCH_FAST,
+                            local=True, mlflow=False, return_predictions=True)
+    t = mme["tasks"]
+    assert {t["mme/count"]["n"], t["mme/existence"]["n"]} == {2, 4}
+    assert t["mme/perception"]["score"] == pytest.approx(t["mme/count"]["score"] + t["mme/existence"]["score"])
+    assert all(0 <= t[k]["score"] <= 200 for k in ("mme/count", "mme/existence"))
+
+    whisper = write_tiny_whisper(tmp_path / "whisper", only_word="hello", max_new_tokens=2)
+    tts = evaluate.evaluate(str(export), str(write_libritts(tmp_path / "tts", {"1_2_3_4": "Hello hello.",
+                                                                               "1_2_3_5": "Hello world."})),
+                            benchmark="libritts", asr_model=str(whisper), presets=BENCH_FAST, local=True,
+                            mlflow=False, return_predictions=True)
+    row = tts["tasks"]["libritts"]
+    preds = tts["predictions"]
+    assert all(p["transcript"] == ("hello hello" if p["speech_frames"] else "") for p in preds)
+    norm = english_normalizer(str(whisper))
+    expect = scoring.corpus_wer([scoring.whisper_english_words(s, norm) for s in ("Hello hello.", "Hello world.")],
+                                [scoring.whisper_english_words(p["transcript"], norm) for p in preds])
+    assert row["wer"] == pytest.approx(expect["wer"]) and row["n"] == 2
+    if all(p["speech_frames"] for p in preds):   # (seeded: it does) both heard as "hello hello": 1 error / 4 words
+        assert row["wer"] == pytest.approx(0.25) and row["wer_spoken"] == pytest.approx(0.25)
+    with pytest.raises(Exception, match="--asr-model"):
+        evaluate.evaluate(str(export), str(tmp_path / "tts"), benchmark="libritts", presets=BENCH_FAST, local=True)
+
+    ls = write_librispeech(tmp_path / "test-clean")
+    code = evaluate.main(["--checkpoint", str(export), "--benchmark", "librispeech", "--data", str(ls), "--local",
+                          "--no-mlflow", "--out", str(tmp_path / "ls"), "steps=2", "asr.max_length=8"])
+    assert code == 0 and "librispeech" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "ls" / "results.json").read_text())
+    lines = [json.loads(x) for x in (tmp_path / "ls" / "predictions.jsonl").read_text().splitlines()]
+    refs = [scoring.librispeech_words(p["ref"], hypothesis=False) for p in lines]
+    hyps = [scoring.librispeech_words(p.get("hyp", ""), hypothesis=True) for p in lines]
+    assert saved["tasks"]["librispeech"]["wer"] == pytest.approx(scoring.corpus_wer(refs, hyps)["wer"])
+    assert saved["tasks"]["librispeech"]["words"] == 10
