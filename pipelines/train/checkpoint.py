@@ -440,6 +440,14 @@ def _all_ok(ok: bool) -> bool:
     return bool(t.item())
 
 
+def _load_failure(e: BaseException) -> str:
+    """What went wrong in dcp.load, short: DCP gathers every rank's exception and traceback into one."""
+    if isinstance(e, CheckpointException) and e.failures:
+        rank, (exc, _) = min(e.failures.items())
+        return f"on rank {rank}: {type(exc).__name__}: {str(exc)[:300]}"
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
 def restore(state: TrainState, run_uri: str, latest_uri: str | None = None, *, say=print) -> int | None:
     """Load the newest intact checkpoint of the run into `state` (collective: every rank calls it).
 
@@ -472,7 +480,7 @@ def restore(state: TrainState, run_uri: str, latest_uri: str | None = None, *, s
             dcp.load({"train": state}, storage_reader=reader, planner=SafeLoadPlanner())
             ok = True
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
-            ok, problem = False, reader.problem or f"{type(e).__name__}: {str(e)[:500]}"
+            ok, problem = False, reader.problem or _load_failure(e)
         if not _all_ok(ok):
             skipped.append(cand)
             say(f"[checkpoint] loading {cand.uri} failed ({problem or 'on another rank'}); trying the "

@@ -133,4 +133,6 @@ def test_each_rank_reads_its_share_from_s3_and_ranks_fall_back_together(tmp_path
     # the flipped byte is seen by rank 1 only; both ranks agree to fall back to step 4
     assert [res["fallback"] for res in results] == [4, 4]
     assert any("__1_0.distcp fails its CRC32 check" in s for s in results[1]["fallback_said"])
+    assert any("on rank 1: CheckpointError: __1_0.distcp fails its CRC32 check" in s
+               for s in results[0]["fallback_said"]), results[0]["fallback_said"]
     assert all(any("instead of the newest" in s for s in res["fallback_said"]) for res in results)
