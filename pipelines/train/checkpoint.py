@@ -384,8 +384,9 @@ class CheckpointReader(StorageReader):
             if info.relative_path not in self.recorded.files:
                 raise self._damage(f"{info.relative_path} is in .metadata but in no rank's marker")
             per_file.setdefault(info.relative_path, []).append((info, req))
+        with_items = {key[0] for key in self.recorded.items}
         for name, reqs in per_file.items():
-            per_item = any(k[0] == name for k in self.recorded.items)
+            per_item = name in with_items
             if not per_item:
                 self._check_whole_file(name)
             for start, end, span in _spans(sorted(reqs, key=lambda r: r[0].offset)):
@@ -479,7 +480,7 @@ def restore(state: TrainState, run_uri: str, latest_uri: str | None = None, *, s
         try:
             dcp.load({"train": state}, storage_reader=reader, planner=SafeLoadPlanner())
             ok = True
-        except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
             ok, problem = False, reader.problem or _load_failure(e)
         if not _all_ok(ok):
             skipped.append(cand)
