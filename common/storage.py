@@ -218,6 +218,14 @@ def read_bytes(uri: str, limit: int | None = None) -> bytes:
         raise FileNotFoundError(f"{uri} does not exist") from None
 
 
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of the object (one ranged GET on S3); fewer when the object ends before `end`."""
+    try:
+        return call(lambda fs: fs.cat_file(uri, start=start, end=end), uri, f"reading bytes {start:,}..{end:,} of")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{uri} does not exist") from None
+
+
 def read_text(uri: str) -> str:
     return read_bytes(uri).decode("utf-8")
 

@@ -6,7 +6,7 @@
       diffusion  masking scheme and EOS tail (model/diffusion.py)
       optim      AdamW + warmup/cosine + clipping
       train      steps, seed, log/checkpoint/eval intervals, init (scratch or pretrained), fault injection
-      scaling    Ray Train workers
+      scaling    Ray Train workers, the process group's network interface
       run        name, run_dir (checkpoints, MLflow store, export), max_failures
       mlflow     tracking URI, experiment
 
@@ -15,6 +15,7 @@ overrides. The resolved tree is what MLflow records as params and what every Ray
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -152,6 +153,17 @@ class ScalingConfig:
     # Fractional CPUs let 2 workers (plus Ray Data / the driver) fit on a 2-core machine.
     cpus_per_worker: float = 0.5
     gpus_per_worker: float = 1.0
+    # Network interface(s) of the process group's sockets, e.g. "eth0" (comma-separated names allowed): set as
+    # GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME in every worker's environment before its process group starts.
+    # "" leaves both as the workers inherit them. Needed with one worker per host where the hostname resolves to
+    # 127.0.0.1 (containers, network namespaces): gloo then fails with "Gloo connectFullMesh failed ...
+    # remote=[127.0.0.1]". The infra/ manifests set the variables on every Ray pod (eth0) instead.
+    socket_ifname: str = ""
+
+    def __post_init__(self) -> None:
+        if self.socket_ifname and not re.fullmatch(r"[\w.:@-]+(,[\w.:@-]+)*", self.socket_ifname):
+            raise ConfigError(f"scaling.socket_ifname={self.socket_ifname!r}: expected interface names such as "
+                              f"eth0 or eth0,eth1 (see `ip -brief link` on a worker host)")
 
 
 @dataclass

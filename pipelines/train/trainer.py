@@ -323,6 +323,12 @@ def train_func(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     say = _say if rank == 0 else (lambda msg: None)
+    for key, value in worker_env(cfg).items():   # Ray applied them before the process group started
+        if os.environ.get(key) != value:
+            raise RuntimeError(f"scaling.socket_ifname={cfg.scaling.socket_ifname!r} did not reach this worker "
+                               f"({key}={os.environ.get(key)!r}); the launcher dropped RunConfig.worker_runtime_env")
+    say(f"[train] process group sockets: GLOO_SOCKET_IFNAME={os.environ.get('GLOO_SOCKET_IFNAME', '')!r} "
+        f"NCCL_SOCKET_IFNAME={os.environ.get('NCCL_SOCKET_IFNAME', '')!r} ('' = chosen from the hostname)")
     if cfg.scaling.use_gpu:
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
@@ -461,6 +467,24 @@ def resolve_config(config_path: str | None, shards: Sequence[str] = (), run_dir:
     return cfg
 
 
+def worker_env(cfg: TrainConfig) -> dict[str, str]:
+    """Environment variables every Ray Train worker gets before its process group starts."""
+    name = cfg.scaling.socket_ifname
+    return {"GLOO_SOCKET_IFNAME": name, "NCCL_SOCKET_IFNAME": name} if name else {}
+
+
+def ray_run_config(cfg: TrainConfig):
+    """Ray Train's RunConfig for `cfg`: the run's name and storage, restarts, checkpoints kept, worker env."""
+    import ray.train
+
+    return ray.train.RunConfig(
+        name=cfg.run.name, storage_path=cfg.run.run_dir,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
+                                               controller_failure_limit=cfg.run.max_start_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last),
+        worker_runtime_env={"env_vars": worker_env(cfg)})
+
+
 def run(cfg: TrainConfig, budget: TimeBudget | None = None):
     """Check the data (vocabulary, ids) on the driver, then fit (within `budget`, if given: budget.py).
     Returns Ray's Result."""
@@ -478,11 +502,7 @@ def run(cfg: TrainConfig, budget: TimeBudget | None = None):
                            "budget": budget.to_dict() if budget else None},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name, storage_path=cfg.run.run_dir,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures,
-                                                   controller_failure_limit=cfg.run.max_start_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_last)),
+        run_config=ray_run_config(cfg),
     )
     return trainer.fit()
 

@@ -498,6 +498,40 @@ def test_config_map_references_resolve():
                    for o in objs if o["kind"] != "Namespace"), f"overlays/{overlay}: objects outside its namespace"
 
 
+def _container_env(objs: list[dict], container: dict) -> dict[str, Any]:
+    """A container's environment as Kubernetes builds it: envFrom ConfigMaps first, then `env` over them."""
+    maps = {o["metadata"]["name"]: o.get("data", {}) for o in objs if o["kind"] == "ConfigMap"}
+    env: dict[str, Any] = {}
+    for e in container.get("envFrom", []):
+        if "configMapRef" in e:
+            env.update(maps.get(e["configMapRef"]["name"], {}))
+    env.update({e["name"]: e.get("value") for e in container.get("env", [])})
+    return env
+
+
+def test_training_pods_pin_the_process_group_interface():
+    # One Ray Train worker per pod: without these gloo may connect to 127.0.0.1 ("Gloo connectFullMesh failed").
+    # Every pod of a training cluster (the train jobs' and the interactive cluster that `ray job submit` uses).
+    checked = 0
+    for overlay in OVERLAYS:
+        objs = render(K8S / "overlays" / overlay)
+        for o in objs:
+            if o["kind"] not in KUBERAY_KINDS:
+                continue
+            spec = job_spec(o)
+            if spec is not None and "pipelines.train" not in spec.get("entrypoint", ""):
+                continue
+            cluster = cluster_spec(o)
+            for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+                for c in group["template"]["spec"]["containers"]:
+                    env = _container_env(objs, c)
+                    where = f"overlays/{overlay} {o['kind']}/{o['metadata']['name']} {group.get('groupName', 'head')}"
+                    for key in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                        assert env.get(key) == "eth0", f"{where}: {key} is {env.get(key)!r}, expected eth0"
+                    checked += 1
+    assert checked >= 2 * len(OVERLAYS), "no training cluster found in the overlays"
+
+
 def test_mlflow_deployment_and_service():
     for overlay in OVERLAYS:
         objs = render(K8S / "overlays" / overlay)

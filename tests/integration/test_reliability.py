@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import re
 import signal
 import socket
@@ -526,6 +527,25 @@ def _load_checkpoint(tmp: Path, marker: Path) -> None:
     ckpt.restore(make_state(1), str(tmp / "run"), say=lambda s: None)
 
 
+def _load_checkpoint_metadata(tmp: Path, marker: Path) -> None:
+    from pipelines.train import checkpoint as ckpt
+    from tests.unit.test_train_checkpoint import make_state
+
+    state = make_state(0)
+    state.extra = {"step": 4}
+    d = ckpt.save_local(state, tmp / "run" / ckpt.checkpoint_dir_name(4), rank=0, world_size=1)
+    meta = d / ".metadata"
+    meta.write_bytes(pickle.dumps(Evil(marker)))   # DCP's own reader would pickle.load this
+    m = json.loads((d / "complete.rank0.json").read_text())
+    m["files"][".metadata"] = {"bytes": meta.stat().st_size, "crc32": ckpt._crc32(meta)}
+    (d / "complete.rank0.json").write_text(json.dumps(m))
+    said = []
+    try:
+        ckpt.restore(make_state(1), str(tmp / "run"), say=said.append)
+    finally:
+        assert any(f"{meta}: refused" in s for s in said), said
+
+
 def _load_shard(tmp: Path, marker: Path) -> None:
     from tokenize_jobs import shards
     from tokenize_jobs.writer import _tar_member, tar_end
@@ -549,6 +569,7 @@ LOADERS = {
     "EnCodec .th path (checksum + weights_only)": _load_encodec,
     "model.safetensors (no pickle at all)": _load_safetensors,
     "DCP checkpoint (SafeLoadPlanner)": _load_checkpoint,
+    "DCP .metadata (restricted unpickler)": _load_checkpoint_metadata,
     "shard .npy (allow_pickle=False)": _load_shard,
     "media blob between stages (allow_pickle=False)": _load_media_blob,
 }

@@ -75,6 +75,7 @@ def first_fit(ray_local, shard_set, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
     cfg = trainer.resolve_config(str(DEBUG_YAML), [str(shard_set)], str(run_dir),
                                ["run.name=itest", "train.fail_at_step=6", "train.fail_mode=kill",
+                                "scaling.socket_ifname=lo",   # train_func refuses to start if it did not arrive
                                 "train.fail_rank=1"])
     # a budget that fits every step: fitted after step 3, kept by the restarted group
     result = trainer.run(cfg, TimeBudget(3600, probe_steps=2))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,54 @@ def test_pickled_payload_in_a_checkpoint_is_refused(tmp_path):
     assert not Path(EVIL_FILE).exists()
 
 
+class Shell:
+    """Unpickling this runs a shell command (os.system), as a poisoned .metadata would."""
+
+    def __init__(self, cmd: str) -> None:
+        self.cmd = cmd
+
+    def __reduce__(self):
+        return (os.system, (self.cmd,))
+
+
+def poison_metadata(ckpt_dir: Path, marker: Path) -> None:
+    """Replace `.metadata` with a pickle that creates `marker`, and re-record its size and CRC32 in rank 0's
+    marker: whoever can write the run directory can rewrite both."""
+    meta = ckpt_dir / ".metadata"
+    meta.write_bytes(pickle.dumps(Shell(f"touch {marker}")))
+    m = json.loads((ckpt_dir / "complete.rank0.json").read_text())
+    m["files"][".metadata"] = {"bytes": meta.stat().st_size, "crc32": ckpt._crc32(meta)}
+    (ckpt_dir / "complete.rank0.json").write_text(json.dumps(m))
+
+
+def test_poisoned_metadata_is_refused_naming_the_file(tmp_path):
+    src = make_state(0)
+    save(src, tmp_path, 4)
+    newest = save(src, tmp_path, 8)
+    marker = tmp_path / "pwned"
+    poison_metadata(newest, marker)
+    said = []
+    assert ckpt.restore(make_state(1), str(tmp_path), say=said.append) == 4
+    assert not marker.exists()
+    assert any(f"{newest / '.metadata'}: refused, it references posix.system" in s for s in said), said
+    with pytest.raises(ckpt.CheckpointError, match=r"^x/\.metadata: refused, it references posix\.system"):
+        ckpt.load_metadata((newest / ".metadata").read_bytes(), "x/.metadata")
+    assert not marker.exists()
+    pickle.loads((newest / ".metadata").read_bytes())   # the payload is live: plain pickle.load runs it
+    assert marker.exists()
+
+
+def test_metadata_unpickler_admits_a_real_index_and_refuses_other_globals(tmp_path):
+    d = save(make_state(0), tmp_path, 4)
+    md = ckpt.load_metadata((d / ".metadata").read_bytes(), ".metadata")
+    assert "train.model.output.weight" in md.state_dict_metadata
+    for obj in (print, pickle.loads, Path.touch, torch.load):   # a builtin, the pickle module, a method, torch
+        with pytest.raises(ckpt.CheckpointError, match="refused"):
+            ckpt.load_metadata(pickle.dumps(obj), ".metadata")
+    with pytest.raises(ckpt.CheckpointError, match="not a DCP Metadata"):
+        ckpt.load_metadata(pickle.dumps({"a": 1}), ".metadata")
+
+
 def test_export_holds_weights_vocab_config_and_tokenizers(tmp_path):
     state = make_state(0)
     tok = tmp_path / "set" / "tokenizers"
@@ -144,12 +194,16 @@ def test_restore_and_export_on_s3(s3, tmp_path):
 
     src = make_state(0)
     fs = storage.filesystem(s3)
-    for step in (4, 8):
+    for step in (4, 8, 12):
         d = save(src, tmp_path, step)
+        if step == 12:   # the newest: its .metadata poisoned, refused as on local disk
+            poison_metadata(d, tmp_path / "pwned")
         fs.put(str(d), f"{s3}/run/{d.name}", recursive=True)
-    assert [c.step for c in ckpt.list_checkpoints(f"{s3}/run")] == [8, 4]
-    dst = make_state(1)
-    assert ckpt.restore(dst, f"{s3}/run") == 8
+    assert [c.step for c in ckpt.list_checkpoints(f"{s3}/run")] == [12, 8, 4]
+    dst, said = make_state(1), []
+    assert ckpt.restore(dst, f"{s3}/run", say=said.append) == 8
+    assert not (tmp_path / "pwned").exists()
+    assert any(f"{s3}/run/{ckpt.checkpoint_dir_name(12)}/.metadata: refused" in s for s in said), said
     assert torch.equal(dst.model.output.weight, src.model.output.weight)
     tok = tmp_path / "tokenizers"
     tok.mkdir()

@@ -257,3 +257,15 @@ def test_media_floor_spares_the_text_of_an_answer():
     floor = trainer.media_floor({"s2i": 0.8}, B, VOCAB)
     assert torch.allclose(floor, torch.tensor([[0.0, 0.8, 0.8, 0.8, 0.8, 0.0]]))
     assert trainer.media_floor({}, B, VOCAB) is None
+
+
+def test_socket_interface_reaches_every_worker_environment_or_stays_unset():
+    cfg = from_dict(TrainConfig, {"scaling": {"socket_ifname": "eth0"}})
+    env = trainer.ray_run_config(cfg).worker_runtime_env["env_vars"]
+    assert env == {"GLOO_SOCKET_IFNAME": "eth0", "NCCL_SOCKET_IFNAME": "eth0"}
+    assert trainer.ray_run_config(TrainConfig()).worker_runtime_env["env_vars"] == {}   # "" = inherited
+    assert trainer.worker_env(from_dict(TrainConfig, {"scaling": {"socket_ifname": "eth0,eth1"}})) == {
+        "GLOO_SOCKET_IFNAME": "eth0,eth1", "NCCL_SOCKET_IFNAME": "eth0,eth1"}
+    for bad in ("eth0 eth1", "eth0;rm", "^docker"):
+        with pytest.raises(ConfigError, match="scaling.socket_ifname"):
+            from_dict(TrainConfig, {"scaling": {"socket_ifname": bad}})
