@@ -535,7 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_intermixed_args(argv)   # key=value overrides may sit between options
     cfg = resolve_config(args.config, args.shards, args.run_dir, args.overrides)
-    result = run(cfg, TimeBudget(args.time_budget) if args.time_budget else None)
+    import ray.train
+
+    try:
+        result = run(cfg, TimeBudget(args.time_budget) if args.time_budget else None)
+    except ray.train.TrainingFailedError as e:   # restarts used up, or a group that could not start
+        raise cli.Failed(f"training failed: {e}") from None
     if getattr(result, "error", None):
         raise cli.Failed(f"training failed: {result.error}")
     print(f"omnidiff train: finished; checkpoints in {storage.join(cfg.run.run_dir, cfg.run.name)}, "
