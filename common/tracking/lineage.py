@@ -27,6 +27,8 @@ from typing import Any
 from common import storage
 
 TAG_GIT_COMMIT = "mlflow.source.git.commit"     # MLflow's own tag: the UI shows it as the run's source version
+TAG_SOURCE_NAME = "mlflow.source.name"
+TAG_SOURCE_TYPE = "mlflow.source.type"
 TAG_GIT_DIRTY = "omnidiff.git.dirty"
 TAG_IMAGE = "omnidiff.container_image"
 TAG_RAY_JOB = "omnidiff.ray.job_id"
@@ -91,10 +93,13 @@ def ray_job() -> dict[str, str]:
     return out
 
 
-def provenance(config: Any = None, cwd: str | None = None) -> dict[str, str]:
+def provenance(config: Any = None, cwd: str | None = None, source: str = "") -> dict[str, str]:
     """Tags of what produced a run: git commit (the checkout's, else $OMNIDIFF_GIT_COMMIT), container image
-    ($OMNIDIFF_IMAGE), Ray job and submission ids, and the sha256 of the resolved config."""
+    ($OMNIDIFF_IMAGE), Ray job and submission ids, the sha256 of the resolved config, and `source` (the
+    command; the UI shows it with the commit as the run's Source)."""
     tags: dict[str, str] = {}
+    if source:
+        tags[TAG_SOURCE_NAME], tags[TAG_SOURCE_TYPE] = source, "JOB"
     found = git_commit(cwd)
     if found is not None:
         tags[TAG_GIT_COMMIT], dirty = found[0], found[1]
@@ -210,7 +215,7 @@ class TokenizeRun:
                 self.client = client_factory(self.uri)
             exp_id = ensure_experiment(self.client, experiment, artifact_location(self.uri))
             tags = {TAG_JOB_ID: job_id, TAG_OUTPUT: _norm(output), "omnidiff.tokenize.kind": kind,
-                    **provenance(config)}
+                    **provenance(config, source="omnidiff tokenize")}
             run = self.client.create_run(exp_id, run_name=f"tokenize {kind} {job_id}", tags=tags)
             self.run_id = run.info.run_id
             params = {**flatten_params(config), "job.kind": kind, "job.input": redact(input_uri),

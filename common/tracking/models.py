@@ -17,6 +17,9 @@ from typing import Any
 
 ARTIFACT_KEY = "export"          # context.artifacts[ARTIFACT_KEY]: the export folder, as pyfunc hands it back
 MODEL_NAME = "model"             # the logged model's name within its run
+# What the python model reads at load time; every key can be overridden by
+# `mlflow.pyfunc.load_model(uri, model_config={...})` (MLflow accepts only keys logged with the model).
+DEFAULT_MODEL_CONFIG = {"preset": "reference", "overrides": [], "device": "auto"}
 # Distributions the python model imports at load and predict time (their installed versions are pinned).
 RUNTIME_DISTRIBUTIONS = ("torch", "numpy", "pandas", "pillow", "soundfile", "safetensors", "tokenizers", "pyyaml",
                          "s3fs", "einops", "encodec")
@@ -53,20 +56,29 @@ def log_export(tracking_uri: str, run_id: str, export_dir: str, registered_name:
     it as a new version of `registered_name`. Returns the version."""
     import mlflow
     from mlflow.models import Model
+    from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
     # Model.log writes through the process-wide tracking and registry URIs: point both at this store for the
     # call only (the registry URI follows the tracking URI while it is unset).
-    previous_registry = mlflow.get_registry_uri() if mlflow.tracking._model_registry.utils._registry_uri else None
+    previous_registry = registry_utils._registry_uri
     mlflow.set_registry_uri(tracking_uri)
     try:
         with _use_tracking_uri(tracking_uri):
-            info = Model.log(name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, python_model=python_model,
+            # created here, in the run's experiment (Model.log alone files it under the process's active
+            # experiment), with the run's params so logged models compare by config
+            client = mlflow.MlflowClient(tracking_uri)
+            run = client.get_run(run_id)
+            model = client.create_logged_model(run.info.experiment_id, name=MODEL_NAME, source_run_id=run_id,
+                                               params=dict(run.data.params), model_type="omni-diffusion")
+            info = Model.log(artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id,
+                             model_id=model.model_id, python_model=python_model,
                              artifacts={ARTIFACT_KEY: str(export_dir)}, signature=signature(),
-                             pip_requirements=pip_requirements(), model_config=model_config or {},
+                             pip_requirements=pip_requirements(),
+                             model_config={**DEFAULT_MODEL_CONFIG, **(model_config or {})},
                              registered_model_name=registered_name, await_registration_for=60)
     finally:
-        mlflow.tracking._model_registry.utils._registry_uri = previous_registry
+        registry_utils._registry_uri = previous_registry
     return str(info.registered_model_version)
 
 

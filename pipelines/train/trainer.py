@@ -484,7 +484,7 @@ def run(cfg: TrainConfig, budget: TimeBudget | None = None):
         train_loop_config={"config": to_dict(cfg), "vocab": data.vocab.to_dict(),
                            "budget": budget.to_dict() if budget else None,
                            # what produced the run, read here: the driver runs in the checkout / job's env
-                           "provenance": tracking.provenance(to_dict(cfg))},
+                           "provenance": tracking.provenance(to_dict(cfg), source="omnidiff train")},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(

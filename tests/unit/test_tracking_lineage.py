@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -165,11 +166,11 @@ def test_tokenize_run_records_params_counts_reasons_throughput_and_shards(store,
     assert tags[lineage.TAG_MANIFEST] == lineage.manifest_digest(man)
     assert tags[lineage.TAG_OUTPUT] == str(tmp_path / "out")
     art = tmp_path / "art"
-    table = json.loads(open(client.download_artifacts(t.run_id, "quarantine_reasons.json", str(art))).read())
+    table = json.loads(Path(client.download_artifacts(t.run_id, "quarantine_reasons.json", str(art))).read_text())
     assert dict(zip(*[[row[i] for row in table["data"]] for i in range(2)])) == {"corrupt_image": 2, "empty_text": 1}
-    shards = json.loads(open(client.download_artifacts(t.run_id, "shards.json", str(art))).read())
+    shards = json.loads(Path(client.download_artifacts(t.run_id, "shards.json", str(art))).read_text())
     assert shards == man["shards"]
-    assert "corrupt_image" in open(client.download_artifacts(t.run_id, "quarantine.jsonl", str(art))).read()
+    assert "corrupt_image" in Path(client.download_artifacts(t.run_id, "quarantine.jsonl", str(art))).read_text()
 
     failed = lineage.TokenizeRun(uri, "tok-c", job_id="j2", kind="text", input_uri="/c", output="/o",
                                  config=cfg, say=pytest.fail)
