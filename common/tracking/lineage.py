@@ -33,6 +33,7 @@ TAG_GIT_DIRTY = "omnidiff.git.dirty"
 TAG_IMAGE = "omnidiff.container_image"
 TAG_RAY_JOB = "omnidiff.ray.job_id"
 TAG_RAY_SUBMISSION = "omnidiff.ray.submission_id"
+TAG_RAY_WORKING_DIR = "omnidiff.ray.working_dir"
 TAG_CONFIG = "omnidiff.config_sha256"
 TAG_TOKENIZE_RUNS = "omnidiff.tokenize_runs"     # on a training run: MLflow run ids of its shard sets' jobs
 TAG_JOB_ID = "omnidiff.tokenize.job_id"
@@ -85,30 +86,35 @@ def ray_job() -> dict[str, str]:
         if ray.is_initialized():
             out[TAG_RAY_JOB] = ray.get_runtime_context().get_job_id()
     try:
-        meta = json.loads(os.environ.get(ENV_RAY_JOB_CONFIG, "") or "{}").get("metadata", {})
-        if meta.get("job_submission_id"):
-            out[TAG_RAY_SUBMISSION] = str(meta["job_submission_id"])
+        job = json.loads(os.environ.get(ENV_RAY_JOB_CONFIG, "") or "{}")
+        if job.get("metadata", {}).get("job_submission_id"):
+            out[TAG_RAY_SUBMISSION] = str(job["metadata"]["job_submission_id"])
+        if (job.get("runtime_env") or {}).get("working_dir"):
+            # the uploaded code's package (gcs://_ray_pkg_<content hash>.zip): what runs, not the image's code
+            out[TAG_RAY_WORKING_DIR] = str(job["runtime_env"]["working_dir"])
     except (ValueError, AttributeError):
         pass
     return out
 
 
 def provenance(config: Any = None, cwd: str | None = None, source: str = "") -> dict[str, str]:
-    """Tags of what produced a run: git commit (the checkout's, else $OMNIDIFF_GIT_COMMIT), container image
-    ($OMNIDIFF_IMAGE), Ray job and submission ids, the sha256 of the resolved config, and `source` (the
+    """Tags of what produced a run: git commit (the checkout's, else $OMNIDIFF_GIT_COMMIT when the job runs the
+    image's own code), container image ($OMNIDIFF_IMAGE), Ray job and submission ids and uploaded working dir, the sha256 of the resolved config, and `source` (the
     command; the UI shows it with the commit as the run's Source)."""
     tags: dict[str, str] = {}
     if source:
         tags[TAG_SOURCE_NAME], tags[TAG_SOURCE_TYPE] = source, "JOB"
+    ray_tags = ray_job()
     found = git_commit(cwd)
     if found is not None:
         tags[TAG_GIT_COMMIT], dirty = found[0], found[1]
         tags[TAG_GIT_DIRTY] = str(dirty).lower()
-    elif os.environ.get(ENV_GIT_COMMIT):
+    elif os.environ.get(ENV_GIT_COMMIT) and TAG_RAY_WORKING_DIR not in ray_tags:
+        # the image's build commit names the code only when the job runs the image's code, not an upload
         tags[TAG_GIT_COMMIT] = os.environ[ENV_GIT_COMMIT]
     if os.environ.get(ENV_IMAGE):
         tags[TAG_IMAGE] = os.environ[ENV_IMAGE]
-    tags.update(ray_job())
+    tags.update(ray_tags)
     if config is not None:
         tags[TAG_CONFIG] = config_digest(config)
     return tags

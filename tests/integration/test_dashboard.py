@@ -57,6 +57,11 @@ def client_image_size(client, run_id: str, path: str) -> tuple[int, int]:
         return Image.open(client.download_artifacts(run_id, path, d)).size
 
 
+def click(d, element) -> None:
+    """A click where a user would: scrolled into view first (a long tree can hold the file below the fold)."""
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click();", element)
+
+
 def close_assistant(d) -> None:
     """The MLflow Assistant side panel hides a third of the page in screenshots: close it if it is open."""
     for button in d.find_elements("xpath", "//*[text()='MLflow Assistant']/following::button[position() <= 3]"):
@@ -91,18 +96,20 @@ def check_dashboard(url: str, client, run_id: str, tokenize_run_id: str, shots: 
         d.get(f"{run_page}/model-metrics?{ML_VIEW}")
         search = wait_for(d, lambda d: d.find_elements("css selector", "input[placeholder*='Search metric']"),
                           what="the metric chart search box")[0]
-        search.send_keys("loss")
+        wait_for(d, lambda d: d.find_elements("css selector", "path.point"), what="the first charts")
+        d.save_screenshot(str(shots / "model-metrics.png"))
+        search.send_keys("^loss$")     # a regex: the run's loss chart alone, not loss/<task> (charts render lazily)
         points = wait_for(d, lambda d: max(0, d.execute_script(JS_CHART_POINTS, f"{run.info.run_name} (loss)")),
                           what="points on the loss chart")
-        assert points >= 2
-        d.save_screenshot(str(shots / "model-metrics.png"))
+        assert points == len(client.get_metric_history(run_id, "loss"))
+        d.save_screenshot(str(shots / "loss-chart.png"))
 
         # a generated image renders in the artifact viewer (opened as a user does: folder, then file)
         image = next(a.path for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
         d.get(f"{run_page}/artifacts?{ML_VIEW}")
-        wait_for(d, lambda d: d.find_element("xpath", "//*[text()='images']"), what="the images folder").click()
-        wait_for(d, lambda d: d.find_element("xpath", f"//*[text()='{image.split('/')[-1]}']"),
-                 what=f"{image} in the artifact tree").click()
+        click(d, wait_for(d, lambda d: d.find_element("xpath", "//*[text()='images']"), what="the images folder"))
+        click(d, wait_for(d, lambda d: d.find_element("xpath", f"//*[text()='{image.split('/')[-1]}']"),
+                          what=f"{image} in the artifact tree"))
         size = wait_for(d, lambda d: d.execute_script(JS_IMAGE_SIZE, image), what=f"the image artifact {image}")
         assert size == list(client_image_size(client, run_id, image)), f"{image} rendered at {size}"
         d.save_screenshot(str(shots / "image-artifact.png"))

@@ -76,6 +76,12 @@ def test_provenance_reads_git_env_and_config_and_sets_nothing_it_cannot_find(tmp
     tags = lineage.provenance(None, cwd=str(plain))
     assert tags == {lineage.TAG_GIT_COMMIT: "c0ffee", lineage.TAG_IMAGE: "registry.example.com/omni-diffusion:0.1.0",
                     lineage.TAG_RAY_SUBMISSION: "raysubmit_1"}
+    # a job that uploaded its code (`--working-dir .`) runs that package, not the image's commit
+    monkeypatch.setenv(lineage.ENV_RAY_JOB_CONFIG, json.dumps({"metadata": {"job_submission_id": "raysubmit_2"},
+                                                               "runtime_env": {"working_dir": "gcs://_ray_pkg_ab.zip"}}))
+    tags = lineage.provenance(None, cwd=str(plain), source="omnidiff train")
+    assert lineage.TAG_GIT_COMMIT not in tags and tags[lineage.TAG_RAY_WORKING_DIR] == "gcs://_ray_pkg_ab.zip"
+    assert tags[lineage.TAG_SOURCE_NAME] == "omnidiff train" and tags[lineage.TAG_RAY_SUBMISSION] == "raysubmit_2"
 
 
 # ---- the training run -------------------------------------------------------------------------------------
