@@ -14,8 +14,10 @@ run id is saved in every checkpoint, so a restarted or resumed run keeps writing
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -211,6 +213,10 @@ class Tracker:
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_s,
                                                  resume_logging=resume, tracking_uri=self.uri)
             self._monitor.start()
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_available() and importlib.util.find_spec("pynvml") is None:
+                self.say("[mlflow] system metrics without GPU utilisation: install nvidia-ml-py "
+                         "(pip install '.[gpu]')")
         except Exception as e:  # noqa: BLE001 - e.g. psutil missing: the run goes on without them
             self._monitor = None
             self.say(f"[mlflow] system metrics are off ({type(e).__name__}: {e})")
