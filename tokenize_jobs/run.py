@@ -254,7 +254,8 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
         run_id=run_id, output=out, kind=kind, input_uri=ctx["input"], units_listed=len(units),
         units_skipped=len(units) - len(todo), run=writer.run, totals=totals, wall_s=time.time() - t0,
         orphans_removed=orphans, took_over=lock.took_over.describe() if lock.took_over else None)
-    tracked.finish(result, lambda: read_manifest(out), lambda: "".join(line + "\n" for line in writer.quarantine_lines))
+    tracked.finish(result, lambda: read_manifest(out),
+                   lambda: "".join(line + "\n" for line in writer.quarantine_lines))
     if print_summary:
         print(summary.format_table(result), flush=True)
     return result

@@ -158,13 +158,12 @@ def shard_set_dataset(set_uri: str, manifest: dict[str, Any]):
     counts = manifest.get("counts", {})
     profile = {"num_rows": counts.get("samples_written"), "samples_per_task": counts.get("samples_per_task", {}),
                "tokens_per_task": counts.get("tokens_per_task", {}), "shards": len(manifest.get("shards", [])),
-               "inputs_quarantined": counts.get("inputs_quarantined"),
+               "inputs_quarantined": counts.get("inputs_quarantined"), "kind": manifest.get("job", {}).get("kind"),
                "manifest_sha256": manifest_digest(manifest)}
     uri = _norm(set_uri)
     source_type = "s3" if storage.is_s3(uri) else "local"
     return Dataset(name=Path(uri).name or uri, digest=manifest_digest(manifest)[:32], source_type=source_type,
-                   source=json.dumps({"uri": uri}), schema=json.dumps({"kind": manifest.get("job", {}).get("kind")}),
-                   profile=json.dumps(profile))
+                   source=json.dumps({"uri": uri}), profile=json.dumps(profile))
 
 
 def log_shard_sets(client: Any, run_id: str, sets: Sequence[tuple[str, dict[str, Any]]],
