@@ -35,6 +35,7 @@ import numpy as np
 
 from common import cli, configlib
 from common.configlib import ConfigError
+from common.tracking import resolve_tracking_uri
 from model.tasks import spec
 from pipelines.infer.presets import SamplerPresets
 from pipelines.train.budget import TimeBudget
@@ -227,10 +228,15 @@ def build_corpus(demo: DemoConfig, out: Path, small: bool) -> dict:
     return result
 
 
-def tokenize(demo: DemoConfig, corpus: dict, out: Path) -> dict:
+def tokenize(demo: DemoConfig, corpus: dict, out: Path, tracking_uri: str = "") -> dict:
+    """The tokenize job, tracked in `tracking_uri` (the training run's store, so the dashboard links the two)
+    unless the demo config names a store of its own."""
     from tokenize_jobs.run import run_job
 
-    return run_job(demo.tokenize, "messages", corpus["tokenize_input"], str(out / "tok"), print_summary=False)
+    job = demo.tokenize
+    if tracking_uri and not job.mlflow.tracking_uri:
+        job = replace(job, mlflow=replace(job.mlflow, tracking_uri=tracking_uri))
+    return run_job(job, "messages", corpus["tokenize_input"], str(out / "tok"), print_summary=False)
 
 
 def train(cfg, budget: TimeBudget | None = None) -> dict:
@@ -436,7 +442,7 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
             with stage("ray", timings):
                 started_ray = start_ray()
             with stage("tokenize", timings):
-                tok = tokenize(demo, corpus, out)
+                tok = tokenize(demo, corpus, out, resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir))
                 print(f"tokenize: {tok['samples_written']:,} samples, {tok['tokens']:,} tokens, "
                       f"{tok['inputs_quarantined']} quarantined")
             budget = time_budget(demo.time, time.perf_counter() - t0)
@@ -454,8 +460,6 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
                 import ray
 
                 ray.shutdown()
-
-    from common.tracking import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir)
     tasks, real = summarize(ev)

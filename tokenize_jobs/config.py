@@ -116,6 +116,14 @@ class StorageConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Each job as an MLflow run (params, counts, quarantine reasons, throughput, the shard list). A tracking
+    failure is one warning, never a failed job."""
+    tracking_uri: str = ""          # "" = $MLFLOW_TRACKING_URI; neither = not tracked
+    experiment: str = "omni-diffusion-tokenize"
+
+
+@dataclass
 class TokenizeJobConfig:
     tokenizers: TokenizerConfig = field(default_factory=TokenizerConfig)
     templates: TaskTemplates = field(default_factory=TaskTemplates)
@@ -126,4 +134,5 @@ class TokenizeJobConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     lock: LockConfig = field(default_factory=LockConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    mlflow: TrackingConfig = field(default_factory=TrackingConfig)
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from common import cli, configlib, storage
+from common import cli, configlib, storage, tracking
 from common.configlib import ConfigError
 from model.tokenizers import SET_FILE, TokenizerMismatch, TokenizerSet, config_diff
 from model.vocab import Vocab
@@ -36,6 +36,7 @@ from tokenize_jobs import sources, summary
 from tokenize_jobs.config import KINDS, TokenizeJobConfig
 from tokenize_jobs.lock import OutputLock
 from tokenize_jobs.pipeline import _rows, build_dataset
+from tokenize_jobs.shards import read_manifest
 from tokenize_jobs.writer import ShardWriter, clean_orphans, fence
 
 TOKENIZERS_DIR = "tokenizers"
@@ -189,6 +190,8 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
     run_id = new_run_id()
     lock = OutputLock(out, run_id, ttl_s=cfg.lock.ttl_s, heartbeat_s=cfg.lock.heartbeat_s)
     lock.acquire()
+    tracked = tracking.TokenizeRun(cfg.mlflow.tracking_uri, cfg.mlflow.experiment, job_id=run_id, kind=kind,
+                                   input_uri=ctx["input"], output=out, config=cfg)
     started_ray = False
     try:
         state = fence(out, run_id, lock.token)   # from here on, no earlier writer can commit
@@ -212,6 +215,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
             "tokenizers": {"dir": TOKENIZERS_DIR, "names": tok.names, "fingerprints": tok.fingerprints},
             "job": {"kind": kind, "input": ctx["input"], "config": configlib.to_dict(cfg)},
         }
+        header["job"]["config"]["mlflow"]["tracking_uri"] = tracking.redact(cfg.mlflow.tracking_uri)
         writer = ShardWriter(out, run_id, header, state, check_lock=lock.check)
         try:
             if todo:
@@ -235,6 +239,9 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
         except BaseException:
             writer.abort()
             raise
+    except BaseException as e:
+        tracked.fail(e)
+        raise
     finally:
         if started_ray:
             import ray
@@ -247,6 +254,8 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
         run_id=run_id, output=out, kind=kind, input_uri=ctx["input"], units_listed=len(units),
         units_skipped=len(units) - len(todo), run=writer.run, totals=totals, wall_s=time.time() - t0,
         orphans_removed=orphans, took_over=lock.took_over.describe() if lock.took_over else None)
+    tracked.finish(result, lambda: read_manifest(out),
+                   lambda: "".join(line + "\n" for line in writer.quarantine_lines))
     if print_summary:
         print(summary.format_table(result), flush=True)
     return result

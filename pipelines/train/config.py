@@ -180,7 +180,16 @@ class RunConfig:
 class MlflowConfig:
     tracking_uri: str = ""        # "" = $MLFLOW_TRACKING_URI, else sqlite:///<run_dir>/mlflow.db
     experiment: str = "omni-diffusion"
-    system_metrics: bool = True   # CPU/memory/GPU sampling (needs psutil)
+    # MLflow's system metrics monitor: CPU, memory, disk, network, and GPU utilisation/memory (needs psutil;
+    # pynvml on GPU nodes), sampled every system_metrics_s seconds
+    system_metrics: bool = True
+    system_metrics_s: float = 10.0
+    # "" = the export is not logged as a model; a name = logged as a pyfunc model and registered as a new
+    # version of this registered model (needs a store with a model registry: sqlite or a server's database)
+    registered_model: str = ""
+    # where the tokenize jobs of the shard sets were tracked (tokenize_jobs/config.py `mlflow.experiment`):
+    # the run is tagged with their run ids
+    tokenize_experiment: str = "omni-diffusion-tokenize"
 
 
 @dataclass

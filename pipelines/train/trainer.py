@@ -356,14 +356,16 @@ def train_func(config: dict[str, Any]) -> None:
     attempt = _broadcast(f"{int(time.time() * 1000):013x}")
 
     tracker = tracking.Tracker(tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir),
-                              cfg.mlflow.experiment, cfg.run.name, enabled=rank == 0, say=say)
+                              cfg.mlflow.experiment, cfg.run.name, enabled=rank == 0, say=say,
+                              system_metrics_s=cfg.mlflow.system_metrics_s if cfg.mlflow.system_metrics else 0.0)
     # The run id travels in checkpoints; a file in the run dir also covers a restart before the first one.
     run_id_file = storage.join(run_uri, "mlflow_run_id")
     run_id = state.extra.get("mlflow_run_id")
     if rank == 0 and run_id is None and storage.exists(run_id_file):
         run_id = storage.read_text(run_id_file).strip() or None
-    if tracker.start(run_id, cfg) and not storage.exists(run_id_file):
+    if tracker.start(run_id, cfg, tags=config.get("provenance")) and not storage.exists(run_id_file):
         storage.write_text_atomic(run_id_file, tracker.run_id)
+    tracker.log_shard_sets([(s.uri, s.manifest) for s in data.sets.values()], cfg.mlflow.tokenize_experiment)
     if restored is not None:
         tracker.log_metrics({"resumed_from_step": step, "world_size": world}, step)
         say(f"[train] resumed from step {step} (stage {stream.state.stage + 1}, {stream.state.rows} rows "
@@ -416,7 +418,7 @@ def train_func(config: dict[str, Any]) -> None:
                       "tokens_per_s": tps, "step_time_s": elapsed / window_steps, "stage": stage,
                       "masked_tokens": last.masked, "data/rows": stream.state.rows,
                       "data/samples": stream.state.samples, "data/dropped": stream.state.dropped,
-                      **{f"loss/{t}": v for t, v in last.task_loss.items()}, **tracking.system_metrics()}
+                      **{f"loss/{t}": v for t, v in last.task_loss.items()}}
             if peak:
                 values["mfu"] = flops_per_token * tps / (peak * world)
             tracker.log_metrics(values, step)
@@ -443,6 +445,11 @@ def train_func(config: dict[str, Any]) -> None:
                 mlflow_run_id=tracker.run_id)
     say(f"[train] done: {step} steps in {tracking.format_duration(time.perf_counter() - started)}; "
         f"model exported to {export_uri}")
+    if rank == 0 and cfg.mlflow.registered_model:
+        from pipelines.export import localize
+        from pipelines.infer.pyfunc import OmniDiffusionModel
+
+        tracker.log_model(str(localize(export_uri)), cfg.mlflow.registered_model, OmniDiffusionModel())
     tracker.end()
 
 
@@ -499,7 +506,9 @@ def run(cfg: TrainConfig, budget: TimeBudget | None = None):
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": to_dict(cfg), "vocab": data.vocab.to_dict(),
-                           "budget": budget.to_dict() if budget else None},
+                           "budget": budget.to_dict() if budget else None,
+                           # what produced the run, read here: the driver runs in the checkout / job's env
+                           "provenance": tracking.provenance(to_dict(cfg), source="omnidiff train")},
         scaling_config=ray.train.ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray_run_config(cfg),

@@ -214,10 +214,17 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def tokenized(cluster, corpus, tmp_path_factory):
-    """All four kinds into one output (messages first: its audio fits the EnCodec codebooks)."""
+def tracking_uri(tmp_path_factory):
+    """A sqlite MLflow store the `tokenized` jobs are tracked in."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+@pytest.fixture(scope="module")
+def tokenized(cluster, corpus, tmp_path_factory, tracking_uri):
+    """All four kinds into one output (messages first: its audio fits the EnCodec codebooks), each job an
+    MLflow run in `tracking_uri`."""
     out = tmp_path_factory.mktemp("out")
-    summaries = {kind: _run(kind, corpus[kind], out) for kind in EXPECTED}
+    summaries = {kind: _run(kind, corpus[kind], out, f"mlflow.tracking_uri={tracking_uri}") for kind in EXPECTED}
     return out, summaries
 
 
@@ -262,6 +269,50 @@ def test_counts_and_quarantine_reasons_per_kind(tokenized):
     by_source = {q["source"]: q["reason"] for q in quarantine}
     assert by_source["sft.jsonl:14"] == "path_escape"  # the symlink pointing outside the corpus
     assert by_source["sft.jsonl:22"] == "line_too_long"
+
+
+def test_each_job_is_an_mlflow_run_with_its_counts_reasons_and_shards(tokenized, tracking_uri, tmp_path):
+    from mlflow import MlflowClient
+
+    from common.tracking import lineage
+    from tokenize_jobs import shards
+
+    out, summaries = tokenized
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("omni-diffusion-tokenize")
+    runs = sorted(client.search_runs([exp.experiment_id]), key=lambda r: r.info.start_time)
+    manifest = shards.read_manifest(str(out))
+    assert [r.data.tags[lineage.TAG_JOB_ID] for r in runs] == [r["run_id"] for r in manifest["runs"]] == [
+        summaries[k]["run_id"] for k in EXPECTED]
+    for run, kind in zip(runs, EXPECTED):
+        s, m = summaries[kind], run.data.metrics
+        assert run.info.status == "FINISHED" and run.data.params["job.kind"] == kind
+        assert run.data.tags[lineage.TAG_OUTPUT] == str(out)
+        assert {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("samples/")} == s["samples_per_task"]
+        assert {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("quarantined/")} == \
+            s["quarantined_by_reason"]
+        assert m["inputs_seen"] == s["inputs_seen"] and m["samples_per_s"] > 0 and m["tokens_per_s"] > 0
+        table = json.loads(Path(client.download_artifacts(run.info.run_id, "quarantine_reasons.json",
+                                                          str(tmp_path / kind))).read_text())
+        assert {row[0]: row[1] for row in table["data"]} == s["quarantined_by_reason"]
+    # the last job left the manifest as it is now; its shard list is the output's
+    assert runs[-1].data.tags[lineage.TAG_MANIFEST] == lineage.manifest_digest(manifest)
+    listed = json.loads(Path(client.download_artifacts(runs[-1].info.run_id, "shards.json",
+                                                       str(tmp_path / "last"))).read_text())
+    assert [sh["path"] for sh in listed] == [sh["path"] for sh in manifest["shards"]]
+    # what a training run on this output is linked to
+    assert lineage.tokenize_runs_of(client, "omni-diffusion-tokenize", str(out), manifest) == [
+        r.info.run_id for r in runs]
+
+
+def test_a_down_tracking_server_costs_a_warning_not_the_job(tokenized, corpus, capsys):
+    out, _ = tokenized
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"   # nothing listens once the socket closes
+    summary = _run("text", corpus["text"], out, f"mlflow.tracking_uri={dead}")   # a rerun: nothing new to do
+    assert summary["inputs_seen"] == 0 and summary["totals"]["inputs_seen"] > 0
+    assert "the job goes on untracked" in capsys.readouterr().out
 
 
 def test_samples_are_well_formed_and_in_their_vocabulary_ranges(tokenized):

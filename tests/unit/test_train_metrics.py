@@ -1,4 +1,4 @@
-"""common/tracking.py: params without credentials, outage tolerance, embedded store layout."""
+"""common/tracking: params without credentials, outage tolerance, embedded store layout."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,7 +26,7 @@ class FlakyClient:
         self._hit()
         return None
 
-    def create_experiment(self, name, artifact_location=None):
+    def create_experiment(self, name, artifact_location=None, tags=None):
         self._hit()
         return "1"
 

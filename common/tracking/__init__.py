@@ -1,5 +1,7 @@
 """Every MLflow call of the product: a training run's tracker (rank 0 only: Train V2 rejects Tune's MLflow
 callbacks), and the reads and writes that evaluation, the demo and the benchmarks make on a finished run.
+Two submodules hold the rest: `lineage` (what produced a run: provenance tags, shard sets as MLflow dataset
+inputs, tokenize jobs as runs of their own) and `models` (the export as a registered pyfunc model).
 
 Where runs go: `mlflow.tracking_uri`, else $MLFLOW_TRACKING_URI (a server), else an embedded store
 `sqlite:///<run_dir>/mlflow.db` with artifacts in `<run_dir>/mlartifacts` — both paths absolute and explicit,
@@ -11,8 +13,11 @@ run id is saved in every checkpoint, so a restarted or resumed run keeps writing
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +31,11 @@ from common.configlib import to_dict
 # A credential must never reach MLflow params: such keys are redacted, and so is userinfo in URIs.
 _SECRET_KEY = re.compile(r"(secret|password|passwd|token|credential|access_key|api_key)", re.I)
 _URI_USERINFO = re.compile(r"(\w+://)[^/@\s]+@")
+
+# The experiment kind MLflow's UI reads to choose its view: without it a new experiment opens in the GenAI view
+# ("Evaluation runs"); this value is the model-training view ("Machine learning" in the UI's kind selector).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
 
 # Dense bf16 peak FLOP/s of common accelerators, for the MFU estimate (vendor datasheets, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -79,33 +89,17 @@ def peak_flops(device_name: str) -> float | None:
     return None
 
 
-def system_metrics() -> dict[str, float]:
-    """CPU, memory and (on GPU) accelerator memory of this process's node; empty without psutil."""
-    out: dict[str, float] = {}
-    try:
-        import psutil
-
-        out["system/cpu_percent"] = psutil.cpu_percent(interval=None)
-        out["system/memory_percent"] = psutil.virtual_memory().percent
-        out["system/process_rss_gib"] = psutil.Process().memory_info().rss / 2**30
-    except ImportError:
-        pass
-    import torch
-
-    if torch.cuda.is_available():
-        out["system/gpu_memory_allocated_gib"] = torch.cuda.memory_allocated() / 2**30
-        out["system/gpu_memory_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
-    return out
-
-
 class Tracker:
     """Rank 0's MLflow connection. On other ranks (enabled=False) every method does nothing. No method raises
     because of the tracking server."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, *, enabled: bool = True,
                  say: Callable[[str], None] = print, retry_s: float = 30.0, max_buffer: int = 100_000,
-                 client_factory: Callable[[str], Any] | None = None) -> None:
+                 client_factory: Callable[[str], Any] | None = None, system_metrics_s: float = 0.0) -> None:
         self.enabled = enabled
+        self.system_metrics_s = system_metrics_s
+        self._monitor = None
+        self._tags: dict[str, str] = {}
         self.uri, self.experiment, self.run_name = tracking_uri, experiment, run_name
         self.say, self.retry_s, self.max_buffer = say, retry_s, max_buffer
         self.run_id: str | None = None
@@ -138,7 +132,7 @@ class Tracker:
         try:
             if self.client is None:
                 self.client = self._client_factory(self.uri)
-            if self.run_id is None or self._params:
+            if self.run_id is None or self._params or self._tags:
                 self._open_run()
             fn()
         except Exception as e:  # noqa: BLE001 - any tracking failure is survivable
@@ -160,10 +154,13 @@ class Tracker:
         from mlflow.entities import Param
 
         if self.run_id is None:
-            exp = self.client.get_experiment_by_name(self.experiment)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-                self.experiment, artifact_location=artifact_location(self.uri))
+            exp_id = ensure_experiment(self.client, self.experiment, artifact_location(self.uri))
             self.run_id = self.client.create_run(exp_id, run_name=self.run_name).info.run_id
+        if self._tags:
+            from mlflow.entities import RunTag
+
+            self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in sorted(self._tags.items())])
+            self._tags = {}
         if self._params:
             items = [Param(k, v) for k, v in sorted(self._params.items())]
             for i in range(0, len(items), 100):
@@ -171,15 +168,19 @@ class Tracker:
             self._params = {}
 
     # ---- API ----------------------------------------------------------------------------------------------
-    def start(self, run_id: str | None, config: Any) -> str | None:
-        """Open (or, with `run_id` from a checkpoint, continue) the run and record the resolved config.
-        Returns the run id, or None while the server is unreachable."""
+    def start(self, run_id: str | None, config: Any, tags: dict[str, str] | None = None) -> str | None:
+        """Open (or, with `run_id` from a checkpoint, continue) the run and record the resolved config and
+        `tags` (what produced the run: lineage.provenance). Returns the run id, or None while the server is
+        unreachable. With `system_metrics_s` > 0, MLflow's own system metrics monitor samples CPU, memory,
+        disk, network and (with pynvml) GPU utilisation and memory into the run every that many seconds."""
         if not self.enabled:
             return None
         self.run_id = run_id
         if run_id is None:
+            self._tags = dict(tags or {})
             self._params = flatten_params(config)
             self._call("start run", lambda: None)
+            self._start_monitor(resume=False)
             return self.run_id
 
         def resume() -> None:
@@ -192,13 +193,58 @@ class Tracker:
                     raise
                 # e.g. the tracking URI changed between attempts: a new run beats writing into the void
                 self.say(f"[mlflow] run {run_id} does not exist at {redact(self.uri)}; starting a new run")
-                self.run_id, self._params = None, flatten_params(config)
+                self.run_id, self._params, self._tags = None, flatten_params(config), dict(tags or {})
                 self._open_run()
                 return
             # a resumed run: mark it running again; params were logged by the first attempt
             self.client.update_run(run_id, status="RUNNING")
+            self._tags = dict(tags or {})
+            self._open_run()   # this attempt's tags (e.g. a new Ray job id)
         self._call("resume run", resume)
+        self._start_monitor(resume=True)
         return self.run_id
+
+    def _start_monitor(self, resume: bool) -> None:
+        if self.system_metrics_s <= 0 or self.run_id is None or self._monitor is not None:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=self.system_metrics_s,
+                                                 resume_logging=resume, tracking_uri=self.uri)
+            self._monitor.start()
+            torch = sys.modules.get("torch")
+            if torch is not None and torch.cuda.is_available() and importlib.util.find_spec("pynvml") is None:
+                self.say("[mlflow] system metrics without GPU utilisation: install nvidia-ml-py "
+                         "(pip install '.[gpu]')")
+        except Exception as e:  # noqa: BLE001 - e.g. psutil missing: the run goes on without them
+            self._monitor = None
+            self.say(f"[mlflow] system metrics are off ({type(e).__name__}: {e})")
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)[:8000]) for k, v in sorted(tags.items())]
+        if items:
+            self._call("set tags", lambda: self.client.log_batch(self.run_id, tags=items))
+
+    def log_shard_sets(self, sets: Sequence[tuple[str, dict[str, Any]]], tokenize_experiment: str) -> None:
+        """Each (uri, manifest) shard set as a dataset input of the run, and the tokenize runs that wrote them
+        as tags (lineage.log_shard_sets)."""
+        from common.tracking import lineage
+
+        self._call("log datasets", lambda: lineage.log_shard_sets(self.client, self.run_id, sets,
+                                                                   tokenize_experiment))
+
+    def log_model(self, export_dir: str, registered_name: str, python_model: Any) -> None:
+        """The export as an MLflow pyfunc model of this run, registered as a new version of
+        `registered_name` (models.log_export). A failure is one warning: the export on disk is the product."""
+        from common.tracking import models
+
+        def send() -> None:
+            version = models.log_export(self.uri, self.run_id, export_dir, registered_name, python_model)
+            self.say(f"[mlflow] export registered as model {registered_name!r} version {version}")
+        self._call("log model", send)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -241,6 +287,11 @@ class Tracker:
         if not self.enabled:
             return
         self._down_since = None  # one last try, whatever the retry spacing
+        if self._monitor is not None:
+            # its last sample is logged before the run ends; metrics of a dying server are not worth a failure
+            with contextlib.suppress(Exception):
+                self._monitor.finish()
+            self._monitor = None
         self.flush()
         if self._dropped:
             self.say(f"[mlflow] {self._dropped} metric points were dropped while tracking was unreachable")
@@ -258,8 +309,21 @@ def _client(tracking_uri: str):
     return MlflowClient(tracking_uri=tracking_uri)
 
 
+def ensure_experiment(client: Any, name: str, artifacts: str | None, kind: str = TRAINING_KIND) -> str:
+    """The id of experiment `name`, created (with `artifacts` as its artifact location) when missing, and tagged
+    with its kind so the UI opens the model-training view rather than the GenAI one."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifacts, tags={EXPERIMENT_KIND_TAG: kind})
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != kind:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, kind)
+    return exp.experiment_id
+
+
 def log_results(tracking_uri: str, run_id: str, results: dict, step: int | None) -> None:
-    """Evaluation results onto a (possibly finished) run: eval/<task>/<metric> and eval/results.json."""
+    """Evaluation results onto a (possibly finished) run: eval/<task>/<metric>, eval/results.json, the same as
+    a table (eval/results_table.json, comparable across runs in the UI's evaluation tab), and onto the run's
+    registered model versions as their description and tags (models.describe_versions)."""
     import math
 
     client = _client(tracking_uri)
@@ -268,6 +332,14 @@ def log_results(tracking_uri: str, run_id: str, results: dict, step: int | None)
             if isinstance(v, (int, float)) and math.isfinite(v):
                 client.log_metric(run_id, f"eval/{task}/{k}", float(v), step=step or 0)
     client.log_dict(run_id, results, "eval/results.json")
+    rows = [{"task": task, **{k: v for k, v in m.items() if isinstance(v, (int, float, str))}}
+            for task, m in sorted(results["tasks"].items())]
+    if rows:
+        client.log_table(run_id, {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)},
+                         "eval/results_table.json")
+    from common.tracking import models
+
+    models.describe_versions(client, run_id, results)
 
 
 def metric_history(tracking_uri: str, run_id: str, key: str) -> list[tuple[int, float, float]]:
@@ -334,3 +406,6 @@ def progress_line(step: int, total: int, stage: int, n_stages: int, stage_name: 
     return (f"step {step}/{total} | stage {stage + 1}/{n_stages} {stage_name} | loss {loss:.4f} | "
             f"{tokens_per_s:,.0f} tok/s | ETA {format_duration(eta_s)}")
 
+
+# The submodules' entry points, importable from here (below: they import this module's helpers).
+from common.tracking.lineage import TokenizeRun, manifest_digest, provenance  # noqa: F401
