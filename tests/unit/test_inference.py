@@ -46,14 +46,14 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return write_media(tmp_path_factory.mktemp("media"))
 
 
-def predictor(loaded, *overrides: str, preset: str = "reference") -> Predictor:
+def predictor(loaded, *overrides: str, preset: str = "project") -> Predictor:
     return Predictor(loaded, load_presets(preset, None, [*FAST, *overrides]))
 
 
 # ---- presets ----------------------------------------------------------------------------------------------
 
 def test_presets_overrides_bare_and_per_task():
-    p = load_presets("reference", None, ["steps=7", "tts.length_ratio=60", "seed=3"], tasks=["i2t", "tts"])
+    p = load_presets("project", None, ["steps=7", "tts.length_ratio=60", "seed=3"], tasks=["i2t", "tts"])
     assert p.i2t.steps == 7 and p.tts.steps == 7 and p.t2i.steps == 256    # bare key: only the listed tasks
     assert p.tts.length_ratio == 60 and p.seed == 3
     ref = SamplerPresets()
@@ -64,6 +64,27 @@ def test_presets_overrides_bare_and_per_task():
         load_presets("reference", None, ["stepz=3"])
     with pytest.raises(ConfigError, match="temperature"):
         load_presets("reference", None, ["temperature=-1"])
+    with pytest.raises(ConfigError, match="schedule"):
+        load_presets("project", None, ["schedule=linear"])
+    assert load_presets() == SamplerPresets() == SamplerPresets.preset("project")   # the default preset
+
+
+def test_reference_preset_has_the_reference_scripts_settings():
+    """tools/inference.py of the reference: generate(temperature=0.0, top_p=0.9) with top_k=50 from the
+    generation config; s2i 260/260 entropy-penalty 1.5 position 2.0 cfg 2.0, t2i the same with 1.2 and no cfg,
+    svqa 128/128 entropy-penalty 1.2 with <boa> at 20%, vqa 64/64 entropy, asr and tts 50/25 entropy."""
+    r = load_presets("reference")
+    for task in TASKS:
+        s = r.for_task(task)
+        assert (s.temperature, s.top_p, s.top_k, s.filter_greedy, s.schedule, s.position_penalty_on, s.eps) == \
+            (0.0, 0.9, 50, True, "dream", "logits", 1e-3), task
+    key = lambda s: (s.length, s.steps, s.alg, s.repetition_penalty, s.position_penalty, s.cfg_scale, s.uncond)
+    assert key(r.s2i) == (0, 260, "entropy-penalty", 1.5, 2.0, 2.0, "empty_user")
+    assert key(r.t2i) == (0, 260, "entropy-penalty", 1.2, 2.0, 0.0, "random_text")
+    assert key(r.svqa) == (128, 128, "entropy-penalty", 1.2, 1.0, 0.0, "masked") and r.svqa.speech_answer
+    assert r.svqa.boa_fraction == 0.2 and key(r.sqa) == key(r.svqa)
+    assert key(r.vqa) == (64, 64, "entropy", 1.0, 1.0, 0.0, "masked")
+    assert key(r.asr) == key(r.tts) == (50, 25, "entropy", 1.0, 1.0, 0.0, "masked")
 
 
 # ---- export loading ---------------------------------------------------------------------------------------
@@ -265,8 +286,9 @@ def test_missing_and_unreadable_inputs(loaded, media, tmp_path):
 
 INPUTS = {"t2i": ["--text", "a handwritten seven"], "i2t": ["--image", "{png}"], "vqa": ["--image", "{png}",
           "--text", "which digit?"], "asr": ["--audio", "{wav}"], "tts": ["--text", "seven"],
-          "s2i": ["--audio", "{wav}"], "svqa": ["--image", "{png}", "--audio", "{wav}"], "text": ["--text", "hi"]}
-FILES = {"t2i": "image.png", "s2i": "image.png", "tts": "speech.wav"}
+          "s2i": ["--audio", "{wav}"], "svqa": ["--image", "{png}", "--audio", "{wav}"], "text": ["--text", "hi"],
+          "sqa": ["--audio", "{wav}"]}
+FILES = {"t2i": ["image.png"], "s2i": ["image.png"], "tts": ["speech.wav"], "sqa": ["answer.txt", "speech.wav"]}
 
 
 @pytest.fixture
@@ -282,8 +304,9 @@ def test_sample_each_task_writes_its_output(task, export, media, tmp_path, capsy
     rc = sample.main(["--checkpoint", str(export), "--task", task, *args, "--out", str(tmp_path), "steps=2",
                       "tts.length_ratio=4"])
     assert rc == 0
-    name = FILES.get(task, "answer.txt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    names = FILES.get(task, ["answer.txt"])   # a spoken answer (sqa): its text and its speech
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    name = names[-1]
     if name == "image.png":
         assert Image.open(tmp_path / name).size == (8, 8)
     elif name == "speech.wav":
