@@ -20,6 +20,7 @@ ALGS = ("entropy", "maskgit_plus", "topk_margin", "random", "origin", "entropy-p
 Schedule = Literal["even", "dream"]
 SCHEDULES = ("even", "dream")
 PenaltyOn = Literal["confidence", "logits"]
+Ties = Literal["topk", "first"]
 
 
 class Block(NamedTuple):
@@ -153,13 +154,14 @@ def penalize(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
 
 
 def select_positions(conf: torch.Tensor, k: torch.Tensor, alg_temp: float = 0.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, ties: Ties = "topk") -> torch.Tensor:
     """Which positions to unmask: conf (B, N) with -inf at non-candidates, k (B,) -> (B, N) bool, k per row.
 
-    alg_temp = 0: the k most confident, ties to the earlier position (ties are common at temperature 0 under
-    top-p: a one-token nucleus has confidence 1, entropy 0; the reference leaves them to torch.topk, whose
-    order among ties is unspecified); > 0: k drawn without replacement from softmax(conf / alg_temp)
-    (reference `alg_temp`), by Gumbel top-k, which draws exactly that distribution."""
+    alg_temp = 0: the k most confident; > 0: k drawn without replacement from softmax(conf / alg_temp)
+    (reference `alg_temp`), by Gumbel top-k, which draws exactly that distribution. ties: among equal scores,
+    "topk" keeps torch.topk's order (unspecified, depends on the tensor's layout), "first" the earlier position.
+    Ties are common at temperature 0 under top-p (a one-token nucleus: confidence 1, entropy 0) and in
+    untrained models."""
     k_max = int(k.max())
     scores = conf
     if alg_temp > 0:
@@ -167,7 +169,10 @@ def select_positions(conf: torch.Tensor, k: torch.Tensor, alg_temp: float = 0.0,
         u = torch.rand(conf.shape, generator=generator, device=gen_device).to(conf.device)
         gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
         scores = conf / alg_temp + gumbel
-    top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k_max]    # (B, k_max)
+    if ties == "first":
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k_max]  # (B, k_max)
+    else:
+        top = scores.topk(k_max, dim=-1).indices                                    # (B, k_max)
     keep = torch.arange(k_max, device=conf.device)[None, :] < k[:, None]           # (B, k_max)
     return torch.zeros(conf.shape, dtype=torch.bool, device=conf.device).scatter_(1, top, keep)
 
@@ -223,6 +228,7 @@ def generate(
     schedule: Schedule = "even",
     eps: float = 1e-3,
     alg_temp: float = 0.0,
+    ties: Ties = "topk",
     cfg_scale: float = 0.0,
     uncond_prompt_ids: torch.Tensor | None = None,
     uncond_prompt_mask: torch.Tensor | None = None,
@@ -272,6 +278,9 @@ def generate(
         last step. Only masked positions of the current block compete.
     alg_temp: > 0: the positions to unmask are drawn from softmax(confidence / alg_temp) instead of taken by
         rank (`select_positions`). 0 = by rank.
+    ties: equal confidences by rank — "topk": torch.topk's order; "first": the earlier position, a
+        deterministic order (the reference's torch.topk over its masked positions alone gave it in every case
+        tested; its order among ties is unspecified).
     temperature: 0 = argmax (deterministic); > 0 = sample from softmax(logits / temperature) with `generator`.
     top_p: nucleus filter, applied after temperature; None = off.
     top_k: keep the top_k largest logits (after top_p, as the reference does); None = off.
@@ -319,6 +328,8 @@ def generate(
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     if position_penalty_on not in ("confidence", "logits"):
         raise ValueError(f"position_penalty_on={position_penalty_on!r}; expected 'confidence' or 'logits'")
+    if ties not in ("topk", "first"):
+        raise ValueError(f"ties={ties!r}; expected 'topk' or 'first'")
     if alg_temp < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"alg_temp={alg_temp} must be >= 0 and top_k={top_k} None or >= 1")
     if prompt_ids.dim() != 2:
@@ -460,7 +471,7 @@ def generate(
                 if position_penalty != 1.0 and position_penalty_on == "confidence":
                     conf = penalize(conf, factor)
                 conf = conf.masked_fill(~candidates, float("-inf"))
-                transfer = select_positions(conf, k, alg_temp, generator) & candidates
+                transfer = select_positions(conf, k, alg_temp, generator, ties) & candidates
             if rows is not None:
                 x0 = rows[x0]   # columns -> ids
             canvas[:, lo:hi] = torch.where(transfer, x0, canvas[:, lo:hi])

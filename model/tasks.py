@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from common.configlib import ConfigError
-from model.sampling import ALGS, SCHEDULES, Alg, PenaltyOn, Schedule
+from model.sampling import ALGS, SCHEDULES, Alg, PenaltyOn, Schedule, Ties
 from model.vocab import Modality
 
 IMAGE_PLACEHOLDER = "<|image|>"
@@ -58,6 +58,7 @@ class TaskSampler:
     schedule: Schedule = "even"  # positions unmasked per step: even split, or Dream's max(1, n (1 - s/t))
     eps: float = 1e-3            # end of Dream's time grid (schedule "dream", alg "origin")
     alg_temp: float = 0.0        # > 0: positions to unmask drawn from softmax(confidence / alg_temp)
+    ties: Ties = "topk"          # equal confidences: torch.topk's order, or "first" (the earlier position)
     temperature: float = 0.0
     top_p: float = 1.0           # 1.0 = off
     top_k: int = 0               # 0 = off
@@ -85,7 +86,7 @@ class TaskSampler:
         if self.top_k < 0 or self.alg_temp < 0 or not 0 < self.eps < 1:
             raise ConfigError(f"sampler top_k={self.top_k} and alg_temp={self.alg_temp} must be >= 0, "
                               f"eps={self.eps} in (0, 1)")
-        for key, allowed in (("alg", ALGS), ("schedule", SCHEDULES), ("uncond", UNCONDS),
+        for key, allowed in (("alg", ALGS), ("schedule", SCHEDULES), ("uncond", UNCONDS), ("ties", ("topk", "first")),
                              ("position_penalty_on", ("confidence", "logits"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"sampler {key}={getattr(self, key)!r}; expected one of {list(allowed)}")

@@ -15,6 +15,7 @@ word WER with jiwer):
                      decoder, so re-encoding its audio would judge noise); `--asr-model <whisper dir>` transcribes
                      the decoded waveform with a Whisper model instead (needs `transformers`)
     i2t vqa svqa text  exact_match; option_accuracy for lines with "options" (multiple choice)
+    sqa              exact_match of the text of the spoken answer (the text before its <boa>)
     t2i s2i          class_accuracy: generated images classified by an image classifier fitted on real images of
                      --classifier-train-data (lines/samples with a label), next to real_accuracy, the same
                      classifier on the real held-out reference images (the ceiling the generator is judged
@@ -207,7 +208,8 @@ class EvalWorker:
             if out.audio_codes is not None:
                 p["speech_frames"] = int(out.audio_codes.shape[1])
                 p["audio_codes"] = out.audio_codes.tolist()   # (n_q, T): what the judge heard, replayable
-                tts.append((p, out))
+                if spec(p["task"]).judge == Judge.SPEECH:     # spoken answers (sqa) are judged on their text
+                    tts.append((p, out))
         if tts:
             self._transcribe(tts)
         return preds

@@ -390,7 +390,7 @@ class Predictor:
         layout = self.layout(req.task)
         s = self.presets.for_task(req.task)
         uncond = None
-        if s.cfg_scale or s.uncond != "masked":
+        if s.cfg_scale and s.uncond != "masked":
             n_text = self._text_to_read_tokens(req, prompt) if s.uncond == "random_text" else 0
             uncond = uncond_prompt(s.uncond, self.templates.get(req.task), self.vocab, self.tokenizers.text,
                                    n_text=n_text, rng=np.random.default_rng(self.presets.seed))

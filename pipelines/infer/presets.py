@@ -21,9 +21,10 @@ from model.tasks import TASKS, TaskSampler, default_sampler, spec
 PRESETS = ("project", "reference", "demo")
 
 # Every task of the reference inference script: temperature=0.0 and top_p=0.9 passed to generate, top_k=50 from
-# the generation config (transformers' default), eps 1e-3, alg_temp 0, Dream's schedule, one block.
+# the generation config (transformers' default), eps 1e-3, alg_temp 0, Dream's schedule, one block; equal
+# confidences to the earlier position.
 _REFERENCE = {"temperature": 0.0, "top_p": 0.9, "top_k": 50, "filter_greedy": True, "schedule": "dream",
-              "eps": 1e-3, "position_penalty_on": "logits"}
+              "eps": 1e-3, "position_penalty_on": "logits", "ties": "first"}
 
 
 def reference_samplers() -> dict[str, TaskSampler]:
@@ -93,7 +94,8 @@ SAMPLER_KEYS = tuple(f.name for f in dataclasses.fields(TaskSampler))
 def generate_kwargs(s: TaskSampler) -> dict[str, Any]:
     """The `model.sampling.generate` keywords a task's sampler settings select (the canvas-shaping keys --
     length, steps, blocks, pre-infill, transcript -- are the predictor's)."""
-    return {"alg": s.alg, "schedule": s.schedule, "eps": s.eps, "alg_temp": s.alg_temp, "temperature": s.temperature,
+    return {"alg": s.alg, "schedule": s.schedule, "eps": s.eps, "alg_temp": s.alg_temp, "ties": s.ties,
+            "temperature": s.temperature,
             "top_p": s.top_p if s.top_p < 1.0 else None, "top_k": s.top_k or None, "filter_greedy": s.filter_greedy,
             "cfg_scale": s.cfg_scale, "position_penalty": s.position_penalty, "penalty_start": s.penalty_start,
             "position_penalty_on": s.position_penalty_on, "repetition_penalty": s.repetition_penalty}

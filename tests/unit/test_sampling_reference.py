@@ -15,8 +15,14 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.sampling import (dream_transfer_count, generate, penalize, reveal_probability, select_positions,
-                            top_k_filter)
+from model.sampling import (
+    dream_transfer_count,
+    generate,
+    penalize,
+    reveal_probability,
+    select_positions,
+    top_k_filter,
+)
 from model.transformer import Transformer
 from model.vocab import Modality, Vocab
 from pipelines.infer.presets import SamplerPresets, generate_kwargs
@@ -236,9 +242,7 @@ def test_new_options_off_sample_what_the_sampler_sampled_before(dream, kw):
     prompts = torch.cat([_prompts(1, 6, seed=1), _prompts(1, 6, seed=2)])
     mask = torch.ones_like(prompts, dtype=torch.bool)
     mask[0, :2] = False   # a left-padded row
-    kw = dict(kw)
-    steps = 8 if "blocks" not in kw else 8
-    args = {"vocab": VOCAB, "gen_length": 16, "steps": steps, "prompt_mask": mask, **kw}
+    args = {"vocab": VOCAB, "gen_length": 16, "steps": 8, "prompt_mask": mask, **kw}
     new = generate(dream, prompts, generator=torch.Generator().manual_seed(5), **args)
     old = sampling_v1.generate(dream, prompts, generator=torch.Generator().manual_seed(5), **args)
     assert torch.equal(new, old)
@@ -289,6 +293,9 @@ def test_select_positions_by_rank_and_by_alg_temp_draws():
     torch.testing.assert_close(freq, torch.tensor([1 / 7, 2 / 7, 4 / 7, 0.0]), atol=0.015, rtol=0)
     two = select_positions(conf, torch.full((20000,), 2), alg_temp=1.0, generator=torch.Generator().manual_seed(1))
     assert (two.sum(1) == 2).all() and not two[:, 3].any()
+    tied = torch.tensor([[0.5, 1.0, float("-inf"), 1.0, 1.0, 1.0]])   # ties: the earlier positions
+    assert select_positions(tied, torch.tensor([2]), ties="first")[0].tolist() == [False, True, False, True,
+                                                                                   False, False]
 
 
 def test_alg_temp_in_generate_fills_the_canvas_by_the_schedule(dream):
