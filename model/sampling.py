@@ -1,8 +1,15 @@
 """Reverse process: fill a fully masked canvas after the prompt in `steps` model calls (LLaDA / Dream sampler).
 
 One batched function, `generate`, whose keyword arguments are its configuration, and a few small helpers
-(the unmask schedule, confidence scores, adaptive output lengths). No per-row Python loop: every row of a batch
-shares the canvas layout, so each step unmasks the same number of positions per row.
+(the unmask schedules, the logit filters and penalties, confidence scores, position selection, adaptive output
+lengths). No per-row Python loop: every row of a batch shares the canvas layout, so each step unmasks the same
+number of positions per row.
+
+Its defaults are this project's sampler; options select the reference Omni-Diffusion / Dream rules one by one
+(`schedule="dream"`, `filter_greedy`, `top_k`, `position_penalty_on="logits"`, `alg="origin"` and
+`"entropy-penalty"`, `alg_temp`, `ties="first"`; docs/fidelity.md lists them with the tests that prove them).
+Per step: logits -> guidance -> allowed ids -> temperature -> top-p, top-k -> repetition and position penalties
+-> probabilities -> tokens and confidence -> which positions to unmask.
 """
 from __future__ import annotations
 
