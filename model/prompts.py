@@ -110,6 +110,7 @@ class TaskTemplates:
     s2i: TaskTemplate = field(default_factory=_default("s2i"))
     svqa: TaskTemplate = field(default_factory=_default("svqa"))
     text: TaskTemplate = field(default_factory=_default("text"))
+    sqa: TaskTemplate = field(default_factory=_default("sqa"))
 
     def get(self, task: str) -> TaskTemplate:
         spec(task)  # unknown names fail here, naming the tasks

@@ -1,21 +1,33 @@
 """Reverse process: fill a fully masked canvas after the prompt in `steps` model calls (LLaDA / Dream sampler).
 
 One batched function, `generate`, whose keyword arguments are its configuration, and a few small helpers
-(the unmask schedule, confidence scores, adaptive output lengths). No per-row Python loop: every row of a batch
-shares the canvas layout, so each step unmasks the same number of positions per row.
+(the unmask schedules, the logit filters and penalties, confidence scores, position selection, adaptive output
+lengths). No per-row Python loop: every row of a batch shares the canvas layout, so each step unmasks the same
+number of positions per row.
+
+Its defaults are this project's sampler; options select the reference Omni-Diffusion / Dream rules one by one
+(`schedule="dream"`, `filter_greedy`, `top_k`, `position_penalty_on="logits"`, `alg="origin"` and
+`"entropy-penalty"`, `alg_temp`, `ties="first"`; docs/fidelity.md lists them with the tests that prove them).
+Per step: logits -> guidance -> allowed ids -> temperature -> top-p, top-k -> repetition and position penalties
+-> probabilities -> tokens and confidence -> which positions to unmask.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from model.vocab import Modality, Vocab
 
-Alg = Literal["entropy", "maskgit_plus", "topk_margin", "random"]
-ALGS = ("entropy", "maskgit_plus", "topk_margin", "random")
+Alg = Literal["entropy", "maskgit_plus", "topk_margin", "random", "origin", "entropy-penalty"]
+ALGS = ("entropy", "maskgit_plus", "topk_margin", "random", "origin", "entropy-penalty")
+Schedule = Literal["even", "dream"]
+SCHEDULES = ("even", "dream")
+PenaltyOn = Literal["confidence", "logits"]
+Ties = Literal["topk", "first"]
 
 
 class Block(NamedTuple):
@@ -41,6 +53,36 @@ def num_transfer_tokens(mask_count: torch.Tensor, steps: int) -> torch.Tensor:
     rem = mask_count % steps
     extra = torch.arange(steps, device=mask_count.device)[None, :] < rem[:, None]  # (B, steps)
     return base[:, None] + extra.long()
+
+
+def dream_timesteps(steps: int, eps: float = 1e-3, device: torch.device | None = None) -> torch.Tensor:
+    """Dream's time grid for one block: linspace(1, eps, steps + 1) in fp32; step i runs from t = grid[i] to
+    s = grid[i + 1]."""
+    if steps < 1 or not 0 < eps < 1:
+        raise ValueError(f"steps={steps} must be >= 1 and eps={eps} in (0, 1)")
+    return torch.linspace(1, eps, steps + 1, device=device)
+
+
+def dream_transfer_count(n_masked: torch.Tensor, step: int, steps: int, eps: float = 1e-3) -> torch.Tensor:
+    """Dream's schedule (reference Omni-Diffusion / Dream `_sample`): of the n still-masked positions of a
+    block, unmask k = max(1, floor(n (1 - s/t))) at step `step` < steps - 1 and all n at the last step.
+
+    n_masked: (B,) int -> (B,) int64. Unlike the reference, k never exceeds n (the reference still unmasks one
+    position, outside the block, when its block is already full)."""
+    grid = dream_timesteps(steps, eps, n_masked.device)
+    t, s = grid[step], grid[step + 1]
+    n = n_masked.long()
+    k = (n * (1 - s / t)).long() if step < steps - 1 else n   # int64 * fp32 -> fp32, truncated as int() does
+    return torch.minimum(k.clamp(min=1), n)
+
+
+def reveal_probability(step: int, steps: int, eps: float = 1e-3) -> float:
+    """alg="origin": each still-masked position is revealed with probability 1 - s/t at step `step`, all of them
+    at the last step (Dream's original sampler)."""
+    if step == steps - 1:
+        return 1.0
+    grid = dream_timesteps(steps, eps)
+    return float(1 - grid[step + 1] / grid[step])
 
 
 def asr_length(n_speech_tokens: int, ratio: float = 0.2, multiple: int = 1) -> int:
@@ -104,13 +146,51 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def top_k_filter(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the `top_k` largest logits on the last dim (ties with the k-th kept), the rest -inf."""
+    if top_k < 1:
+        raise ValueError(f"top_k={top_k} must be >= 1")
+    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]   # (..., 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def penalize(x: torch.Tensor, factor: torch.Tensor | float) -> torch.Tensor:
+    """CTRL-style penalty: divide non-negative values by `factor`, multiply negative ones (both lower them for a
+    factor > 1). Used for the repetition penalty and the position penalty, on logits or on confidences."""
+    return torch.where(x >= 0, x / factor, x * factor)
+
+
+def select_positions(conf: torch.Tensor, k: torch.Tensor, alg_temp: float = 0.0,
+                     generator: torch.Generator | None = None, ties: Ties = "topk") -> torch.Tensor:
+    """Which positions to unmask: conf (B, N) with -inf at non-candidates, k (B,) -> (B, N) bool, k per row.
+
+    alg_temp = 0: the k most confident; > 0: k drawn without replacement from softmax(conf / alg_temp)
+    (reference `alg_temp`), by Gumbel top-k, which draws exactly that distribution. ties: among equal scores,
+    "topk" keeps torch.topk's order (unspecified, depends on the tensor's layout), "first" the earlier position.
+    Ties are common at temperature 0 under top-p (a one-token nucleus: confidence 1, entropy 0) and in
+    untrained models."""
+    k_max = int(k.max())
+    scores = conf
+    if alg_temp > 0:
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        u = torch.rand(conf.shape, generator=generator, device=gen_device).to(conf.device)
+        gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1 - 1e-7)))
+        scores = conf / alg_temp + gumbel
+    if ties == "first":
+        top = scores.sort(dim=-1, descending=True, stable=True).indices[:, :k_max]  # (B, k_max)
+    else:
+        top = scores.topk(k_max, dim=-1).indices                                    # (B, k_max)
+    keep = torch.arange(k_max, device=conf.device)[None, :] < k[:, None]           # (B, k_max)
+    return torch.zeros(conf.shape, dtype=torch.bool, device=conf.device).scatter_(1, top, keep)
+
+
 def confidence(probs: torch.Tensor, x0: torch.Tensor, alg: Alg,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Confidence of each position's prediction (higher = unmask earlier). probs (B, N, V), x0 (B, N) -> (B, N).
 
-    entropy: negative entropy sum p log p (<= 0); maskgit_plus: probability of the chosen token;
+    entropy (and entropy-penalty): negative entropy sum p log p (<= 0); maskgit_plus: probability of the chosen token;
     topk_margin: top-1 minus top-2 probability; random: uniform noise (ignores the model)."""
-    if alg == "entropy":
+    if alg in ("entropy", "entropy-penalty"):
         return torch.special.xlogy(probs, probs).sum(-1)  # xlogy: 0 * log 0 = 0 where an id is forbidden
     if alg == "maskgit_plus":
         return probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
@@ -150,12 +230,19 @@ def generate(
     alg: Alg = "entropy",
     temperature: float = 0.0,
     top_p: float | None = None,
+    top_k: int | None = None,
+    filter_greedy: bool = False,
+    schedule: Schedule = "even",
+    eps: float = 1e-3,
+    alg_temp: float = 0.0,
+    ties: Ties = "topk",
     cfg_scale: float = 0.0,
     uncond_prompt_ids: torch.Tensor | None = None,
     uncond_prompt_mask: torch.Tensor | None = None,
     uncond_hidden: torch.Tensor | None = None,
     position_penalty: float = 1.0,
     penalty_start: int = 100,
+    position_penalty_on: PenaltyOn = "confidence",
     pre_infill: Sequence[tuple[int, float]] | None = None,
     repetition_penalty: float = 1.0,
     modality: Modality | torch.Tensor | None = None,
@@ -176,8 +263,13 @@ def generate(
     vocab: the vocabulary; supplies the mask id and the modality id ranges. Ids >= vocab.size (embedding
         padding rows) and the mask id are never emitted.
     gen_length: canvas length G; it starts as G mask tokens.
-    steps: model calls in total; every step unmasks `num_transfer_tokens(masked, steps_per_block)` positions so
-        the canvas is full after exactly `steps` steps (fewer calls when a step has nothing to unmask).
+    steps: model calls in total; the canvas is full after exactly `steps` steps (fewer calls when a step has
+        nothing to unmask).
+    schedule: how many positions each step unmasks — "even": `num_transfer_tokens(masked, steps_per_block)`, the
+        block's masked positions split evenly over its steps (LLaDA); "dream": `dream_transfer_count`,
+        max(1, floor(n (1 - s/t))) of the n still masked with t, s consecutive values of linspace(1, eps,
+        steps_per_block + 1), all the rest at the block's last step (Dream, reference Omni-Diffusion).
+    eps: the end of Dream's time grid ("dream" schedule and alg "origin").
     block_length: semi-autoregressive decoding (LLaDA §2.4): the canvas is cut into G / block_length blocks
         filled left to right, each with steps / num_blocks steps. None = one block. Both must divide evenly.
     blocks: explicit blocks instead, [(length, steps), ...] or `Block`s left to right, lengths summing to
@@ -186,9 +278,22 @@ def generate(
         the image after it (a chain of modalities, pipelines/infer/predictor.py). Excludes block_length.
     alg: which masked positions to fill first, by confidence — "entropy" (negative entropy, default),
         "maskgit_plus" (probability of the sampled token), "topk_margin" (top-1 minus top-2 probability),
-        "random". Only masked positions of the current block compete.
+        "random"; "entropy-penalty": entropy with `repetition_penalty` counted over every id in the canvas, as
+        the reference does (pre-infilled ones included, from the second step on), applied after the filters;
+        "origin": no confidence, each masked position of the block is revealed with probability 1 - s/t
+        (`reveal_probability`, uniforms drawn for the masked positions in row-major order), all at the block's
+        last step. Only masked positions of the current block compete.
+    alg_temp: > 0: the positions to unmask are drawn from softmax(confidence / alg_temp) instead of taken by
+        rank (`select_positions`). 0 = by rank.
+    ties: equal confidences by rank — "topk": torch.topk's order; "first": the earlier position, a
+        deterministic order (the reference's torch.topk over its masked positions alone gave it in every case
+        tested; its order among ties is unspecified).
     temperature: 0 = argmax (deterministic); > 0 = sample from softmax(logits / temperature) with `generator`.
-    top_p: nucleus sampling threshold, applied after temperature; None = off.
+    top_p: nucleus filter, applied after temperature; None = off.
+    top_k: keep the top_k largest logits (after top_p, as the reference does); None = off.
+    filter_greedy: apply top_p / top_k at temperature 0 too. They then shape the distribution the confidence
+        is computed from (the reference filters at every temperature: its "entropy" is the entropy of the
+        renormalised top-k). False = filters only when sampling (temperature > 0).
     cfg_scale: classifier-free guidance, logits = u + (cfg_scale + 1) (c - u) where u comes from the
         unconditional input. The conditional and unconditional rows run as ONE forward (batch 2B). 0 = off
         (no unconditional forward at all, so the output equals the plain conditional path exactly).
@@ -199,13 +304,16 @@ def generate(
     position_penalty: raster-order bias (images, reference Omni-Diffusion): after the first `penalty_start`
         masked positions of the canvas, confidence is divided (if >= 0) or multiplied (if < 0) by a factor
         ramping from 1 to position_penalty, which lowers it either way (entropy confidences are negative, so
-        multiplying by a factor > 1 makes them more negative). The reference scales logits instead; scaling
-        the confidence gives the same ordering bias for every `alg`. 1.0 = off.
+        multiplying by a factor > 1 makes them more negative). 1.0 = off.
     penalty_start: number of leading masked positions exempt from the position penalty.
+    position_penalty_on: "confidence" (above: the same ordering bias for every `alg`) or "logits" (the
+        reference: the filtered logits of every masked position are penalized the same way before the softmax,
+        which flattens far positions' distributions and so lowers their entropy confidence).
     pre_infill: [(token_id, fraction), ...] tokens fixed at canvas position int(fraction * gen_length) before
         decoding (e.g. begin-of-audio at 0.2 for spoken answers); they are never re-sampled.
     repetition_penalty: CTRL-style, > 1 discourages repeats: logits of ids already decoded in the row's canvas
-        (pre-infilled tokens excluded) are divided by it when positive and multiplied when negative. 1.0 = off.
+        (pre-infilled tokens excluded; with alg "entropy-penalty", every id in the canvas) are divided by it when
+        positive and multiplied when negative. 1.0 = off.
     modality: None (any non-mask id), a `Modality` for the whole canvas, or a (gen_length,) tensor of Modality
         values per position; ids outside `vocab.allowed_ids(modality)` get -inf logits.
     allowed: an explicit bool mask instead of `modality`, (V',) for the whole canvas or (gen_length, V') per
@@ -223,6 +331,14 @@ def generate(
     """
     if alg not in ALGS:
         raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
+    if position_penalty_on not in ("confidence", "logits"):
+        raise ValueError(f"position_penalty_on={position_penalty_on!r}; expected 'confidence' or 'logits'")
+    if ties not in ("topk", "first"):
+        raise ValueError(f"ties={ties!r}; expected 'topk' or 'first'")
+    if alg_temp < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"alg_temp={alg_temp} must be >= 0 and top_k={top_k} None or >= 1")
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
     G = gen_length
@@ -278,14 +394,22 @@ def generate(
         uncond_hidden = uncond_hidden.to(device=device, dtype=torch.bool)
     allowed_mask = None  # (V,) or (G, V) bool, built (or checked) at the first forward once V is known
     rows = None          # (C,) the ids any canvas position may emit, when the head runs on them alone
+    canvas_penalty = alg == "entropy-penalty" and repetition_penalty != 1.0   # every canvas id, after filters
     history: list[torch.Tensor] = []
+    stepped = False      # a step has run (the reference's entropy-penalty starts counting from the second step)
     for lo, hi, block in spans:
         block_cfg = cfg_scale if block.cfg_scale is None else block.cfg_scale
         block_temperature = temperature if block.temperature is None else block.temperature
         block_segments = segments if segments is None or block_cfg else segments[:B]
-        schedule = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), block.steps)  # (B, S)
+        even = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), block.steps)  # (B, S)
         for step in range(block.steps):
-            k = schedule[:, step]  # (B,)
+            n_masked = (canvas[:, lo:hi] == mask_id).sum(1)                    # (B,)
+            if alg == "origin":
+                k = n_masked                       # an upper bound: the draw below decides
+            elif schedule == "dream":
+                k = dream_transfer_count(n_masked, step, block.steps, eps)
+            else:
+                k = even[:, step]  # (B,)
             k_max = int(k.max())
             if k_max == 0:
                 if return_history:
@@ -318,47 +442,61 @@ def generate(
                 canvas_index[rows] = torch.arange(rows.numel(), device=device)    # id -> column; others -1
             C = logits.shape[-1]
 
-            if repetition_penalty != 1.0:
-                decoded = (canvas != mask_id) & ~fixed                               # (B, G)
-                # decoded ids as logit columns; still-masked slots (and ids outside `rows`) write to a spare
-                # column C, dropped after the scatter
-                cols = canvas if rows is None else canvas_index[canvas]
-                cols = torch.where(decoded & (cols >= 0), cols, C)
-                seen = torch.zeros(B, C + 1, dtype=torch.bool, device=device)
-                seen = seen.scatter_(1, cols, True)[:, :C]                          # (B, C)
-                penalized = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
-                logits = torch.where(seen[:, None, :], penalized, logits)
+            index = canvas_index if rows is not None else None
+            if repetition_penalty != 1.0 and not canvas_penalty:
+                seen = _seen_columns(canvas, (canvas != mask_id) & ~fixed, index, C)  # (B, C)
+                logits = torch.where(seen[:, None, :], penalize(logits, repetition_penalty), logits)
             logits = logits.masked_fill(~(allowed_mask if allowed_mask.dim() == 1 else allowed_mask[lo:hi]),
                                         float("-inf"))
 
             if block_temperature > 0:
                 logits = logits / block_temperature
+            if block_temperature > 0 or filter_greedy:
                 if top_p is not None and top_p < 1.0:
                     logits = top_p_filter(logits, top_p)
-                probs = logits.softmax(-1)  # (B, Lb, C)
-                x0 = sample_categorical(probs, generator)  # (B, Lb)
-            else:
-                probs = logits.softmax(-1)
-                x0 = probs.argmax(-1)
-            conf = confidence(probs, x0, alg, generator)  # (B, Lb)
-            if rows is not None:
-                x0 = rows[x0]   # columns -> ids
-
+                if top_k is not None:
+                    logits = top_k_filter(logits, top_k)
+            if canvas_penalty and stepped:
+                seen = _seen_columns(canvas, canvas != mask_id, index, C)           # (B, C)
+                logits = torch.where(seen[:, None, :], penalize(logits, repetition_penalty), logits)
             still_masked = canvas == mask_id  # (B, G)
             if position_penalty != 1.0:
-                factor = position_penalty_factor(still_masked, position_penalty, penalty_start)[:, lo:hi]
-                conf = torch.where(conf >= 0, conf / factor, conf * factor)
+                factor = position_penalty_factor(still_masked, position_penalty, penalty_start)[:, lo:hi]  # (B, Lb)
+                if position_penalty_on == "logits":
+                    logits = penalize(logits, factor[..., None])
+            probs = logits.softmax(-1)  # (B, Lb, C)
+            x0 = sample_categorical(probs, generator) if block_temperature > 0 else probs.argmax(-1)  # (B, Lb)
             candidates = still_masked[:, lo:hi]
-            conf = conf.masked_fill(~candidates, float("-inf"))
-
-            # Top-k per row with a per-row k: take the k_max best, keep the first k of each row.
-            top = conf.topk(k_max, dim=-1).indices                                   # (B, k_max)
-            keep = torch.arange(k_max, device=device)[None, :] < k[:, None]          # (B, k_max)
-            transfer = torch.zeros_like(candidates).scatter_(1, top, keep) & candidates
+            if alg == "origin":
+                # uniforms for the masked positions only, row-major, as the reference draws them
+                gen_device = generator.device if generator is not None else torch.device("cpu")
+                u = torch.ones(candidates.shape, device=device)
+                u[candidates] = torch.rand(int(candidates.sum()), generator=generator, device=gen_device).to(device)
+                transfer = candidates & (u < reveal_probability(step, block.steps, eps))
+            else:
+                conf = confidence(probs, x0, alg, generator)  # (B, Lb)
+                if position_penalty != 1.0 and position_penalty_on == "confidence":
+                    conf = penalize(conf, factor)
+                conf = conf.masked_fill(~candidates, float("-inf"))
+                transfer = select_positions(conf, k, alg_temp, generator, ties) & candidates
+            if rows is not None:
+                x0 = rows[x0]   # columns -> ids
             canvas[:, lo:hi] = torch.where(transfer, x0, canvas[:, lo:hi])
+            stepped = True
             if return_history:
                 history.append(canvas.clone())
     return (canvas, history) if return_history else canvas
+
+
+def _seen_columns(canvas: torch.Tensor, counted: torch.Tensor, canvas_index: torch.Tensor | None,
+                  C: int) -> torch.Tensor:
+    """(B, C) bool: logit columns of the ids at the `counted` (B, G) canvas positions (the repetition penalty's
+    ids); `canvas_index` maps ids to the subset head's columns (-1 = not a column). Uncounted slots and ids
+    outside the columns write to a spare column C, dropped."""
+    cols = canvas if canvas_index is None else canvas_index[canvas]
+    cols = torch.where(counted & (cols >= 0), cols, C)                           # (B, G)
+    seen = torch.zeros(canvas.shape[0], C + 1, dtype=torch.bool, device=canvas.device)
+    return seen.scatter_(1, cols, True)[:, :C]                                   # (B, C)
 
 
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

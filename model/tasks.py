@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
+from typing import Literal
 
 from common.configlib import ConfigError
-from model.sampling import Alg
+from model.sampling import ALGS, SCHEDULES, Alg, PenaltyOn, Schedule, Ties
 from model.vocab import Modality
 
 IMAGE_PLACEHOLDER = "<|image|>"
@@ -25,6 +26,15 @@ class Judge(str, enum.Enum):
     TEXT = "text"      # normalized exact match of the answer text (option accuracy where options are given)
     SPEECH = "speech"  # the generated speech transcribed (Whisper, or the model's own ASR), then as TEXT
     IMAGE = "image"    # a classifier (and optionally CLIP) on the generated image
+
+
+# What classifier-free guidance's unconditional rows see in place of the prompt (`TaskSampler.uncond`):
+#   masked       the prompt with every token replaced by the mask id (Dream / LLaDA)
+#   empty_user   the task's system prompt and an empty user turn (reference S2I)
+#   random_text  the user turn's instruction with random text ids in place of its `{text}`, as many as the text
+#                has tokens (reference T2I)
+Uncond = Literal["masked", "empty_user", "random_text"]
+UNCONDS = ("masked", "empty_user", "random_text")
 
 
 class LengthBasis(str, enum.Enum):
@@ -45,11 +55,19 @@ class TaskSampler:
     steps_ratio: float = 0.0     # > 0: steps = ceil(ratio x length) (asr/tts: length / 2)
     block_length: int = 0        # semi-autoregressive blocks; 0 = one block
     alg: Alg = "entropy"
+    schedule: Schedule = "even"  # positions unmasked per step: even split, or Dream's max(1, n (1 - s/t))
+    eps: float = 1e-3            # end of Dream's time grid (schedule "dream", alg "origin")
+    alg_temp: float = 0.0        # > 0: positions to unmask drawn from softmax(confidence / alg_temp)
+    ties: Ties = "topk"          # equal confidences: torch.topk's order, or "first" (the earlier position)
     temperature: float = 0.0
     top_p: float = 1.0           # 1.0 = off
+    top_k: int = 0               # 0 = off
+    filter_greedy: bool = False  # top_p / top_k at temperature 0 too (they then shape the confidence)
     cfg_scale: float = 0.0
+    uncond: Uncond = "masked"    # guidance's unconditional prompt (see Uncond)
     position_penalty: float = 1.0
     penalty_start: int = 100
+    position_penalty_on: PenaltyOn = "confidence"   # or "logits" (the reference)
     repetition_penalty: float = 1.0
     transcript: int = 0          # media answers: text tokens written before the media (chain of modalities)
     speech_answer: bool = False  # text answers: the answer is text then speech (begin-of-audio pre-infilled)
@@ -65,6 +83,13 @@ class TaskSampler:
             raise ConfigError(f"sampler temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
         if not 0 < self.boa_fraction < 1:
             raise ConfigError(f"sampler boa_fraction={self.boa_fraction} must be in (0, 1)")
+        if self.top_k < 0 or self.alg_temp < 0 or not 0 < self.eps < 1:
+            raise ConfigError(f"sampler top_k={self.top_k} and alg_temp={self.alg_temp} must be >= 0, "
+                              f"eps={self.eps} in (0, 1)")
+        for key, allowed in (("alg", ALGS), ("schedule", SCHEDULES), ("uncond", UNCONDS), ("ties", ("topk", "first")),
+                             ("position_penalty_on", ("confidence", "logits"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"sampler {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
 
 
 # Reference t2i/s2i: 256 MAGVIT-v2 tokens, 256 steps, raster-order position penalty 2.0.
@@ -82,6 +107,7 @@ class Task:
     wer: bool = False                # report the word error rate beside exact match
     length_basis: LengthBasis = LengthBasis.FIXED
     sampler: TaskSampler = field(default_factory=TaskSampler)
+    spoken: bool = False             # the reference answers it in speech (text then `<|audio|>`): infer_task
 
     @property
     def needs_text(self) -> bool:
@@ -119,11 +145,16 @@ _REGISTRY: tuple[Task, ...] = (
     Task("s2i", (Modality.AUDIO,), Modality.IMAGE, f"{AUDIO_PLACEHOLDER}\nGenerate an image of what is said.",
          Judge.IMAGE, sampler=_IMAGE_SAMPLER),
     Task("svqa", (Modality.IMAGE, Modality.AUDIO), Modality.TEXT, f"{IMAGE_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}",
-         Judge.TEXT, sampler=TaskSampler(length=128, steps=128)),
+         Judge.TEXT, sampler=TaskSampler(length=128, steps=128), spoken=True),
     Task("text", (), Modality.TEXT, "{text}", Judge.TEXT),
+    # spoken question, spoken answer: the reference's answers are text then speech (`"...\n<|audio|>"`), so its
+    # canvas is text with <boa> pre-infilled at 20%, speech after it; judged on the text
+    Task("sqa", (Modality.AUDIO,), Modality.TEXT, AUDIO_PLACEHOLDER, Judge.TEXT, spoken=True,
+         sampler=TaskSampler(length=128, steps=128, speech_answer=True)),
 )
 
-# Task names in registry order: a task's index here is its id in packed batches (per-position task ids).
+# Task names in registry order: a task's index here is its id in packed batches (per-position task ids). Ids are
+# computed per batch from the task names that shards store (meta "task"), never persisted: appending a task is safe.
 TASKS: tuple[str, ...] = tuple(t.name for t in _REGISTRY)
 _BY_NAME = {t.name: t for t in _REGISTRY}
 
@@ -150,7 +181,9 @@ def default_sampler(name: str) -> TaskSampler:
 
 def infer_task(messages) -> str:
     """Name the task of a messages sample from what its prompt holds and what its last answer is (for a
-    messages JSONL line with no explicit "task"): the task whose inputs and answer modality match."""
+    messages JSONL line with no explicit "task"): the task whose inputs and answer modality match. An answer
+    with speech (`<|audio|>`, alone or after text, as the reference's spoken answers) fits speech-answer tasks
+    (tts) and spoken tasks (svqa, sqa): a spoken question about an image is svqa, a spoken question sqa."""
     prompt = " ".join(m.get("content", "") for m in messages if m.get("role") != "assistant")
     answers = [m.get("content", "") for m in messages if m.get("role") == "assistant"]
     last = answers[-1] if answers else ""
@@ -159,6 +192,7 @@ def infer_task(messages) -> str:
     inputs = {Modality.IMAGE} if IMAGE_PLACEHOLDER in prompt else set()
     inputs |= {Modality.AUDIO} if AUDIO_PLACEHOLDER in prompt else set()
     # the task with this answer whose inputs are the most of those present (registry order breaks ties: i2t
-    # before vqa); a prompt's extra media do not change the task
-    fits = [t for t in _REGISTRY if t.answer == answer and set(t.inputs) <= inputs]
+    # before vqa, asr before sqa for a text answer); a prompt's extra media do not change the task
+    fits = [t for t in _REGISTRY if (t.answer == answer or (answer == Modality.AUDIO and t.spoken))
+            and set(t.inputs) <= inputs]
     return max(fits, key=lambda t: len(t.inputs)).name if fits else "text"

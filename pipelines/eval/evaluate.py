@@ -19,6 +19,7 @@ word WER with jiwer):
                      decoder, so re-encoding its audio would judge noise); `--asr-model <whisper dir>` transcribes
                      the decoded waveform with a local Whisper model instead (pipelines/eval/whisper.py)
     i2t vqa svqa text  exact_match; option_accuracy for lines with "options" (multiple choice)
+    sqa              exact_match of the text of the spoken answer (the text before its <boa>)
     t2i s2i          class_accuracy: generated images classified by an image classifier fitted on real images of
                      --classifier-train-data (lines/samples with a label), next to real_accuracy, the same
                      classifier on the real held-out reference images (the ceiling the generator is judged
@@ -197,7 +198,8 @@ class EvalWorker:
             if out.audio_codes is not None:
                 p["speech_frames"] = int(out.audio_codes.shape[1])
                 p["audio_codes"] = out.audio_codes.tolist()   # (n_q, T): what the judge heard, replayable
-                tts.append((p, out))
+                if spec(p["task"]).judge == Judge.SPEECH:     # spoken answers (sqa) are judged on their text
+                    tts.append((p, out))
         if tts:
             self._transcribe(tts)
         return preds
@@ -495,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-model", default="", help="local Whisper model folder to judge TTS (needs transformers)")
     p.add_argument("--clip-model", default="", help="local CLIP model folder for t2i clip_score (needs "
                                                     "transformers)")
-    p.add_argument("--preset", default="reference", help="sampler preset: reference | demo")
+    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo")
     p.add_argument("--sampler-config", default=None, help="YAML file of SamplerPresets overrides")
     p.add_argument("--device", default="auto")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: one per GPU, else 1)")

@@ -24,9 +24,11 @@ canvas and one `generate` call, the transcript block first:
 
     transcript, then image  <im_start><assistant> | text x N <boi> codes x tokens_per_image <eoi> <im_end>
 
-Spoken VQA whose answer includes speech (`svqa.speech_answer=true`; the reference's spoken answers are text
-followed by speech) pre-infills `<boa>` at 20% of the canvas (`svqa.boa_fraction`): text before it, speech after.
-Our task templates answer spoken questions in text, so this is off by default.
+Spoken answers (`speech_answer=true`; the reference's spoken answers are text followed by speech) pre-infill
+`<boa>` at 20% of the canvas (`boa_fraction`): text before it, speech after. sqa (spoken question, spoken answer)
+samples this way by default; svqa answers in text unless `svqa.speech_answer=true` (preset "reference" sets it).
+
+Classifier-free guidance's unconditional prompt is per task (`uncond`, pipelines/infer/guidance.py).
 """
 from __future__ import annotations
 
@@ -41,7 +43,13 @@ import torch
 
 from common import storage
 from model.config import ModelConfig
-from model.prompts import TaskTemplate, TaskTemplates, count_placeholders, encode_messages, task_messages
+from model.prompts import (
+    TaskTemplate,
+    TaskTemplates,
+    count_placeholders,
+    encode_messages,
+    task_messages,
+)
 from model.sampling import Block, generate
 from model.tasks import (
     AUDIO_PLACEHOLDER,
@@ -55,9 +63,8 @@ from model.tokenizers.base import BadInput
 from model.vocab import Modality, Vocab
 from pipelines import export as export_format
 from pipelines.export import ExportConfig
-from pipelines.infer.presets import SamplerPresets
-
-
+from pipelines.infer.guidance import uncond_prompt
+from pipelines.infer.presets import SamplerPresets, generate_kwargs
 
 # ---- export loading ---------------------------------------------------------------------------------------
 
@@ -155,6 +162,7 @@ class Prepared:
     request: Request
     prompt: np.ndarray                 # (P,) int64, ending with <boi>/<boa> for media answers
     canvas: Canvas
+    uncond: np.ndarray | None = None   # guidance's unconditional prompt (P',); None = the masked prompt
 
 
 @dataclass
@@ -381,17 +389,23 @@ class Predictor:
                 and not req.text.strip():
             raise BadInput("missing_input", f"task {req.task} needs --text")
         layout = self.layout(req.task)
-        if layout == (Modality.IMAGE,):   # a media answer's opening bracket ends the prompt (module docstring)
-            prompt = np.append(prompt, self.vocab.boi_id)
-        elif layout == (Modality.AUDIO,):
-            prompt = np.append(prompt, self.vocab.boa_id)
+        s = self.presets.for_task(req.task)
+        uncond = None
+        if s.cfg_scale and s.uncond != "masked":
+            n_text = self._text_to_read_tokens(req, prompt) if s.uncond == "random_text" else 0
+            uncond = uncond_prompt(s.uncond, self.templates.get(req.task), self.vocab, self.tokenizers.text,
+                                   n_text=n_text, rng=np.random.default_rng(self.presets.seed))
+        bracket = {(Modality.IMAGE,): self.vocab.boi_id, (Modality.AUDIO,): self.vocab.boa_id}.get(layout)
+        if bracket is not None:   # a media answer's opening bracket ends the prompt (module docstring)
+            prompt = np.append(prompt, bracket)
+            uncond = None if uncond is None else np.append(uncond, bracket)
         basis = 0
         if task.length_basis == LengthBasis.PROMPT_SPEECH:
             lo, hi = self.vocab.audio_range()
             basis = int(((prompt >= lo) & (prompt < hi)).sum())
         elif task.length_basis == LengthBasis.TEXT_TO_READ:
             basis = self._text_to_read_tokens(req, prompt)
-        return Prepared(req, prompt, self.plan(req.task, prompt, basis))
+        return Prepared(req, prompt, self.plan(req.task, prompt, basis), uncond)
 
     # ---- sampling -----------------------------------------------------------------------------------------
     def blocks(self, canvas: Canvas) -> list[Block] | None:
@@ -466,6 +480,15 @@ class Predictor:
         for i, r in enumerate(rows):  # left padding: the canvas starts at column P in every row
             ids[i, P - len(r.prompt):] = torch.from_numpy(r.prompt)
             mask[i, P - len(r.prompt):] = True
+        uncond = {}
+        if rows[0].uncond is not None:   # one task per batch: all rows have one, or none
+            U = max(len(r.uncond) for r in rows)
+            u_ids = torch.full((len(rows), U), self.vocab.pad_id, dtype=torch.long)
+            u_mask = torch.zeros((len(rows), U), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                u_ids[i, U - len(r.uncond):] = torch.from_numpy(r.uncond)
+                u_mask[i, U - len(r.uncond):] = True
+            uncond = {"uncond_prompt_ids": u_ids.to(self.device), "uncond_prompt_mask": u_mask.to(self.device)}
         G = canvas.length
         # generate places pre-infilled tokens at int(fraction * G): the centre of the cell is exact in floats.
         pre_infill = [(tid, (pos + 0.5) / G) for pos, tid in canvas.fixed]
@@ -473,11 +496,9 @@ class Predictor:
         out = generate(
             self.loaded.model, ids.to(self.device), vocab=self.vocab, gen_length=G, steps=canvas.steps,
             block_length=(s.block_length or None) if canvas.layout != (Modality.TEXT, Modality.IMAGE) else None,
-            blocks=self.blocks(canvas), uncond_hidden=self.uncond_hidden(canvas), alg=s.alg, temperature=s.temperature,
-            top_p=s.top_p if s.top_p < 1.0 else None, cfg_scale=s.cfg_scale,
-            position_penalty=s.position_penalty, penalty_start=s.penalty_start, pre_infill=pre_infill or None,
-            repetition_penalty=s.repetition_penalty, allowed=self.allowed(canvas),
-            prompt_mask=mask.to(self.device), generator=generator)
+            blocks=self.blocks(canvas), uncond_hidden=self.uncond_hidden(canvas), pre_infill=pre_infill or None,
+            allowed=self.allowed(canvas), prompt_mask=mask.to(self.device), generator=generator,
+            **generate_kwargs(s), **uncond)
         return out.cpu().numpy()
 
     # ---- detokenizing -------------------------------------------------------------------------------------
@@ -558,6 +579,8 @@ def request_from_line(line: Any, base_dir: str = "", id: Any = None) -> tuple[Re
     ref = Reference(images=images[n_img:], audios=audios[n_aud:], options=line.get("options"))
     if answer is not None and spec(task).answer == Modality.TEXT:
         ref.text = str(answer.get("content", ""))
+        if spec(task).spoken and AUDIO_PLACEHOLDER in ref.text:   # a spoken answer: its text is the reference
+            ref.text = ref.text.replace(AUDIO_PLACEHOLDER, "").strip()
     elif answer is not None:
         # a media answer may start with text (an s2i transcript before its image): that text is its reference
         said = str(answer.get("content", "")).replace(IMAGE_PLACEHOLDER, "").replace(AUDIO_PLACEHOLDER, "").strip()

@@ -109,6 +109,10 @@ def demo_lines() -> list[dict]:
         line("tts", "seven", AUDIO_PLACEHOLDER, 7, audios=["audio/seven.wav"]),
         line("s2i", "", IMAGE_PLACEHOLDER, 7, images=["images/seven.png"], audios=["audio/seven.wav"]),
         line("svqa", "", "seven", 7, images=["images/seven.png"], audios=["audio/question.wav"]),
+        # the reference's spoken QA line: no "task" (inferred: sqa), the answer text then its speech
+        {"messages": [{"role": "user", "content": AUDIO_PLACEHOLDER},
+                      {"role": "assistant", "content": f"seven\n{AUDIO_PLACEHOLDER}"}],
+         "images": [], "audios": ["audio/question.wav", "audio/seven.wav"], "label": 7},
     ]
 
 

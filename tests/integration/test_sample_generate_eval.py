@@ -14,8 +14,8 @@ from pipelines.infer import generate
 from pipelines.infer.presets import load_presets
 from tests.helpers.export import demo_lines, write_debug_export, write_jsonl, write_media
 
-FAST = load_presets("reference", None, ["steps=2", "tts.length_ratio=4", "asr.max_length=8", "text.length=8",
-                                        "i2t.length=8", "svqa.length=8", "batch_size=8"])
+FAST = load_presets("project", None, ["steps=2", "tts.length_ratio=4", "asr.max_length=8", "text.length=8",
+                                      "i2t.length=8", "svqa.length=8", "sqa.length=10", "batch_size=8"])
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_eval_end_to_end_on_ray_logs_to_mlflow(ray_local, export, corpus, tmp_pa
     out = tmp_path / "eval"
     results = evaluate.evaluate(str(tracked), str(corpus / "test.jsonl"), out=str(out), presets=FAST,
                                 classifier_train_data=str(corpus / "test.jsonl"), local=False)
-    assert set(results["tasks"]) == {"t2i", "i2t", "asr", "tts", "s2i", "svqa"}
+    assert set(results["tasks"]) == {"t2i", "i2t", "asr", "tts", "s2i", "svqa", "sqa"}
     _check_ranges(results)
     t = results["tasks"]
     assert {"class_accuracy", "real_accuracy"} <= set(t["t2i"]) and {"wer", "exact_match"} <= set(t["asr"])
@@ -99,8 +99,12 @@ def test_eval_end_to_end_on_ray_logs_to_mlflow(ray_local, export, corpus, tmp_pa
     saved = json.loads((out / "results.json").read_text())
     assert saved["tasks"] == results["tasks"] and saved["mlflow_run"] == run_id
     preds = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
-    assert len(preds) == 7 and all(p["ok"] for p in preds)
+    assert len(preds) == 8 and all(p["ok"] for p in preds)
     assert all("transcript" in p for p in preds if p["task"] == "tts")
+    # the spoken QA line (its task inferred): judged on the text of its answer, its speech not transcribed
+    sqa = [p for p in preds if p["task"] == "sqa"]
+    assert len(sqa) == 1 and "hyp" in sqa[0] and sqa[0]["speech_frames"] >= 0 and "transcript" not in sqa[0]
+    assert "exact_match" in t["sqa"]
     metrics = client.get_run(run_id).data.metrics
     assert metrics["eval/asr/wer"] == pytest.approx(t["asr"]["wer"]) and "eval/t2i/class_accuracy" in metrics
 

@@ -46,14 +46,14 @@ def media(tmp_path_factory) -> dict[str, Path]:
     return write_media(tmp_path_factory.mktemp("media"))
 
 
-def predictor(loaded, *overrides: str, preset: str = "reference") -> Predictor:
+def predictor(loaded, *overrides: str, preset: str = "project") -> Predictor:
     return Predictor(loaded, load_presets(preset, None, [*FAST, *overrides]))
 
 
 # ---- presets ----------------------------------------------------------------------------------------------
 
 def test_presets_overrides_bare_and_per_task():
-    p = load_presets("reference", None, ["steps=7", "tts.length_ratio=60", "seed=3"], tasks=["i2t", "tts"])
+    p = load_presets("project", None, ["steps=7", "tts.length_ratio=60", "seed=3"], tasks=["i2t", "tts"])
     assert p.i2t.steps == 7 and p.tts.steps == 7 and p.t2i.steps == 256    # bare key: only the listed tasks
     assert p.tts.length_ratio == 60 and p.seed == 3
     ref = SamplerPresets()
@@ -64,6 +64,27 @@ def test_presets_overrides_bare_and_per_task():
         load_presets("reference", None, ["stepz=3"])
     with pytest.raises(ConfigError, match="temperature"):
         load_presets("reference", None, ["temperature=-1"])
+    with pytest.raises(ConfigError, match="schedule"):
+        load_presets("project", None, ["schedule=linear"])
+    assert load_presets() == SamplerPresets() == SamplerPresets.preset("project")   # the default preset
+
+
+def test_reference_preset_has_the_reference_scripts_settings():
+    """tools/inference.py of the reference: generate(temperature=0.0, top_p=0.9) with top_k=50 from the
+    generation config; s2i 260/260 entropy-penalty 1.5 position 2.0 cfg 2.0, t2i the same with 1.2 and no cfg,
+    svqa 128/128 entropy-penalty 1.2 with <boa> at 20%, vqa 64/64 entropy, asr and tts 50/25 entropy."""
+    r = load_presets("reference")
+    for task in TASKS:
+        s = r.for_task(task)
+        assert (s.temperature, s.top_p, s.top_k, s.filter_greedy, s.schedule, s.position_penalty_on, s.eps,
+                s.ties, s.alg_temp) == (0.0, 0.9, 50, True, "dream", "logits", 1e-3, "first", 0.0), task
+    key = lambda s: (s.length, s.steps, s.alg, s.repetition_penalty, s.position_penalty, s.cfg_scale, s.uncond)
+    assert key(r.s2i) == (0, 260, "entropy-penalty", 1.5, 2.0, 2.0, "empty_user")
+    assert key(r.t2i) == (0, 260, "entropy-penalty", 1.2, 2.0, 0.0, "random_text")
+    assert key(r.svqa) == (128, 128, "entropy-penalty", 1.2, 1.0, 0.0, "masked") and r.svqa.speech_answer
+    assert r.svqa.boa_fraction == 0.2 and key(r.sqa) == key(r.svqa)
+    assert key(r.vqa) == (64, 64, "entropy", 1.0, 1.0, 0.0, "masked")
+    assert key(r.asr) == key(r.tts) == (50, 25, "entropy", 1.0, 1.0, 0.0, "masked")
 
 
 # ---- export loading ---------------------------------------------------------------------------------------
@@ -215,6 +236,102 @@ def test_batched_rows_match_single_rows(loaded, media):
         np.testing.assert_array_equal(a.canvas, b.canvas)
 
 
+@pytest.mark.parametrize("preset", ["demo", "project"])
+def test_demo_and_project_presets_sample_what_they_sampled_before(loaded, media, monkeypatch, preset):
+    """Every new sampler option is off in these presets: the predictor's canvases are those of the sampler
+    before the options existed (tests/helpers/sampling_v1.py), for every task of the demo's lines."""
+    from pipelines.infer import predictor as predictor_module
+    from tests.helpers import sampling_v1
+
+    p = predictor(loaded, "steps=3", "tts.max_length=24", "svqa.length=8", "sqa.length=10", preset=preset)
+    base = str(media["seven.png"].parent.parent)
+    prepared = [p.prepare(request_from_line(line, base)[0]) for line in demo_lines()]
+    now = p.run(prepared, decode_audio=False)
+
+    def before(model, ids, **kw):
+        new = {k: kw.pop(k) for k in ("schedule", "eps", "alg_temp", "ties", "top_k", "filter_greedy",
+                                      "position_penalty_on")}
+        assert new == {"schedule": "even", "eps": 1e-3, "alg_temp": 0.0, "ties": "topk", "top_k": None,
+                       "filter_greedy": False, "position_penalty_on": "confidence"} and kw["alg"] in sampling_v1.ALGS
+        return sampling_v1.generate(model, ids, **kw)
+
+    monkeypatch.setattr(predictor_module, "generate", before)
+    then = p.run(prepared, decode_audio=False)
+    assert [o.task for o in now] == ["t2i", "t2i", "i2t", "asr", "tts", "s2i", "svqa", "sqa"]
+    for a, b in zip(now, then):
+        np.testing.assert_array_equal(a.canvas, b.canvas, err_msg=a.task)
+
+
+class Recorder(torch.nn.Module):
+    """The model, with the inputs of every call kept."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, *args, **kwargs):
+        self.calls.append(x.clone())
+        return self.model(x, *args, **kwargs)
+
+
+def test_guidance_unconditional_prompts_per_task(loaded, media):
+    """s2i: the system prompt and an empty user turn; t2i: the instruction with random text ids in place of the
+    caption (as many); both end like the prompt, and guidance's rows see them."""
+    import dataclasses
+
+    v = loaded.vocab
+    p = predictor(loaded, "s2i.cfg_scale=2", "s2i.uncond=empty_user", "t2i.cfg_scale=2", "t2i.uncond=random_text",
+                  "i2t.cfg_scale=2")
+    s2i = p.prepare(Request("s2i", audios=[str(media["seven.wav"])]))
+    assert s2i.uncond.tolist() == [v.im_start_id, v.role_id("user"), v.im_end_id, v.im_start_id,
+                                   v.role_id("assistant"), v.boi_id]
+    t2i = p.prepare(Request("t2i", text="a handwritten seven"))
+    n = len(loaded.tokenizers.text.encode("a handwritten seven"))
+    head = len(loaded.tokenizers.text.encode("Generate an image of ")) + 2          # <im_start><user> instruction
+    assert len(t2i.uncond) == len(t2i.prompt) and t2i.uncond[-4:].tolist() == t2i.prompt[-4:].tolist()
+    assert t2i.uncond[:head].tolist() == t2i.prompt[:head].tolist()
+    noise = t2i.uncond[head:head + n]
+    assert (noise < v.text_size).all() and len(set(noise.tolist())) == n and noise.tolist() != \
+        t2i.prompt[head:head + n].tolist()
+    assert p.prepare(Request("i2t", images=[str(media["seven.png"])])).uncond is None   # "masked": generate's
+    rec = Recorder(loaded.model)
+    guided = Predictor(dataclasses.replace(loaded, model=rec), p.presets)
+    guided.run([s2i])
+    x = rec.calls[0]                                                       # (2, P + G): cond row, uncond row
+    assert x.shape[0] == 2 and x[1, len(s2i.prompt) - len(s2i.uncond): len(s2i.prompt)].tolist() == \
+        s2i.uncond.tolist()
+    assert (x[1, : len(s2i.prompt) - len(s2i.uncond)] == v.pad_id).all()    # left padding
+
+
+def test_spoken_qa_line_answers_in_text_then_speech(loaded, media):
+    """The reference's SQA line (spoken question, answer text then speech) is an sqa request whose reference is
+    the answer's text; sqa samples text, <boa> at 20% of the canvas, then speech."""
+    line = demo_lines()[-1]
+    req, ref = request_from_line(line, str(media["seven.png"].parent.parent))
+    assert (req.task, ref.text, ref.audios, req.audios) == ("sqa", "seven", ["audio/seven.wav"],
+                                                            ["audio/question.wav"])
+    for preset in ("project", "reference"):
+        p = predictor(loaded, "sqa.length=20", "sqa.steps=10", preset=preset)
+        prep = p.prepare(req)
+        v = loaded.vocab
+        assert prep.canvas.layout == (Modality.TEXT, Modality.AUDIO) and prep.canvas.fixed == ((4, v.boa_id),)
+        out = p.run([prep])[0]
+        assert out.canvas[4] == v.boa_id and isinstance(out.text, str) and out.audio_codes.shape[0] == v.n_q
+
+
+def test_reference_preset_samples_every_task(loaded, media):
+    """The reference preset (Dream schedule, top-k 50 / top-p 0.9 at temperature 0, penalties on logits,
+    entropy-penalty, s2i guidance with its empty-user prompt) through the predictor, every task."""
+    p = predictor(loaded, "t2i.steps=8", "s2i.steps=8", "svqa.length=10", "sqa.length=10", "vqa.length=6",
+                  "asr.length=6", "tts.length=8", "i2t.length=6", preset="reference")
+    base = str(media["seven.png"].parent.parent)
+    prepared = [p.prepare(request_from_line(line, base)[0]) for line in demo_lines()]
+    assert prepared[5].uncond is not None and prepared[0].uncond is None        # s2i guided, t2i not
+    outs = p.run(prepared, decode_audio=False)
+    assert all((o.canvas != loaded.vocab.mask_id).all() for o in outs)
+    assert outs[0].image is not None and outs[4].audio_codes is not None and outs[7].text is not None
+
+
 # ---- requests ---------------------------------------------------------------------------------------------
 
 def test_request_from_line_splits_prompt_and_reference():
@@ -265,8 +382,9 @@ def test_missing_and_unreadable_inputs(loaded, media, tmp_path):
 
 INPUTS = {"t2i": ["--text", "a handwritten seven"], "i2t": ["--image", "{png}"], "vqa": ["--image", "{png}",
           "--text", "which digit?"], "asr": ["--audio", "{wav}"], "tts": ["--text", "seven"],
-          "s2i": ["--audio", "{wav}"], "svqa": ["--image", "{png}", "--audio", "{wav}"], "text": ["--text", "hi"]}
-FILES = {"t2i": "image.png", "s2i": "image.png", "tts": "speech.wav"}
+          "s2i": ["--audio", "{wav}"], "svqa": ["--image", "{png}", "--audio", "{wav}"], "text": ["--text", "hi"],
+          "sqa": ["--audio", "{wav}"]}
+FILES = {"t2i": ["image.png"], "s2i": ["image.png"], "tts": ["speech.wav"], "sqa": ["answer.txt", "speech.wav"]}
 
 
 @pytest.fixture
@@ -282,8 +400,9 @@ def test_sample_each_task_writes_its_output(task, export, media, tmp_path, capsy
     rc = sample.main(["--checkpoint", str(export), "--task", task, *args, "--out", str(tmp_path), "steps=2",
                       "tts.length_ratio=4"])
     assert rc == 0
-    name = FILES.get(task, "answer.txt")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]
+    names = FILES.get(task, ["answer.txt"])   # a spoken answer (sqa): its text and its speech
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    name = names[-1]
     if name == "image.png":
         assert Image.open(tmp_path / name).size == (8, 8)
     elif name == "speech.wav":

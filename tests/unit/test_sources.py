@@ -141,3 +141,40 @@ def test_a_storage_fault_while_expanding_a_file_is_not_a_quarantine(tmp_path, mo
     monkeypatch.setattr(sources.storage, "open_read", down)
     with pytest.raises(storage.StorageError, match="a.jsonl"):
         list(sources.expand_unit(ctx, unit, cfg, set()))
+
+
+def test_reference_spoken_lines_tokenize_as_svqa_and_sqa(tmp_path):
+    """The reference's spoken VQA and spoken QA SFT lines (no "task"): the messages source names their tasks
+    (model.tasks.infer_task) and their answers (text, then the answer speech) are what training learns."""
+    from model.prompts import TaskTemplates, encode_messages
+    from model.tokenizers import TokenizerSet
+    from tests.helpers.export import write_debug_export, write_jsonl, write_media
+    from tokenize_jobs.config import TasksConfig
+
+    tokenizers = TokenizerSet.load(str(write_debug_export(tmp_path / "export") / "tokenizers"))
+    root = tmp_path / "corpus"
+    write_media(root)
+    svqa = {"messages": [{"role": "system", "content": "Please response the input audio based on the given image."},
+                         {"role": "user", "content": "<|audio|>\n<|image|>"},
+                         {"role": "assistant", "content": "seven\n<|audio|>"}],
+            "audios": ["audio/question.wav", "audio/seven.wav"], "images": ["images/seven.png"]}
+    sqa = {"messages": [{"role": "system", "content": "Please response the input audio."},
+                        {"role": "user", "content": "<|audio|>"}, {"role": "assistant", "content": "seven\n<|audio|>"}],
+           "audios": ["audio/question.wav", "audio/seven.wav"]}
+    write_jsonl(root / "sft.jsonl", [svqa, sqa])
+    ctx, units = _units(root, "messages")
+    assert len(units) == 1
+    cfg = InputConfig(max_line_bytes=1 << 20)
+    rows = [r for r in sources.expand_unit(ctx, units[0], cfg, set()) if "line" in json.loads(r["spec"])]
+    vocab = tokenizers.vocab
+    got = []
+    for row in rows:
+        record, media = sources.decode_input(ctx, row, tokenizers, TaskTemplates(), TasksConfig(), cfg)
+        (sample,) = record["samples"]
+        audios = [tokenizers.speech.encode(media[k]) for k in sorted(media) if k.startswith("audio")]
+        images = [tokenizers.image.encode(media[k][None])[0] for k in sorted(media) if k.startswith("image")]
+        enc = encode_messages(sample["messages"], vocab, tokenizers.text, images=images, audios=audios)
+        answer = enc.input_ids[enc.answer_mask]
+        assert vocab.boa_id in answer.tolist() and answer[-1] == vocab.im_end_id   # text, <boa> speech <eoa>
+        got.append(sample["task"])
+    assert got == ["svqa", "sqa"]

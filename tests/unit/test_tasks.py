@@ -12,8 +12,9 @@ from model.vocab import Modality
 
 
 def test_task_ids_are_the_registry_order():
-    # a task's index is its id in packed batches and in the trainer's per-task loss table: the order is a contract
-    assert TASKS == ("t2i", "i2t", "vqa", "asr", "tts", "s2i", "svqa", "text")
+    # a task's index is its id in packed batches and in the trainer's per-task loss table, computed per batch from
+    # the task names shards store: new tasks are appended, so earlier ids stay as they were
+    assert TASKS == ("t2i", "i2t", "vqa", "asr", "tts", "s2i", "svqa", "text", "sqa")
     assert [t.name for t in tasks.all_tasks()] == list(TASKS)
 
 
@@ -50,10 +51,29 @@ def test_canvas_layout_adds_a_text_head_only_when_the_sampler_asks():
     (f"{AUDIO_PLACEHOLDER}", f"seven{IMAGE_PLACEHOLDER}", "s2i"),
     (f"{IMAGE_PLACEHOLDER} draw it again", IMAGE_PLACEHOLDER, "t2i"),   # extra prompt media: same task
     ("say hi", AUDIO_PLACEHOLDER, "tts"),
+    (f"{AUDIO_PLACEHOLDER}", AUDIO_PLACEHOLDER, "sqa"),              # spoken question, spoken answer
+    (f"{AUDIO_PLACEHOLDER}", f"Paris.\n{AUDIO_PLACEHOLDER}", "sqa"),  # ... text then speech (the reference's)
+    (f"{IMAGE_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}", f"A dog.\n{AUDIO_PLACEHOLDER}", "svqa"),
+    (f"{AUDIO_PLACEHOLDER}\n{IMAGE_PLACEHOLDER}", AUDIO_PLACEHOLDER, "svqa"),
 ])
 def test_infer_task_matches_inputs_and_answer(prompt, answer, task):
     msgs = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
     assert infer_task(msgs) == task
+
+
+def test_reference_spoken_lines_get_their_task():
+    """The reference's SFT lines: spoken VQA (system prompt, audio then image, answer text then speech) and
+    spoken QA; both were `tts` before spoken tasks could take speech answers."""
+    svqa = [{"role": "system", "content": "Please response the input audio based on the given image."},
+            {"role": "user", "content": f"{AUDIO_PLACEHOLDER}\n{IMAGE_PLACEHOLDER}"},
+            {"role": "assistant", "content": f"He is angling himself to better hit the ball.\n{AUDIO_PLACEHOLDER}"}]
+    sqa = [{"role": "system", "content": "Please response the input audio."},
+           {"role": "user", "content": AUDIO_PLACEHOLDER},
+           {"role": "assistant", "content": f"It is Paris.\n{AUDIO_PLACEHOLDER}"}]
+    tts = [{"role": "user", "content": "Convert the text to speech.\nHello."},
+           {"role": "assistant", "content": AUDIO_PLACEHOLDER}]
+    assert (infer_task(svqa), infer_task(sqa), infer_task(tts)) == ("svqa", "sqa", "tts")
+    assert spec("sqa").canvas_layout(spec("sqa").sampler) == (Modality.TEXT, Modality.AUDIO)
 
 
 def test_unknown_task_names_the_tasks_and_samplers_are_fresh_copies():
@@ -65,6 +85,6 @@ def test_unknown_task_names_the_tasks_and_samplers_are_fresh_copies():
 
 
 def test_speech_and_headline_metric_come_from_inputs_answer_and_judge():
-    assert [t.name for t in tasks.all_tasks() if t.speech] == ["asr", "tts", "s2i", "svqa"]
+    assert [t.name for t in tasks.all_tasks() if t.speech] == ["asr", "tts", "s2i", "svqa", "sqa"]
     assert {t.name: t.metric for t in tasks.all_tasks()}["t2i"] == "class_accuracy"
     assert spec("tts").metric == "exact_match" and spec("tts").judge == Judge.SPEECH
