@@ -12,6 +12,9 @@ with `add_generation_prompt=True`), and the canvas has the layout of a training 
     image answer   <im_start><assistant><boi> | codes x tokens_per_image <eoi> <im_end>
     speech answer  <im_start><assistant><boa> | codes ... <eoa> <im_end> <eos> ...
 
+In the reference prompt format (model/prompts.py) `<im_start><assistant>` is `<|im_start|>assistant\n` and a
+turn closes with `<|im_end|>\n`; a text answer is decoded up to its im_end either way.
+
 For media answers the opening bracket ends the prompt. An image has a known length, so `<eoi><im_end>` are
 placed at the end of the canvas and never sampled. A speech answer has no known length: every canvas position
 may hold a code of its codebook (position i of the answer is codebook i mod n_q, the vocabulary's frame-major
@@ -508,7 +511,10 @@ class Predictor:
             out.audio_codes = self.audio_codes(row[start:])
             out.sample_rate = int(self.tokenizers.speech.sample_rate)
             if decode_audio:
-                out.wav = self.tokenizers.speech.decode(out.audio_codes)
+                try:
+                    out.wav = self.tokenizers.speech.decode(out.audio_codes)
+                except NotImplementedError:   # codes-only speech (speech.kind=glm4voice): the codes are the answer
+                    out.wav = None
         return out
 
     def predict(self, requests: Sequence[Request], *, decode_audio: bool = True) -> list[Output]:
