@@ -1,6 +1,6 @@
 """The REFERENCE prompt format: the ids Omni-Diffusion's data code gives its own example conversations, on a
-scaled-down Dream tokenizer built here, then through a TokenizerSet and a messages line with precomputed
-GLM-4-Voice codes.
+scaled-down Dream tokenizer built here, then through a TokenizerSet, a messages line with precomputed
+GLM-4-Voice codes, and `omnidiff import` of a checkpoint in the released layout (pipelines/import_pretrained.py).
 
 The tokenizer is a Qwen2-style byte-level BPE whose 256 byte tokens have id == byte value, plus one merge chain
 that makes "user" one token (id 258); Dream's specials follow as added tokens at scaled-down ids. So every
@@ -13,20 +13,29 @@ tok("\\n"); media placeholders become <|begin_of_audio|><|audio_i|>...<|end_of_a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
+from common import cli
 from common.configlib import ConfigError
+from model.config import ModelConfig
 from model.prompts import TaskTemplates, encode_messages, last_user_text, task_messages
 from model.tokenizers import (ImageTokenizerConfig, SpeechTokenizerConfig, TextTokenizerConfig, TokenizerConfig,
                               TokenizerSet)
 from model.tokenizers.base import BadInput
 from model.tokenizers.glm4voice import Glm4VoiceCodes
 from model.tokenizers.text import HFTextTokenizer
+from model.transformer import Transformer
 from model.vocab import OMNI_ADDED_TOKENS, PromptFormat, Vocab, omni_diffusion_vocab, reference_layout
+from model.weights import native_to_hf
+from pipelines.import_pretrained import main as import_main
+from pipelines.infer.predictor import Predictor, Request, load_export
 from tokenize_jobs import sources
 from tokenize_jobs.config import InputConfig, TasksConfig
 
@@ -248,3 +257,36 @@ def test_glm4voice_codes_are_one_codebook():
     assert (g.n_q, g.codebook_size, g.frame_rate) == (1, 16_384, 12.5)
     with pytest.raises(NotImplementedError, match="decoder"):
         g.decode(np.zeros((1, 3), dtype=np.int64))
+
+
+def test_released_layout_imports_and_samples_with_reference_prompts(tokset, tmp_path):
+    """`omnidiff import`: a checkpoint with the released key names (sharded, speech encoder and projector
+    beside the LM) and the tokenizer set of the same layout -> an export the predictor samples from, its ASR
+    prompt written in the reference format from precomputed speech codes."""
+    tokset, tok_dir = tokset
+    cfg = dataclasses.replace(ModelConfig.preset("debug"), vocab_size=tokset.vocab.size, weights_layout="dream")
+    torch.manual_seed(0)
+    hf = native_to_hf(Transformer(cfg).state_dict(), cfg, "dream")
+    hf["model.audio_model.model.encoder.after_norm.weight"] = torch.ones(8)
+    hf["model.audio_projection.mlp.0.weight"] = torch.zeros(cfg.dim, 8)
+    ckpt = tmp_path / "released"
+    ckpt.mkdir()
+    keys = sorted(hf)
+    weight_map = {}
+    for s in range(2):
+        name = f"model-{s + 1:05d}-of-00002.safetensors"
+        save_file({k: hf[k].contiguous() for k in keys[s::2]}, str(ckpt / name))
+        weight_map.update({k: name for k in keys[s::2]})
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    args = ["--weights", str(ckpt), "--tokenizers", tok_dir, "--out", str(tmp_path / "export"), "--model", "debug"]
+    assert import_main(args) == cli.BAD_INPUT           # the speech modules are not skipped silently
+    assert import_main(args + ["--skip-module", "speech_encoder", "--skip-module", "speech_projector"]) == cli.OK
+    loaded = load_export(str(tmp_path / "export"), device="cpu")
+    assert loaded.vocab == tokset.vocab
+    assert torch.equal(loaded.model.tok_embeddings.weight[AUDIO0], hf["model.embed_tokens.weight"][AUDIO0])
+    predictor = Predictor(loaded)
+    item = predictor.prepare(Request(task="asr", audios=[np.array([[1, 2, 3]])]))
+    assert item.prompt.tolist() == (head("user") + t("Convert the speech to text.\n")
+                                    + [BOA, AUDIO0 + 1, AUDIO0 + 2, AUDIO0 + 3, EOA, IM_END, NL] + head("assistant"))
+    (out,) = predictor.run([item])
+    assert isinstance(out.text, str)
