@@ -90,7 +90,7 @@ class HFTextTokenizer:
         tok.train_from_iterator(texts, trainer)
         return cls(tok, name=name or f"bpe{vocab_size}", text_size=text_size)
 
-    def with_added_tokens(self, tokens: Iterable[str]) -> "HFTextTokenizer":
+    def with_added_tokens(self, tokens: Iterable[str]) -> HFTextTokenizer:
         """A copy with `tokens` appended as special tokens, in order, those already present skipped (as HF's
         `add_tokens` does): the reference's multimodal tokens on Dream's tokenizer (model/vocab.py
         OMNI_ADDED_TOKENS) get the ids the reference gives them."""
