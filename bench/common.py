@@ -279,10 +279,10 @@ def bench_vocab(big: bool = False):
     """The demo's vocabulary shape (BPE text, 8x8 pixel images, EnCodec 2 codebooks), or with `big` Dream's
     (Qwen2 text, MAGVIT-v2 8,192 codes, EnCodec 8 codebooks: 168,459 ids); speed does not depend on which ids
     are which."""
-    from model.vocab import Vocab, dream_vocab
+    from model.vocab import PromptFormat, Vocab, dream_vocab
 
-    if big:
-        return dream_vocab()
+    if big:   # the compact Dream layout: the size the published measurements were taken with
+        return dream_vocab(prompt_format=PromptFormat.COMPACT)
     return Vocab(text_size=512, text_tokenizer="bench", n_q=2, audio_codebook_size=1024, image_codebook_size=17,
                  image_tokenizer="pixel-8x8x1-17", speech_tokenizer="encodec_24khz@1.5kbps")
 

@@ -15,7 +15,7 @@ from typing import Literal
 
 from common.configlib import ConfigError
 from model.sampling import ALGS, SCHEDULES, Alg, PenaltyOn, Schedule, Ties
-from model.vocab import Modality
+from model.vocab import Modality, PromptFormat
 
 IMAGE_PLACEHOLDER = "<|image|>"
 AUDIO_PLACEHOLDER = "<|audio|>"
@@ -97,6 +97,13 @@ _IMAGE_SAMPLER = TaskSampler(length=0, steps=256, position_penalty=2.0)
 
 
 @dataclass(frozen=True)
+class Wording:
+    """A task's default user turn (`{text}` and media placeholders) and system prompt."""
+    user: str
+    system: str = ""
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     inputs: tuple[Modality, ...]     # media in the prompt, in placeholder order
@@ -108,6 +115,14 @@ class Task:
     length_basis: LengthBasis = LengthBasis.FIXED
     sampler: TaskSampler = field(default_factory=TaskSampler)
     spoken: bool = False             # the reference answers it in speech (text then `<|audio|>`): infer_task
+    # the wording of the reference's data and inference (tools/inference.py) for the REFERENCE prompt format;
+    # None = `user`/`system` in every format
+    reference: Wording | None = None
+
+    def wording(self, prompt_format: PromptFormat) -> Wording:
+        if prompt_format == PromptFormat.REFERENCE and self.reference is not None:
+            return self.reference
+        return Wording(self.user, self.system)
 
     @property
     def needs_text(self) -> bool:
@@ -134,23 +149,33 @@ class Task:
 
 
 _REGISTRY: tuple[Task, ...] = (
-    Task("t2i", (), Modality.IMAGE, "Generate an image of {text}.", Judge.IMAGE, sampler=_IMAGE_SAMPLER),
-    Task("i2t", (Modality.IMAGE,), Modality.TEXT, f"{IMAGE_PLACEHOLDER}\nDescribe the image.", Judge.TEXT),
-    Task("vqa", (Modality.IMAGE,), Modality.TEXT, f"{IMAGE_PLACEHOLDER}\n{{text}}", Judge.TEXT),
+    Task("t2i", (), Modality.IMAGE, "Generate an image of {text}.", Judge.IMAGE, sampler=_IMAGE_SAMPLER,
+         reference=Wording("Generate an image based on the provided text description.\n{text}")),
+    # the reference publishes no captioning instruction: ours, in its order (instruction, then the image)
+    Task("i2t", (Modality.IMAGE,), Modality.TEXT, f"{IMAGE_PLACEHOLDER}\nDescribe the image.", Judge.TEXT,
+         reference=Wording(f"Describe the image.\n{IMAGE_PLACEHOLDER}")),
+    Task("vqa", (Modality.IMAGE,), Modality.TEXT, f"{IMAGE_PLACEHOLDER}\n{{text}}", Judge.TEXT,
+         reference=Wording(f"{{text}}\n{IMAGE_PLACEHOLDER}")),
     Task("asr", (Modality.AUDIO,), Modality.TEXT, f"{AUDIO_PLACEHOLDER}\nTranscribe the speech.", Judge.TEXT,
          wer=True, length_basis=LengthBasis.PROMPT_SPEECH,
-         sampler=TaskSampler(length_ratio=0.2, steps_ratio=0.5, min_length=4)),
+         sampler=TaskSampler(length_ratio=0.2, steps_ratio=0.5, min_length=4),
+         reference=Wording(f"Convert the speech to text.\n{AUDIO_PLACEHOLDER}")),
     Task("tts", (), Modality.AUDIO, "Read this aloud: {text}", Judge.SPEECH, wer=True,
-         length_basis=LengthBasis.TEXT_TO_READ, sampler=TaskSampler(length_ratio=3.5, steps_ratio=0.5, min_length=8)),
+         length_basis=LengthBasis.TEXT_TO_READ, sampler=TaskSampler(length_ratio=3.5, steps_ratio=0.5, min_length=8),
+         reference=Wording("Convert the text to speech.\n{text}")),
     Task("s2i", (Modality.AUDIO,), Modality.IMAGE, f"{AUDIO_PLACEHOLDER}\nGenerate an image of what is said.",
-         Judge.IMAGE, sampler=_IMAGE_SAMPLER),
+         Judge.IMAGE, sampler=_IMAGE_SAMPLER,
+         reference=Wording(f"\n{AUDIO_PLACEHOLDER}", "Please generate an image based on the input audio.")),
     Task("svqa", (Modality.IMAGE, Modality.AUDIO), Modality.TEXT, f"{IMAGE_PLACEHOLDER}\n{AUDIO_PLACEHOLDER}",
-         Judge.TEXT, sampler=TaskSampler(length=128, steps=128), spoken=True),
+         Judge.TEXT, sampler=TaskSampler(length=128, steps=128), spoken=True,
+         reference=Wording(f"{AUDIO_PLACEHOLDER}\n{IMAGE_PLACEHOLDER}",
+                           "Please response the input audio based on the given image.")),
     Task("text", (), Modality.TEXT, "{text}", Judge.TEXT),
     # spoken question, spoken answer: the reference's answers are text then speech (`"...\n<|audio|>"`), so its
     # canvas is text with <boa> pre-infilled at 20%, speech after it; judged on the text
     Task("sqa", (Modality.AUDIO,), Modality.TEXT, AUDIO_PLACEHOLDER, Judge.TEXT, spoken=True,
-         sampler=TaskSampler(length=128, steps=128, speech_answer=True)),
+         sampler=TaskSampler(length=128, steps=128, speech_answer=True),
+         reference=Wording(AUDIO_PLACEHOLDER, "Please response the input audio.")),
 )
 
 # Task names in registry order: a task's index here is its id in packed batches (per-position task ids). Ids are

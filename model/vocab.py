@@ -3,12 +3,20 @@
 Layout of one id space shared by every modality (contiguous ranges, in this order):
 
     [0, text_size)                      text ids of the backbone's text tokenizer (rows of its embedding)
-    [special_offset, +len(SPECIALS))    our special tokens (mask, eos/pad, role markers, media brackets)
-    [audio_offset, +n_q * 1024)         one range of `audio_codebook_size` ids per EnCodec codebook
+    [special_offset, +n_own_specials)   our special tokens (mask, eos/pad, role markers, media brackets)
+    [audio_offset, +n_q * codebook)     one range of `audio_codebook_size` ids per speech codebook
     [image_offset, +image_codebook_size) image codes (pixel levels or MAGVIT-v2's 8,192 codes)
 
 A special token may instead *reuse* an id inside the text range (e.g. Dream's own `<|mask|>` = a Qwen2 added
 token), so a pretrained backbone keeps the embedding it was trained with for that role.
+
+The prompt format (`PromptFormat`, model/prompts.py writes it) is part of the vocabulary, so shards, training
+and sampling agree on it:
+- COMPACT: `<im_start><role-id> content <im_end>` with our own ids for every special (len(SPECIALS) of them,
+  after the text range; reused ones leave their slot unused). For models trained from scratch (the demo).
+- REFERENCE: Omni-Diffusion's Qwen2 chat text, `<|im_start|>user\n content <|im_end|>\n`: role names and
+  newlines are text, every special the format uses (REFERENCE_SPECIALS) is a token of the text tokenizer, and
+  there is no own special range. `omni_diffusion_vocab()` is the released checkpoint's layout (176,264 ids).
 
 Speech codes (n_q, T) are flattened frame-major: [f0q0, f0q1, ..., f0q{n_q-1}, f1q0, ...], codebook q of frame f
 at flat position f*n_q + q mapping to id `audio_offset + q*audio_codebook_size + code`. Distinct ranges per
@@ -23,7 +31,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import Enum, IntEnum
 from typing import Any
 
 import numpy as np
@@ -43,6 +51,35 @@ SPECIALS = (
     "boa",        # begin / end of an audio span
     "eoa",
 )
+
+
+# The specials the REFERENCE format uses (roles are text there), and their strings in the reference's tokenizer.
+REFERENCE_SPECIALS = ("mask", "eos", "im_start", "im_end", "boi", "eoi", "boa", "eoa")
+REFERENCE_TOKEN_STRINGS = {
+    "mask": "<|mask|>", "eos": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>",
+    "boi": "<|begin_of_image|>", "eoi": "<|end_of_image|>", "boa": "<|begin_of_audio|>", "eoa": "<|end_of_audio|>",
+}
+# The multimodal tokens Omni-Diffusion adds to Dream's tokenizer, in the order they get ids: its image, video,
+# patch, quad, ref, box brackets and tags first, then the audio brackets and tag (the audio list repeats the
+# others, which the tokenizer skips as already present). Its 16,384 `<|audio_i|>` then 8,192 `<|image_i|>`
+# follow: they are our speech and image ranges.
+OMNI_ADDED_TOKENS = (
+    "<|begin_of_image|>", "<|end_of_image|>", "<|context_of_image|>",
+    "<|begin_of_video|>", "<|end_of_video|>", "<|context_of_video|>",
+    "<|begin_of_patch|>", "<|end_of_patch|>", "<|context_of_patch|>",
+    "<|begin_of_quad|>", "<|end_of_quad|>", "<|begin_of_ref|>", "<|end_of_ref|>",
+    "<|begin_of_box|>", "<|end_of_box|>", "<|image|>", "<|video|>",
+    "<|begin_of_audio|>", "<|end_of_audio|>", "<|context_of_audio|>", "<|audio|>",
+)
+DREAM_TOKENIZER_SIZE = 151_667   # Dream-v0's tokenizer: 151,643 Qwen2 BPE ids + 24 added (<|endoftext|> .. <|mask|>)
+GLM4VOICE_CODEBOOK_SIZE = 16_384  # GLM-4-Voice speech tokenizer: one codebook, 12.5 tokens per second
+MAGVIT2_CODEBOOK_SIZE = 8_192
+
+
+class PromptFormat(str, Enum):
+    """How a chat becomes ids (model/prompts.py); see the module docstring."""
+    COMPACT = "compact"
+    REFERENCE = "reference"
 
 
 class Modality(IntEnum):
@@ -67,13 +104,31 @@ class Vocab:
     image_tokenizer: str = ""           # e.g. "pixel-8x8x1-17" or "magvit2"
     speech_tokenizer: str = ""          # e.g. "encodec_24khz@1.5kbps"
     reuse_specials: dict[str, int] = field(default_factory=dict)  # special name -> id inside the text range
+    prompt_format: PromptFormat = PromptFormat.COMPACT
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_format", PromptFormat(self.prompt_format))
         for name, tid in self.reuse_specials.items():
             if name not in SPECIALS:
                 raise ValueError(f"reuse_specials: unknown special token {name!r}; known: {SPECIALS}")
             if not 0 <= tid < self.text_size:
                 raise ValueError(f"reuse_specials[{name!r}] = {tid} is outside the text range [0, {self.text_size})")
+        if self.prompt_format == PromptFormat.REFERENCE:
+            missing = [n for n in REFERENCE_SPECIALS if n not in self.reuse_specials]
+            if missing:
+                tokens = [REFERENCE_TOKEN_STRINGS[n] for n in missing]
+                raise ValueError(f"prompt_format=reference takes every special from the text tokenizer, but "
+                                 f"reuse_specials lacks {missing} (tokens {tokens})")
+
+    @property
+    def used_specials(self) -> tuple[str, ...]:
+        """The specials the prompt format writes: roles are text in the REFERENCE format."""
+        return REFERENCE_SPECIALS if self.prompt_format == PromptFormat.REFERENCE else SPECIALS
+
+    @property
+    def n_own_specials(self) -> int:
+        """Ids of the own special range: none in the REFERENCE format (all specials are text tokens)."""
+        return 0 if self.prompt_format == PromptFormat.REFERENCE else len(SPECIALS)
 
     # ---- ranges -------------------------------------------------------------------------------------------
     @property
@@ -82,7 +137,7 @@ class Vocab:
 
     @property
     def audio_offset(self) -> int:
-        return self.special_offset + len(SPECIALS)
+        return self.special_offset + self.n_own_specials
 
     @property
     def image_offset(self) -> int:
@@ -94,6 +149,9 @@ class Vocab:
         return self.image_offset + self.image_codebook_size
 
     def special_id(self, name: str) -> int:
+        if name not in self.used_specials:
+            raise ValueError(f"special {name!r} has no id in the {self.prompt_format.value} prompt format "
+                             f"(specials: {self.used_specials})")
         if name in self.reuse_specials:
             return self.reuse_specials[name]
         return self.special_offset + SPECIALS.index(name)
@@ -121,6 +179,8 @@ class Vocab:
     def role_id(self, role: str) -> int:
         if role not in ("system", "user", "assistant"):
             raise ValueError(f"unknown chat role {role!r}; expected system, user or assistant")
+        if self.prompt_format == PromptFormat.REFERENCE:
+            raise ValueError("roles are text in the reference prompt format: no role id (model/prompts.py)")
         return self.special_id(role)
 
     @property
@@ -145,7 +205,7 @@ class Vocab:
         return self.boi_id, self.eoi_id, self.boa_id, self.eoa_id
 
     def special_ids(self) -> dict[str, int]:
-        return {name: self.special_id(name) for name in SPECIALS}
+        return {name: self.special_id(name) for name in self.used_specials}
 
     def audio_range(self, q: int | None = None) -> tuple[int, int]:
         """[lo, hi) of all audio ids, or of codebook `q` only."""
@@ -164,7 +224,7 @@ class Vocab:
 
     # ---- codes <-> ids ------------------------------------------------------------------------------------
     def audio_ids(self, codes: np.ndarray) -> np.ndarray:
-        """EnCodec codes (n_q, T) in [0, codebook) -> flat frame-major ids (T * n_q,) int64."""
+        """Speech codes (n_q, T) in [0, codebook) -> flat frame-major ids (T * n_q,) int64."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[0] != self.n_q:
             raise ValueError(f"audio codes must be (n_q={self.n_q}, T), got {codes.shape}")
@@ -233,6 +293,7 @@ class Vocab:
     # ---- serialization and checks -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["prompt_format"] = self.prompt_format.value
         d["layout"] = {
             "special_offset": self.special_offset, "audio_offset": self.audio_offset,
             "image_offset": self.image_offset, "size": self.size, "specials": self.special_ids(),
@@ -287,9 +348,42 @@ REUSED_SPECIALS: dict[str, dict[str, int]] = {
 }
 
 
-def dream_vocab(n_q: int = 8, image_codebook_size: int = 8192, text_fingerprint: str = "") -> Vocab:
-    """Vocabulary on Dream-7B's Qwen2 text tokenizer (152,064 embedding rows), reusing Dream's trained
-    `<|mask|>`, `<|endoftext|>`, `<|im_start|>` and `<|im_end|>` (REUSED_SPECIALS["dream"])."""
+def reference_layout(base_size: int, base_specials: dict[str, int], *, n_q: int = 1,
+                     audio_codebook_size: int = GLM4VOICE_CODEBOOK_SIZE,
+                     image_codebook_size: int = MAGVIT2_CODEBOOK_SIZE, speech_tokenizer: str = "glm4voice",
+                     image_tokenizer: str = "magvit2", text_tokenizer: str = "qwen2",
+                     text_fingerprint: str = "") -> Vocab:
+    """Omni-Diffusion's layout on a text tokenizer of `base_size` ids whose mask/eos/im_start/im_end are
+    `base_specials`: OMNI_ADDED_TOKENS get ids base_size.. in their order, then the speech range, then the
+    image range, each id where the reference's tokenizer puts `<|audio_i|>` / `<|image_i|>`. Sizes are
+    parameters so tests can build a scaled-down analogue; `omni_diffusion_vocab()` is the real one."""
+    added = {name: base_size + OMNI_ADDED_TOKENS.index(REFERENCE_TOKEN_STRINGS[name])
+             for name in ("boi", "eoi", "boa", "eoa")}
+    return Vocab(
+        text_size=base_size + len(OMNI_ADDED_TOKENS), text_tokenizer=text_tokenizer, text_fingerprint=text_fingerprint,
+        n_q=n_q, audio_codebook_size=audio_codebook_size, image_codebook_size=image_codebook_size,
+        image_tokenizer=image_tokenizer, speech_tokenizer=speech_tokenizer,
+        reuse_specials={**base_specials, **added}, prompt_format=PromptFormat.REFERENCE)
+
+
+def omni_diffusion_vocab(text_fingerprint: str = "") -> Vocab:
+    """The released Omni-Diffusion checkpoint's 176,264 rows: Dream's text and specials [0, 151,667), the 21
+    multimodal tokens [151,667, 151,688) (<|begin_of_image|> 151,667, <|end_of_image|> 151,668,
+    <|begin_of_audio|> 151,684, <|end_of_audio|> 151,685), GLM-4-Voice's 16,384 speech codes
+    [151,688, 168,072) (`<|audio_0|>` = 151,688), MAGVIT-v2's 8,192 image codes [168,072, 176,264)."""
+    return reference_layout(DREAM_TOKENIZER_SIZE, REUSED_SPECIALS["dream"], text_fingerprint=text_fingerprint)
+
+
+def dream_vocab(n_q: int = 8, image_codebook_size: int = MAGVIT2_CODEBOOK_SIZE, text_fingerprint: str = "",
+                prompt_format: PromptFormat = PromptFormat.REFERENCE) -> Vocab:
+    """Vocabulary on Dream-7B's Qwen2 text tokenizer with EnCodec speech (`n_q` codebooks of 1,024).
+    REFERENCE (default): the reference's layout with EnCodec's ranges where GLM-4-Voice's are
+    (`reference_layout`). COMPACT: all 152,064 embedding rows as text, our own specials after them, reusing
+    Dream's trained `<|mask|>`, `<|endoftext|>`, `<|im_start|>` and `<|im_end|>` (REUSED_SPECIALS["dream"])."""
+    if PromptFormat(prompt_format) == PromptFormat.REFERENCE:
+        return reference_layout(DREAM_TOKENIZER_SIZE, REUSED_SPECIALS["dream"], n_q=n_q, audio_codebook_size=1024,
+                                image_codebook_size=image_codebook_size, speech_tokenizer=f"encodec_24khz@{n_q}q",
+                                text_fingerprint=text_fingerprint)
     return Vocab(
         text_size=152064, text_tokenizer="qwen2", text_fingerprint=text_fingerprint, n_q=n_q,
         image_codebook_size=image_codebook_size, image_tokenizer="magvit2",

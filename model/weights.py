@@ -18,13 +18,24 @@ In LLaDA's block `ff_proj` is the SiLU-activated branch (our gate w1) and `up_pr
 final head is `transformer.ff_out` (not tied). Both layouts use the rotate-half RoPE that our model uses, so
 q/k weights need no permutation.
 
+Omni-Diffusion's released checkpoint is the "dream" layout (sharded, `model.safetensors.index.json`) with
+176,264 embedding/head rows, read in place (model/vocab.py `omni_diffusion_vocab` is their layout), plus two
+modules this product does not have, since it reads speech as discrete codes (EXTRA_MODULES):
+
+  speech_encoder     model.audio_model.*        the reference's SenseVoice-Small encoder (continuous speech input)
+  speech_projector   model.audio_projection.*   its ResamplerProjector (LayerNorm + 2-layer MLP, 512 -> dim)
+
+A checkpoint holding them is refused unless they are named in `skip_modules` (train.init.skip_modules); then
+each skipped module is logged with its tensor count.
+
 Only safetensors is read here: no pickle, so a checkpoint cannot run code when loaded.
 """
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, Sequence
 
 import torch
 from safetensors import safe_open
@@ -41,6 +52,15 @@ SINGLE_FILE = "model.safetensors"
 VOCAB_KEYS = ("tok_embeddings.weight", "output.weight")
 # Prefixes added by wrappers (activation checkpointing, torch.compile) that are not part of the model's names.
 _WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+log = logging.getLogger(__name__)
+
+# Modules of a pretrained checkpoint that have no counterpart here, by name -> key prefix ("dream" layout).
+EXTRA_MODULES: dict[str, str] = {
+    "speech_encoder": "model.audio_model.",
+    "speech_projector": "model.audio_projection.",
+}
 
 
 class CheckpointError(ValueError):
@@ -184,18 +204,41 @@ def extend_rows(old: torch.Tensor, rows: int, generator: torch.Generator) -> tor
     return torch.cat([old32, new]).to(old.dtype)                      # (rows, dim)
 
 
+def split_extra_modules(keys: set[str], skip_modules: Sequence[str], source: str) -> set[str]:
+    """The keys of `keys` that belong to the model: EXTRA_MODULES named in `skip_modules` are dropped (logged
+    with their tensor counts); one present but not named is refused with a message naming the flag."""
+    unknown = sorted(set(skip_modules) - set(EXTRA_MODULES))
+    if unknown:
+        raise CheckpointError(f"skip_modules {unknown} unknown; known modules: {sorted(EXTRA_MODULES)}")
+    found = {name: sorted(k for k in keys if k.startswith(prefix)) for name, prefix in EXTRA_MODULES.items()}
+    found = {name: ks for name, ks in found.items() if ks}
+    refused = [name for name in found if name not in skip_modules]
+    if refused:
+        what = ", ".join(f"{name} ({EXTRA_MODULES[name]}*, {len(found[name])} tensors)" for name in refused)
+        raise CheckpointError(
+            f"{source}: holds {what}, which this model does not have: it reads speech as discrete codes. Load "
+            f"without them with train.init.skip_modules={sorted(found)} (skip_modules= in load_pretrained)")
+    for name, ks in found.items():
+        log.warning("%s: skipping %s (%s*, %d tensors): speech enters as discrete codes here", source, name,
+                    EXTRA_MODULES[name], len(ks))
+    dropped = {k for ks in found.values() for k in ks}
+    return keys - dropped
+
+
 def iter_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, shapes: dict[str, torch.Size],
-                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
+                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0,
+                    skip_modules: Sequence[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (native key, tensor) for every tensor of an HF-layout safetensors checkpoint (single file or
     sharded index), one at a time, fitted to `shapes` (native key -> the model's shape).
 
     Strict: every model tensor must come from the checkpoint and every checkpoint tensor must be used.
     vocab_extension: "mean" grows embedding/head rows when the checkpoint has fewer rows than the model (see
-    `extend_rows`, seeded by `seed`); "error" refuses. Tensors keep the checkpoint's dtype."""
+    `extend_rows`, seeded by `seed`); "error" refuses. Rows are never moved: id i of the checkpoint is row i of
+    the model. `skip_modules`: EXTRA_MODULES to leave out (see the module docstring). Tensors keep the
+    checkpoint's dtype."""
     files = checkpoint_files(path)
     kmap = key_map(cfg, layout)
-    have = {k for k in files if not _ignorable(k, cfg, layout)}
+    have = split_extra_modules({k for k in files if not _ignorable(k, cfg, layout)}, skip_modules, str(path))
     _check_keys(have, set(kmap.values()), str(path), f"layout {layout!r} for a {cfg.n_layers}-layer model")
     _check_keys(set(shapes), set(kmap), "model", "the key map (model and config disagree)")
     generator = torch.Generator().manual_seed(seed)
@@ -214,7 +257,8 @@ def iter_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, shapes: 
 
 @torch.no_grad()
 def load_pretrained(model: nn.Module, path: str | Path, layout: Layout,
-                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0) -> None:
+                    vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0,
+                    skip_modules: Sequence[str] = ()) -> None:
     """Load an HF-layout safetensors checkpoint into `model` (plain tensors) in place; see `iter_pretrained`.
     Tensors are read one at a time and cast to the model's dtype, so a 7B checkpoint never sits in memory
     twice. Call before `parallelize`; for a model built on the meta device and sharded, build the full state
@@ -222,19 +266,19 @@ def load_pretrained(model: nn.Module, path: str | Path, layout: Layout,
     `set_model_state_dict(..., StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))`."""
     params = strip_wrapper_prefixes(dict(model.state_dict(keep_vars=True)))
     shapes = {k: v.shape for k, v in params.items()}
-    for native, tensor in iter_pretrained(path, model.cfg, layout, shapes, vocab_extension, seed):
+    for native, tensor in iter_pretrained(path, model.cfg, layout, shapes, vocab_extension, seed, skip_modules):
         params[native].copy_(tensor)
 
 
 def read_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, vocab_rows: int,
                     vocab_extension: Literal["mean", "error"] = "mean", seed: int = 0,
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+                    dtype: torch.dtype | None = None, skip_modules: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Full native state dict of an HF checkpoint for a model of `cfg` with `vocab_rows` embedding rows,
     without building the model (e.g. on rank 0, to broadcast into a sharded model)."""
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Transformer(cfg, vocab_size=vocab_rows).state_dict().items()}
     return {k: (t if dtype is None else t.to(dtype))
-            for k, t in iter_pretrained(path, cfg, layout, shapes, vocab_extension, seed)}
+            for k, t in iter_pretrained(path, cfg, layout, shapes, vocab_extension, seed, skip_modules)}
 
 
 def _fit_vocab_rows(tensor: torch.Tensor, shape: torch.Size, native: str, hf: str, file: Path,

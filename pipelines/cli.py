@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("model.plan", "memory and FLOP plan of a model preset on N GPUs (meta device, no weights)"),
     "tokenize": ("tokenize_jobs.run", "Ray Data job: raw corpus -> token shards (local or s3://)"),
     "train": ("pipelines.train.trainer", "Ray Train FSDP2 training from token shards, tracked in MLflow"),
+    "import": ("pipelines.import_pretrained", "pretrained HF checkpoint (e.g. released Omni-Diffusion) -> export"),
     "sample": ("pipelines.infer.sample", "any-to-any sampling from an exported checkpoint"),
     "generate": ("pipelines.infer.generate", "batch inference over a prompts JSONL on Ray Data"),
     "eval": ("pipelines.eval.evaluate", "per-task evaluation (WER, accuracy, classifier accuracy)"),

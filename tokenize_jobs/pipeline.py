@@ -210,6 +210,7 @@ class Tokenize:
         rows = _rows(batch)
         decoded: dict[int, tuple[dict, dict]] = {}
         images, audios = [], []
+        precomputed: dict[tuple[int, str], np.ndarray] = {}
         for i, row in enumerate(rows):
             if row["status"] != "pending":
                 continue
@@ -220,8 +221,12 @@ class Tokenize:
                 continue
             decoded[i] = (record, media)
             for name, arr in media.items():
-                (images if name.startswith("image") else audios).append(((i, name), arr))
-        codes = {**self._encode_images(images), **self._encode_audio(audios)}
+                # speech codes given with the line (sources.speech_codes) need no encoding
+                if name.startswith("audio") and arr.dtype.kind in "iu":
+                    precomputed[(i, name)] = arr
+                else:
+                    (images if name.startswith("image") else audios).append(((i, name), arr))
+        codes = {**self._encode_images(images), **self._encode_audio(audios), **precomputed}
         out = []
         for i, row in enumerate(rows):
             if i in decoded:

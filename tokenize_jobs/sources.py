@@ -17,10 +17,10 @@ Fingerprints (32 hex digits of sha256) decide what a rerun skips:
 Every reason an input is quarantined is a short stable tag (the `reason` column of quarantine.jsonl):
 bad_json, not_utf8, empty_text, line_too_long, file_too_large, bad_messages, bad_task, bad_media_path,
 path_escape, missing_media, file_vanished, placeholder_in_text, missing_caption, missing_image,
-missing_audio, missing_transcript, bad_parquet, unreadable_file, truncated_audio, plus those the tokenizers
-raise (model/tokenizers: corrupt_image, image_too_large, empty_file, corrupt_audio, audio_too_long, audio_nan,
-empty_audio, placeholder_mismatch, bad_role, ...) and the tokenize stage (encode_error, no_answer,
-too_many_tokens, unexpected_error). A storage fault is never a reason: it fails the job (common/storage.py).
+missing_audio, missing_transcript, bad_speech_codes, bad_parquet, unreadable_file, truncated_audio, plus
+those the tokenizers raise (model/tokenizers: corrupt_image, image_too_large, empty_file, corrupt_audio,
+audio_too_long, audio_nan, needs_speech_codes, empty_audio, placeholder_mismatch, bad_role, ...) and the
+tokenize stage (encode_error, no_answer, too_many_tokens, unexpected_error). A storage fault is never a reason: it fails the job (common/storage.py).
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from common.cli import BAD_INPUT, CliError
 from model.prompts import TaskTemplates, answer_content, task_messages
 from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER, TASKS, infer_task
 from model.tokenizers.base import BadInput
+from model.vocab import PromptFormat
 from tokenize_jobs.config import InputConfig, TasksConfig
 
 TRANSCRIPT_SUFFIX = ".trans.txt"
@@ -439,12 +440,38 @@ def _meta_extra(rec: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in rec.items() if k not in used}
 
 
-def _paired(task_names: list[str], templates: TaskTemplates, text: str) -> list[dict[str, Any]]:
+def _paired(task_names: list[str], templates: TaskTemplates, text: str, fmt: PromptFormat) -> list[dict[str, Any]]:
     """Samples of a paired input (caption or transcript `text` + one image or audio): one per task, the text
-    in the prompt or as the answer as the task says (t2i: prompt; i2t: answer)."""
-    return [{"task": task, "messages": task_messages(templates.get(task), text=text,
+    in the prompt or as the answer as the task says (t2i: prompt; i2t: answer), worded for the prompt format."""
+    return [{"task": task, "messages": task_messages(templates.get(task, fmt), text=text,
                                                      answer=answer_content(task, text))}
             for task in task_names]
+
+
+def speech_codes(value: Any, n_audio: int, speech_tok) -> list[np.ndarray]:
+    """The `speech_codes` of a messages line (one list of ints per audio placeholder, codes of the reference's
+    GLM-4-Voice speech tokenizer) -> codes (1, T) int64 each; they replace the line's audio files. Raises
+    BadInput("bad_speech_codes") for a wrong shape, a non-integer or an out-of-range code, or a speech
+    tokenizer that does not read such codes (precomputed codes are one codebook)."""
+    if getattr(speech_tok, "n_q", 0) != 1 or not getattr(speech_tok, "precomputed_codes", False):
+        raise BadInput("bad_speech_codes", f"the line has speech_codes but the speech tokenizer is "
+                                           f"{getattr(speech_tok, 'name', '?')}: use speech.kind=glm4voice to train on "
+                                           f"the reference's precomputed codes, or give audio files instead")
+    if not isinstance(value, list) or len(value) != n_audio:
+        raise BadInput("bad_speech_codes", f"speech_codes must be a list of {n_audio} code lists (one per "
+                                           f"{AUDIO_PLACEHOLDER}), got {type(value).__name__} of "
+                                           f"{len(value) if isinstance(value, list) else '-'}")
+    out = []
+    for i, codes in enumerate(value):
+        if not isinstance(codes, list) or not codes or not all(type(c) is int for c in codes):
+            raise BadInput("bad_speech_codes", f"speech_codes[{i}] must be a non-empty list of integers")
+        arr = np.asarray(codes, dtype=np.int64)
+        bad = np.flatnonzero((arr < 0) | (arr >= speech_tok.codebook_size))
+        if bad.size:
+            raise BadInput("bad_speech_codes", f"speech_codes[{i}][{int(bad[0])}] = {int(arr[bad[0]])} is outside "
+                                               f"[0, {speech_tok.codebook_size})")
+        out.append(arr[None, :])  # (T,) -> (1, T)
+    return out
 
 
 def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates: TaskTemplates,
@@ -452,6 +479,7 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
     """(record, media) of one pending input: record = {"samples": [{task, messages}], "meta": {...}}, media =
     {"image_<i>": uint8 (H, W, C), "audio_<i>": float32 (N,)} in placeholder order. Raises BadInput."""
     kind, spec = ctx["kind"], json.loads(row["spec"])
+    fmt = tokenizers.vocab.prompt_format
     media: dict[str, np.ndarray] = {}
 
     def image(data: bytes, source: str) -> None:
@@ -474,6 +502,9 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
                 raise BadInput("bad_messages", "\"images\" and \"audios\" must be lists of paths")
             n_img = sum(str(m.get("content", "")).count(IMAGE_PLACEHOLDER) for m in msgs)
             n_aud = sum(str(m.get("content", "")).count(AUDIO_PLACEHOLDER) for m in msgs)
+            codes = rec.get("speech_codes")
+            if codes is not None:   # precomputed: they stand in for the audio files
+                audios = speech_codes(codes, n_aud, tokenizers.speech)
             if n_img != len(images) or n_aud != len(audios):
                 raise BadInput("placeholder_mismatch", f"{n_img} {IMAGE_PLACEHOLDER} / {n_aud} {AUDIO_PLACEHOLDER} "
                                                        f"placeholders but {len(images)} images / {len(audios)} audios")
@@ -485,21 +516,25 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
                 raise BadInput("bad_task", f"task {task!r} is not one of {list(TASKS)}")
             for p in images:
                 image(_read_media(ctx, base, p, cfg), p)
-            for p in audios:
-                audio(_read_media(ctx, base, p, cfg), p)
+            for i, p in enumerate(audios):
+                if isinstance(p, np.ndarray):
+                    media[f"audio_{i}"] = p
+                else:
+                    audio(_read_media(ctx, base, p, cfg), p)
             samples = [{"task": task, "messages": msgs}]
-            meta = _meta_extra(rec, ("messages", "images", "audios", "task"))
+            meta = _meta_extra(rec, ("messages", "images", "audios", "task", "speech_codes"))
         elif kind == "speech-text":
             text = _check_text(rec.get("text"), "\"text\"")
             audio(_read_media(ctx, base, rec.get("audio"), cfg), str(rec.get("audio")))
-            samples = _paired(tasks.speech_text, templates, text)
+            samples = _paired(tasks.speech_text, templates, text, fmt)
             meta = _meta_extra(rec, ("audio", "text"))
         elif kind == "text":
             text = _check_text(rec.get("text"), "\"text\"")
             prompt = rec.get("prompt", "")
             if not isinstance(prompt, str):
                 raise BadInput("bad_json", "\"prompt\" must be a string")
-            samples = [{"task": "text", "messages": task_messages(templates.text, text=prompt, answer=text)}]
+            samples = [{"task": "text",
+                        "messages": task_messages(templates.get("text", fmt), text=prompt, answer=text)}]
             meta = _meta_extra(rec, ("text", "prompt"))
         else:
             raise BadInput("bad_json", f"JSONL lines are not an input of kind {kind}")
@@ -507,7 +542,7 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
         raw = _read_file(ctx, _full(ctx, spec["text_file"]), spec["text_file"], cfg.max_text_file_bytes,
                          missing="file_vanished")
         text = _check_text(_decode_utf8(raw, spec["text_file"]), spec["text_file"])
-        samples = [{"task": "text", "messages": task_messages(templates.text, text="", answer=text)}]
+        samples = [{"task": "text", "messages": task_messages(templates.get("text", fmt), text="", answer=text)}]
     elif "image" in spec:  # folder pair
         _check_local_inside(ctx, _full(ctx, spec["caption"]))
         raw = _read_file(ctx, _full(ctx, spec["caption"]), spec["caption"], cfg.max_text_file_bytes,
@@ -516,17 +551,17 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
         _check_local_inside(ctx, _full(ctx, spec["image"]))
         image(_read_file(ctx, _full(ctx, spec["image"]), spec["image"], cfg.max_media_bytes, "file_vanished"),
               spec["image"])
-        samples = _paired(tasks.image_text, templates, caption)
+        samples = _paired(tasks.image_text, templates, caption, fmt)
     elif "caption_text" in spec:  # parquet row
         caption = _check_text(spec["caption_text"].strip(), "caption")
         image(row["data"], row["source"])
-        samples = _paired(tasks.image_text, templates, caption)
+        samples = _paired(tasks.image_text, templates, caption, fmt)
     elif "audio" in spec:  # LibriSpeech utterance
         text = _check_text(spec["text"], "transcript")
         _check_local_inside(ctx, _full(ctx, spec["audio"]))
         audio(_read_file(ctx, _full(ctx, spec["audio"]), spec["audio"], cfg.max_media_bytes, "file_vanished"),
               spec["audio"])
-        samples = _paired(tasks.speech_text, templates, text)
+        samples = _paired(tasks.speech_text, templates, text, fmt)
     else:
         raise ValueError(f"unknown input spec {sorted(spec)}")
     return {"samples": samples, "meta": meta}, media

@@ -24,7 +24,8 @@ import numpy as np
 from common import configlib, storage
 from common.configlib import ConfigError
 from model.tokenizers.base import BadInput, ImageTokenizer, SpeechTokenizer, TextTokenizer
-from model.vocab import REUSED_SPECIALS, Vocab
+from model.vocab import (OMNI_ADDED_TOKENS, REFERENCE_SPECIALS, REFERENCE_TOKEN_STRINGS, REUSED_SPECIALS, PromptFormat,
+                         Vocab)
 
 FORMAT_VERSION = 1
 SET_FILE = "tokenizers.json"
@@ -84,7 +85,9 @@ class ImageTokenizerConfig:
 
 @dataclass
 class SpeechTokenizerConfig:
-    kind: Literal["encodec"] = "encodec"
+    # "encodec" (default): waveforms -> EnCodec codes. "glm4voice": the reference's GLM-4-Voice codes, read
+    # precomputed from messages lines (`speech_codes`); one codebook of 16,384 (model/tokenizers/glm4voice.py)
+    kind: Literal["encodec", "glm4voice"] = "encodec"
     bandwidth: float = 1.5      # kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks
     codebooks: int = 0          # keep the first N of those residual codebooks (0 = all)
     codebook_size: int = 1024   # codes per codebook; smaller (a power of two) only with weights=offline
@@ -108,6 +111,8 @@ class SpeechTokenizerConfig:
                               "must be >= 1")
         if self.max_seconds <= 0:
             raise ConfigError(f"speech.max_seconds={self.max_seconds} must be > 0")
+        if self.kind == "glm4voice":
+            return   # codes come precomputed: bandwidth, weights and codebooks do not apply
         from model.tokenizers.speech import CODEBOOK_SIZE, check_codebook_size, check_codebooks
 
         try:
@@ -125,6 +130,15 @@ class TokenizerConfig:
     text: TextTokenizerConfig = field(default_factory=TextTokenizerConfig)
     image: ImageTokenizerConfig = field(default_factory=ImageTokenizerConfig)
     speech: SpeechTokenizerConfig = field(default_factory=SpeechTokenizerConfig)
+    # How chats become ids (model/prompts.py), stored in vocab.json with the shards: "reference" for Dream-based
+    # models (Omni-Diffusion's Qwen2 chat text), "compact" for models trained from scratch (the demo).
+    prompt_format: PromptFormat = PromptFormat.COMPACT
+
+    def __post_init__(self) -> None:
+        self.prompt_format = PromptFormat(self.prompt_format)
+        if self.prompt_format == PromptFormat.REFERENCE and self.text.text_size:
+            raise ConfigError(f"text.text_size={self.text.text_size} with prompt_format=reference: the reference "
+                              f"puts speech ids right after the text tokenizer's ids; set text.text_size=0")
 
     @classmethod
     def preset(cls, name: str) -> "TokenizerConfig":
@@ -185,11 +199,14 @@ class TokenizerSet:
 
     def __init__(self, config: TokenizerConfig, text: TextTokenizer, image: ImageTokenizer, speech: SpeechTokenizer):
         self.config, self.text, self.image, self.speech = config, text, image, speech
+        reuse = dict(REUSED_SPECIALS.get(config.text.reuse_specials, {}))
+        if config.prompt_format == PromptFormat.REFERENCE:
+            reuse = _reference_specials(text, reuse)
         self.vocab = Vocab(
             text_size=text.size, text_tokenizer=text.name, text_fingerprint=text.fingerprint(),
             n_q=speech.n_q, audio_codebook_size=speech.codebook_size,
             image_codebook_size=image.codebook_size, image_tokenizer=image.name, speech_tokenizer=speech.name,
-            reuse_specials=dict(REUSED_SPECIALS.get(config.text.reuse_specials, {})))
+            reuse_specials=reuse, prompt_format=config.prompt_format)
 
     def fingerprints(self) -> dict[str, str]:
         return {"text": self.text.fingerprint(), "image": self.image.fingerprint(),
@@ -221,9 +238,11 @@ class TokenizerSet:
                                              name=_text_name(cfg.text))
         else:
             text = _build_text_from_path(cfg.text)
+        if cfg.prompt_format == PromptFormat.REFERENCE:
+            text = text.with_added_tokens(OMNI_ADDED_TOKENS)  # type: ignore[attr-defined]  # HFTextTokenizer
         image = _build_image(cfg.image)
         s = cfg.speech
-        if s.weights == "offline":
+        if s.kind == "encodec" and s.weights == "offline":
             from model.tokenizers.speech import EncodecTokenizer
 
             speech = EncodecTokenizer.fit_offline(
@@ -240,7 +259,7 @@ class TokenizerSet:
         j = lambda name: storage.join(artifacts_dir, name)  # noqa: E731
         self.text.save(j(TEXT_FILE))  # type: ignore[attr-defined]  # HFTextTokenizer
         files = {"text": TEXT_FILE}
-        if self.config.speech.weights == "offline":
+        if self.config.speech.kind == "encodec" and self.config.speech.weights == "offline":
             self.speech.save_offline(j(ENCODEC_FILE))  # type: ignore[attr-defined]  # EncodecTokenizer
             files["speech"] = ENCODEC_FILE
         storage.write_text_atomic(j(VOCAB_FILE), self.vocab.to_json())
@@ -315,8 +334,28 @@ def _build_text_from_path(cfg: TextTokenizerConfig) -> TextTokenizer:
     return HFTextTokenizer.from_file(cfg.path, cfg.text_size, name=_text_name(cfg))
 
 
+def _reference_specials(text: TextTokenizer, reuse: dict[str, int]) -> dict[str, int]:
+    """The ids of the REFERENCE format's specials in the text tokenizer, by the reference's token strings."""
+    token_id = text.token_id  # type: ignore[attr-defined]  # HFTextTokenizer
+    found = {name: token_id(REFERENCE_TOKEN_STRINGS[name]) for name in REFERENCE_SPECIALS}
+    missing = [REFERENCE_TOKEN_STRINGS[n] for n, tid in found.items() if tid is None]
+    if missing:
+        raise ConfigError(f"prompt_format=reference needs the text tokenizer to hold {missing}: use the backbone's "
+                          f"tokenizer.json (Dream's), or prompt_format=compact")
+    clash = {n: (reuse[n], found[n]) for n in reuse if n in found and reuse[n] != found[n]}
+    if clash:
+        raise ConfigError(f"text.reuse_specials names ids that differ from the tokenizer's {clash}: leave "
+                          f"text.reuse_specials empty with prompt_format=reference (the ids come from the tokenizer)")
+    return {**reuse, **found}
+
+
 def _build_speech(cfg: SpeechTokenizerConfig, artifacts_dir: str) -> SpeechTokenizer:
     from model.tokenizers.speech import EncodecTokenizer
+
+    if cfg.kind == "glm4voice":
+        from model.tokenizers.glm4voice import Glm4VoiceCodes
+
+        return Glm4VoiceCodes()
 
     if cfg.weights == "offline":
         path = storage.join(artifacts_dir, ENCODEC_FILE)

@@ -21,7 +21,7 @@ import hashlib
 import json
 from typing import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from common import storage
 
@@ -89,6 +89,19 @@ class HFTextTokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # all 256 bytes even if unseen: any text encodes
         tok.train_from_iterator(texts, trainer)
         return cls(tok, name=name or f"bpe{vocab_size}", text_size=text_size)
+
+    def with_added_tokens(self, tokens: Iterable[str]) -> HFTextTokenizer:
+        """A copy with `tokens` appended as special tokens, in order, those already present skipped (as HF's
+        `add_tokens` does): the reference's multimodal tokens on Dream's tokenizer (model/vocab.py
+        OMNI_ADDED_TOKENS) get the ids the reference gives them."""
+        tok = Tokenizer.from_str(self._tok.to_str())
+        new = [t for t in tokens if tok.token_to_id(t) is None]
+        tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in new])
+        return HFTextTokenizer(tok, name=self.name, text_size=0 if self._size == self.tokenizer_size else self._size)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string of the vocabulary or its added tokens (None when absent)."""
+        return self._tok.token_to_id(token)
 
     def save(self, path: str) -> None:
         """Write the tokenizer JSON (local or s3://) atomically."""

@@ -12,6 +12,9 @@ with `add_generation_prompt=True`), and the canvas has the layout of a training 
     image answer   <im_start><assistant><boi> | codes x tokens_per_image <eoi> <im_end>
     speech answer  <im_start><assistant><boa> | codes ... <eoa> <im_end> <eos> ...
 
+In the reference prompt format (model/prompts.py) `<im_start><assistant>` is `<|im_start|>assistant\n` and a
+turn closes with `<|im_end|>\n`; a text answer is decoded up to its im_end either way.
+
 For media answers the opening bracket ends the prompt. An image has a known length, so `<eoi><im_end>` are
 placed at the end of the canvas and never sampled. A speech answer has no known length: every canvas position
 may hold a code of its codebook (position i of the answer is codebook i mod n_q, the vocabulary's frame-major
@@ -43,13 +46,8 @@ import torch
 
 from common import storage
 from model.config import ModelConfig
-from model.prompts import (
-    TaskTemplate,
-    TaskTemplates,
-    count_placeholders,
-    encode_messages,
-    task_messages,
-)
+from model.prompts import (TaskTemplate, TaskTemplates, count_placeholders, encode_messages, last_user_text,
+                           task_messages)
 from model.sampling import Block, generate
 from model.tasks import (
     AUDIO_PLACEHOLDER,
@@ -243,12 +241,7 @@ def spoken_text(template: TaskTemplate, content: str) -> str:
 
 def user_text(prompt_ids: np.ndarray, vocab: Vocab, text_tok: Any) -> str:
     """The text of the last user turn of a tokenized prompt (media spans and specials left out)."""
-    ids = np.asarray(prompt_ids).tolist()
-    starts = [i for i, t in enumerate(ids) if t == vocab.im_start_id]
-    user = [i for i in starts if i + 1 < len(ids) and ids[i + 1] == vocab.role_id("user")]
-    span = ids[user[-1] + 2:] if user else ids
-    end = span.index(vocab.im_end_id) if vocab.im_end_id in span else len(span)
-    return text_tok.decode([t for t in span[:end] if t < vocab.text_size])
+    return last_user_text(prompt_ids, vocab, text_tok)
 
 
 # ---- the predictor ----------------------------------------------------------------------------------------
@@ -300,12 +293,12 @@ class Predictor:
         return tok.encode(wav)
 
     def prompt_ids(self, req: Request) -> np.ndarray:
-        """Prompt ids as training saw them, up to and including `<im_start><assistant>`."""
+        """Prompt ids as training saw them, up to and including the assistant turn's head."""
         if req.prompt_ids is not None:
             return np.asarray(req.prompt_ids, dtype=np.int64)
         messages = req.messages
         if messages is None:
-            messages = task_messages(self.templates.get(req.task), text=req.text)
+            messages = task_messages(self.templates.get(req.task, self.vocab.prompt_format), text=req.text)
         n_img, n_aud = count_placeholders(messages)
         if n_img != len(req.images) or n_aud != len(req.audios):
             need = {"image": n_img, "audio": n_aud}
@@ -320,7 +313,7 @@ class Predictor:
         return enc.input_ids.astype(np.int64)
 
     def _text_to_read_tokens(self, req: Request, prompt: np.ndarray) -> int:
-        template = self.templates.get(req.task)
+        template = self.templates.get(req.task, self.vocab.prompt_format)
         if req.prompt_ids is None and (req.messages is None or req.text):
             text = req.text   # the template's text, or the text to read beside messages of another wording
         elif req.messages is not None:
@@ -385,7 +378,7 @@ class Predictor:
             raise BadInput("unknown_task", f"task {req.task!r}; tasks: {list(TASKS)}")
         task = spec(req.task)
         prompt = self.prompt_ids(req)
-        if req.prompt_ids is None and req.messages is None and "{text}" in self.templates.get(req.task).user \
+        if req.prompt_ids is None and req.messages is None and "{text}" in self.templates.get(req.task, self.vocab.prompt_format).user \
                 and not req.text.strip():
             raise BadInput("missing_input", f"task {req.task} needs --text")
         layout = self.layout(req.task)
@@ -534,7 +527,10 @@ class Predictor:
             out.audio_codes = self.audio_codes(row[start:])
             out.sample_rate = int(self.tokenizers.speech.sample_rate)
             if decode_audio:
-                out.wav = self.tokenizers.speech.decode(out.audio_codes)
+                try:
+                    out.wav = self.tokenizers.speech.decode(out.audio_codes)
+                except NotImplementedError:   # codes-only speech (speech.kind=glm4voice): the codes are the answer
+                    out.wav = None
         return out
 
     def predict(self, requests: Sequence[Request], *, decode_audio: bool = True) -> list[Output]:

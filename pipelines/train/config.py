@@ -116,6 +116,9 @@ class InitConfig:
     path: str = ""                                   # dir or .safetensors file (pretrained)
     layout: Literal["dream", "llada"] = "dream"
     vocab_extension: Literal["mean", "error"] = "mean"
+    # checkpoint modules to leave out (model/weights.py EXTRA_MODULES), e.g. the released Omni-Diffusion
+    # checkpoint's [speech_encoder, speech_projector]; a checkpoint holding one not named here is refused
+    skip_modules: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -75,7 +75,8 @@ def init_model(cfg: TrainConfig, vocab: Vocab) -> torch.nn.Module:
 
         if not init.path:
             raise ConfigError("train.init.kind=pretrained needs train.init.path (a safetensors dir or file)")
-        load_pretrained(model, init.path, init.layout, vocab_extension=init.vocab_extension, seed=cfg.train.seed)
+        load_pretrained(model, init.path, init.layout, vocab_extension=init.vocab_extension, seed=cfg.train.seed,
+                        skip_modules=init.skip_modules)
     return model
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model.config import ModelConfig
-from model.vocab import SPECIALS, Modality, Vocab, VocabMismatch, dream_vocab
+from model.vocab import SPECIALS, Modality, PromptFormat, Vocab, VocabMismatch, dream_vocab
 
 VOCAB = Vocab(text_size=50, text_tokenizer="bytes", n_q=3, audio_codebook_size=16, image_codebook_size=20)
 
@@ -83,7 +83,7 @@ def test_check_same_names_what_differs():
 
 
 def test_reused_specials():
-    v = dream_vocab()
+    v = dream_vocab(prompt_format=PromptFormat.COMPACT)
     assert v.mask_id < v.text_size and v.eos_id < v.text_size
     assert v.boi_id == v.special_offset + SPECIALS.index("boi")        # not reused: our own range
     with pytest.raises(ValueError, match="outside the text range"):
@@ -118,5 +118,6 @@ def test_dream_vocab_fits_the_dream_preset():
     v = dream_vocab()
     rows = ModelConfig.preset("dream-7b").vocab_size
     assert rows == 176_264 and v.size <= rows
-    assert v.text_size == 152_064                                      # Qwen2's embedding rows
+    assert v.text_size == 151_688       # Dream's tokenizer + the reference's 21 multimodal tokens
+    assert dream_vocab(prompt_format=PromptFormat.COMPACT).text_size == 152_064   # Qwen2's embedding rows
     assert v.allowed_ids(Modality.IMAGE, vocab_rows=rows).shape == (rows,)

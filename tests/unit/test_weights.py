@@ -1,9 +1,12 @@
 """model/weights.py: HF-layout checkpoints (dream and llada keys, single file and sharded), errors, vocab
-extension, our own export."""
+extension, our own export, and a checkpoint laid out as the released Omni-Diffusion one: "dream" keys, sharded
+with model.safetensors.index.json, rows in the reference's vocabulary layout (scaled down), and the reference's
+speech encoder (model.audio_model.*) and projector (model.audio_projection.*) beside the LM."""
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 
 import pytest
 import torch
@@ -12,9 +15,9 @@ from safetensors.torch import save_file
 
 from model.config import ModelConfig
 from model.transformer import Transformer
-from model.vocab import Vocab
-from model.weights import (CheckpointError, extend_rows, hf_to_native, key_map, load_native, load_pretrained,
-                           load_state_strict, native_to_hf, read_pretrained, save_safetensors)
+from model.vocab import Vocab, omni_diffusion_vocab, reference_layout
+from model.weights import (EXTRA_MODULES, CheckpointError, extend_rows, hf_to_native, key_map, load_native,
+                           load_pretrained, load_state_strict, native_to_hf, read_pretrained, save_safetensors)
 
 VOCAB = Vocab(text_size=100, n_q=2, audio_codebook_size=8, image_codebook_size=16)
 V = VOCAB.size
@@ -226,3 +229,85 @@ def test_native_export_round_trip(tmp_path):
     del state["norm.weight"]
     with pytest.raises(CheckpointError, match=r"model.safetensors.*1 missing.*norm.weight"):
         load_state_strict(fresh, state, str(path))
+
+
+# ---- the released Omni-Diffusion checkpoint's layout ------------------------------------------------------
+
+# A scaled-down released layout: 263 Dream ids, the 21 reference tokens, 64 speech codes, 32 image codes.
+RVOCAB = reference_layout(263, {"mask": 262, "eos": 259, "im_start": 260, "im_end": 261}, n_q=1,
+                         audio_codebook_size=64, image_codebook_size=32)
+SKIP = ["speech_encoder", "speech_projector"]
+
+
+def released_cfg() -> ModelConfig:
+    return dataclasses.replace(ModelConfig.preset("debug"), vocab_size=RVOCAB.size, weights_layout="dream",
+                               qkv_bias=True, tie_embeddings=False, logits="aligned")
+
+
+def speech_modules(dim: int) -> dict[str, torch.Tensor]:
+    """Tensors under the reference's key names: a SenseVoice encoder layer (512 wide there, 8 here) and the
+    ResamplerProjector (pre_proj_layernorm, mlp.0, mlp.2) from its width to the LM's."""
+    g = torch.Generator().manual_seed(7)
+    enc = "model.audio_model.model.encoder."
+    return {
+        enc + "encoders0.0.self_attn.linear_q_k_v.weight": torch.randn(24, 8, generator=g),
+        enc + "encoders0.0.self_attn.fsmn_block.weight": torch.randn(8, 1, 11, generator=g),
+        enc + "after_norm.weight": torch.ones(8),
+        "model.audio_projection.pre_proj_layernorm.weight": torch.ones(8),
+        "model.audio_projection.pre_proj_layernorm.bias": torch.zeros(8),
+        "model.audio_projection.mlp.0.weight": torch.randn(dim, 8, generator=g),
+        "model.audio_projection.mlp.2.weight": torch.randn(dim, dim, generator=g),
+    }
+
+
+@pytest.fixture()
+def released(tmp_path):
+    cfg = released_cfg()
+    source = make_model(cfg, seed=0)
+    hf = native_to_hf(source.state_dict(), cfg, "dream")
+    assert hf["model.embed_tokens.weight"].shape[0] == RVOCAB.size
+    write_checkpoint(tmp_path, {**hf, **speech_modules(cfg.dim)}, shards=3)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    return cfg, source, hf, tmp_path
+
+
+def test_speech_modules_are_refused_unless_skipped_by_name(released):
+    cfg, _, _, path = released
+    target = Transformer(cfg, vocab_size=RVOCAB.size)
+    with pytest.raises(CheckpointError) as e:
+        load_pretrained(target, path, "dream")
+    msg = str(e.value)
+    assert "speech_encoder (model.audio_model.*, 3 tensors)" in msg
+    assert "speech_projector (model.audio_projection.*, 4 tensors)" in msg
+    assert "train.init.skip_modules=['speech_encoder', 'speech_projector']" in msg
+    with pytest.raises(CheckpointError, match="speech_projector"):   # one named, the other still refused
+        load_pretrained(target, path, "dream", skip_modules=["speech_encoder"])
+    with pytest.raises(CheckpointError, match="unknown"):
+        load_pretrained(target, path, "dream", skip_modules=["vision_tower"])
+
+
+def test_released_layout_loads_in_place_with_reference_logits(released, caplog):
+    cfg, source, hf, path = released
+    target = make_model(cfg, seed=1)
+    ids = torch.tensor([[RVOCAB.im_start_id, 5, RVOCAB.boa_id, RVOCAB.audio_offset, RVOCAB.audio_offset + 63,
+                         RVOCAB.eoa_id, RVOCAB.boi_id, RVOCAB.image_offset + 31, RVOCAB.mask_id, RVOCAB.im_end_id]])
+    with caplog.at_level(logging.WARNING, logger="model.weights"):
+        load_pretrained(target, path, "dream", vocab_extension="error", skip_modules=SKIP)
+    assert "skipping speech_encoder (model.audio_model.*, 3 tensors)" in caplog.text
+    assert "skipping speech_projector" in caplog.text
+    # every row where the checkpoint has it: <|audio_0|>, <|image_31|>, <|end_of_audio|> keep their ids
+    for tid in (RVOCAB.audio_offset, RVOCAB.image_offset + 31, RVOCAB.eoa_id, RVOCAB.mask_id):
+        assert torch.equal(target.tok_embeddings.weight[tid], hf["model.embed_tokens.weight"][tid])
+        assert torch.equal(target.output.weight[tid], hf["lm_head.weight"][tid])
+    with torch.no_grad():
+        out = target(ids)
+        torch.testing.assert_close(out, source(ids))
+        torch.testing.assert_close(out, hf_reference_logits(hf, cfg, "dream", ids), atol=1e-4, rtol=1e-4)
+    state = read_pretrained(path, cfg, "dream", RVOCAB.size, vocab_extension="error", skip_modules=SKIP)
+    assert not any(k.startswith(("audio", "model.audio")) for k in state)
+    torch.testing.assert_close(state["tok_embeddings.weight"], hf["model.embed_tokens.weight"])
+
+
+def test_real_sizes_match_the_dream_preset():
+    assert omni_diffusion_vocab().size == ModelConfig.preset("dream-7b").vocab_size == 176_264
+    assert set(EXTRA_MODULES.values()) == {"model.audio_model.", "model.audio_projection."}
