@@ -60,6 +60,7 @@ def test_registered_version_carries_the_export_and_answers_every_task(registered
         {"task": "s2i", "audio": wav_b64},
         {"task": "svqa", "image": png_b64, "audio": str(media["question.wav"])},
         {"task": "text", "text": "Count to three."},
+        {"task": "sqa", "audio": str(media["question.wav"])},
     ]
     assert {r["task"] for r in requests} == set(TASKS)          # one request of every task
     import pandas as pd
@@ -74,9 +75,11 @@ def test_registered_version_carries_the_export_and_answers_every_task(registered
         assert img.format == "PNG" and img.size == tokenizers_size and img.size[0] > 1
     wav, sr = sf.read(io.BytesIO(base64.b64decode(rows["tts"]["audio_wav_base64"])))
     assert sr == rows["tts"]["sample_rate"] == 24_000 and wav.ndim == 1
-    for task in ("i2t", "vqa", "asr", "svqa", "text"):
+    for task in ("i2t", "vqa", "asr", "text"):
         assert isinstance(rows[task]["text"], str), task
         assert pd.isna(rows[task]["image_png_base64"]) and pd.isna(rows[task]["audio_wav_base64"])
+    for task in ("svqa", "sqa"):      # spoken answers: text, then speech after <boa>
+        assert isinstance(rows[task]["text"], str) and pd.isna(rows[task]["image_png_base64"]), task
 
     # a single dict is one request, as is a one-row dict of columns
     one = model.predict({"task": "i2t", "image": png_b64})
