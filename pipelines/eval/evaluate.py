@@ -101,7 +101,8 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
             answer = ids[first:][mask[first:]]
             item = {"idx": len(items), "task": task, "key": sample["key"], "prompt_ids": ids[:first].tolist(),
                     "label": _label(meta.get("label")), "options": meta.get("options"),
-                    "spoken": spoken_text(templates.get(task), user_text(ids[:first], vocab, tokenizers.text))}
+                    "spoken": spoken_text(templates.get(task, vocab.prompt_format),
+                                          user_text(ids[:first], vocab, tokenizers.text))}
             if spec(task).answer == Modality.TEXT:
                 stop = np.flatnonzero(answer == vocab.im_end_id)
                 text_ids = answer[: stop[0]] if stop.size else answer
@@ -134,7 +135,7 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
             users = [m.get("content", "") for m in req.messages or [] if m.get("role") == "user"]
             item = {"idx": len(items), "task": req.task, "line_no": n, "line": raw, "ref_text": ref.text,
                     "label": ref.label, "options": ref.options,
-                    "spoken": spoken_text(templates.get(req.task), users[-1]) if users else ""}
+                    "spoken": spoken_text(templates.get(req.task, tokenizers.vocab.prompt_format), users[-1]) if users else ""}
             if spec(req.task).judge == Judge.IMAGE and ref.images:
                 item["ref_image"] = ref.images[0]
             counts[req.task] += 1

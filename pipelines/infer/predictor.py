@@ -386,7 +386,8 @@ class Predictor:
         uncond = None
         if s.cfg_scale and s.uncond != "masked":
             n_text = self._text_to_read_tokens(req, prompt) if s.uncond == "random_text" else 0
-            uncond = uncond_prompt(s.uncond, self.templates.get(req.task), self.vocab, self.tokenizers.text,
+            template = self.templates.get(req.task, self.vocab.prompt_format)
+            uncond = uncond_prompt(s.uncond, template, self.vocab, self.tokenizers.text,
                                    n_text=n_text, rng=np.random.default_rng(self.presets.seed))
         bracket = {(Modality.IMAGE,): self.vocab.boi_id, (Modality.AUDIO,): self.vocab.boa_id}.get(layout)
         if bracket is not None:   # a media answer's opening bracket ends the prompt (module docstring)
