@@ -32,7 +32,7 @@ from common import cli, configlib, storage, tracking
 from common.configlib import ConfigError
 from model.tokenizers import SET_FILE, TokenizerMismatch, TokenizerSet, config_diff
 from model.vocab import Vocab
-from tokenize_jobs import sources, summary
+from tokenize_jobs import fit_corpus, sources, summary
 from tokenize_jobs.config import KINDS, TokenizeJobConfig
 from tokenize_jobs.lock import OutputLock
 from tokenize_jobs.pipeline import _rows, build_dataset
@@ -108,7 +108,7 @@ def _synthetic_wavs(n: int = 8) -> Iterator[np.ndarray]:
 
 def _fit_wavs(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: TokenizeJobConfig) -> Iterator[np.ndarray]:
     n = 0
-    for data in sources.fit_audio_refs(ctx, units, cfg.input):
+    for data in fit_corpus.fit_audio_refs(ctx, units, cfg.input):
         try:
             wav = _wav_24k(data, cfg.tokenizers.speech.max_seconds)
         except Exception:  # noqa: BLE001 - a bad file is quarantined later; it just does not join the fit
@@ -145,7 +145,7 @@ def prepare_tokenizers(cfg: TokenizeJobConfig, artifacts_dir: str, ctx: dict[str
         record = TokenizerSet.read_record(artifacts_dir)
         return PreparedTokenizers(TokenizerSet.read_vocab(artifacts_dir), record["names"], record["fingerprints"])
     scan = units[: cfg.fit.max_scan_units]
-    texts = sources.fit_texts(ctx, scan, cfg.input, cfg.fit.max_texts, cfg.templates)
+    texts = fit_corpus.fit_texts(ctx, scan, cfg.input, cfg.fit.max_texts, cfg.templates)
     tok = TokenizerSet.prepare(cfg.tokenizers, artifacts_dir, texts=texts, wavs=_fit_wavs(ctx, scan, cfg))
     return PreparedTokenizers(tok.vocab, tok.names(), tok.fingerprints())
 

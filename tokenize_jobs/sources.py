@@ -75,7 +75,7 @@ def corpus_context(kind: str, input_uri: str) -> dict[str, Any]:
     return {"kind": kind, "input": path, "root": root, "s3": s3, "is_dir": is_dir, "storage": storage.policy_dict()}
 
 
-def _full(ctx: dict[str, Any], rel: str) -> str:
+def full_path(ctx: dict[str, Any], rel: str) -> str:
     return storage.join(ctx["root"], rel)
 
 
@@ -255,7 +255,7 @@ def expand_unit(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig, don
             yield _row(ctx, uid, first, fp, first, {"text_file": first})
     else:
         try:
-            _check_local_inside(ctx, _full(ctx, first))
+            _check_local_inside(ctx, full_path(ctx, first))
             rows = {"jsonl": _expand_jsonl, "chapter": _expand_chapter, "parquet": _expand_parquet}[unit["type"]](
                 ctx, unit, cfg)
             for row in rows:
@@ -277,7 +277,7 @@ def expand_unit(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig, don
 def _expand_jsonl(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[dict]:
     kind, uid, rel = ctx["kind"], unit["unit"], unit["files"][0]["rel"]
     seen: Counter = Counter()
-    with storage.open_read(_full(ctx, rel)) as f:
+    with storage.open_read(full_path(ctx, rel)) as f:
         for lineno, body, digest, length in _iter_lines(f, cfg.max_line_bytes):
             if body is not None and not body.strip():
                 continue  # blank lines are not inputs
@@ -299,7 +299,7 @@ def _expand_jsonl(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -
 def _expand_chapter(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[dict]:
     kind, uid = ctx["kind"], unit["unit"]
     trans, audio = unit["files"][0], {r["rel"]: r for r in unit["files"][1:]}
-    raw = storage.read_bytes(_full(ctx, trans["rel"]))
+    raw = storage.read_bytes(full_path(ctx, trans["rel"]))
     folder = posixpath.dirname(trans["rel"])
     listed = set()
     for lineno, line in enumerate(raw.split(b"\n"), 1):
@@ -332,7 +332,7 @@ def _expand_parquet(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig)
     import pyarrow.parquet as pq
 
     kind, uid, rel = ctx["kind"], unit["unit"], unit["files"][0]["rel"]
-    with storage.open_read(_full(ctx, rel)) as f:
+    with storage.open_read(full_path(ctx, rel)) as f:
         pf = pq.ParquetFile(f)
         names = set(pf.schema_arrow.names)
         for col in (cfg.parquet_image_column, cfg.parquet_caption_column):
@@ -359,7 +359,7 @@ def _expand_parquet(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig)
 
 # ---- reading and decoding one input (Ray tasks) --------------------------------------------------------------------
 
-def _read_media(ctx: dict[str, Any], base_dir: str, path: Any, cfg: InputConfig) -> bytes:
+def read_media(ctx: dict[str, Any], base_dir: str, path: Any, cfg: InputConfig) -> bytes:
     """Bytes of a media file referenced from a corpus file; the reference must stay inside the corpus root."""
     if not isinstance(path, str) or not path:
         raise BadInput("bad_media_path", f"media path {path!r} is not a non-empty string")
@@ -368,7 +368,7 @@ def _read_media(ctx: dict[str, Any], base_dir: str, path: Any, cfg: InputConfig)
     rel = posixpath.normpath(posixpath.join(base_dir, path))
     if rel == ".." or rel.startswith("../"):
         raise BadInput("path_escape", f"media path {path!r} leaves the corpus root")
-    full = _full(ctx, rel)
+    full = full_path(ctx, rel)
     _check_local_inside(ctx, full)
     return _read_file(ctx, full, rel, cfg.max_media_bytes, missing="missing_media")
 
@@ -515,17 +515,17 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
             if task not in TASKS:
                 raise BadInput("bad_task", f"task {task!r} is not one of {list(TASKS)}")
             for p in images:
-                image(_read_media(ctx, base, p, cfg), p)
+                image(read_media(ctx, base, p, cfg), p)
             for i, p in enumerate(audios):
                 if isinstance(p, np.ndarray):
                     media[f"audio_{i}"] = p
                 else:
-                    audio(_read_media(ctx, base, p, cfg), p)
+                    audio(read_media(ctx, base, p, cfg), p)
             samples = [{"task": task, "messages": msgs}]
             meta = _meta_extra(rec, ("messages", "images", "audios", "task", "speech_codes"))
         elif kind == "speech-text":
             text = _check_text(rec.get("text"), "\"text\"")
-            audio(_read_media(ctx, base, rec.get("audio"), cfg), str(rec.get("audio")))
+            audio(read_media(ctx, base, rec.get("audio"), cfg), str(rec.get("audio")))
             samples = _paired(tasks.speech_text, templates, text, fmt)
             meta = _meta_extra(rec, ("audio", "text"))
         elif kind == "text":
@@ -539,17 +539,17 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
         else:
             raise BadInput("bad_json", f"JSONL lines are not an input of kind {kind}")
     elif "text_file" in spec:
-        raw = _read_file(ctx, _full(ctx, spec["text_file"]), spec["text_file"], cfg.max_text_file_bytes,
+        raw = _read_file(ctx, full_path(ctx, spec["text_file"]), spec["text_file"], cfg.max_text_file_bytes,
                          missing="file_vanished")
         text = _check_text(_decode_utf8(raw, spec["text_file"]), spec["text_file"])
         samples = [{"task": "text", "messages": task_messages(templates.get("text", fmt), text="", answer=text)}]
     elif "image" in spec:  # folder pair
-        _check_local_inside(ctx, _full(ctx, spec["caption"]))
-        raw = _read_file(ctx, _full(ctx, spec["caption"]), spec["caption"], cfg.max_text_file_bytes,
+        _check_local_inside(ctx, full_path(ctx, spec["caption"]))
+        raw = _read_file(ctx, full_path(ctx, spec["caption"]), spec["caption"], cfg.max_text_file_bytes,
                          missing="file_vanished")
         caption = _check_text(_decode_utf8(raw, spec["caption"]).strip(), spec["caption"])
-        _check_local_inside(ctx, _full(ctx, spec["image"]))
-        image(_read_file(ctx, _full(ctx, spec["image"]), spec["image"], cfg.max_media_bytes, "file_vanished"),
+        _check_local_inside(ctx, full_path(ctx, spec["image"]))
+        image(_read_file(ctx, full_path(ctx, spec["image"]), spec["image"], cfg.max_media_bytes, "file_vanished"),
               spec["image"])
         samples = _paired(tasks.image_text, templates, caption, fmt)
     elif "caption_text" in spec:  # parquet row
@@ -558,8 +558,8 @@ def decode_input(ctx: dict[str, Any], row: dict[str, Any], tokenizers, templates
         samples = _paired(tasks.image_text, templates, caption, fmt)
     elif "audio" in spec:  # LibriSpeech utterance
         text = _check_text(spec["text"], "transcript")
-        _check_local_inside(ctx, _full(ctx, spec["audio"]))
-        audio(_read_file(ctx, _full(ctx, spec["audio"]), spec["audio"], cfg.max_media_bytes, "file_vanished"),
+        _check_local_inside(ctx, full_path(ctx, spec["audio"]))
+        audio(_read_file(ctx, full_path(ctx, spec["audio"]), spec["audio"], cfg.max_media_bytes, "file_vanished"),
               spec["audio"])
         samples = _paired(tasks.speech_text, templates, text, fmt)
     else:
@@ -578,81 +578,3 @@ def unpack_media(data: bytes) -> dict[str, np.ndarray]:
         return {}
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
-
-
-# ---- what the first run fits the tokenizers on (driver) ------------------------------------------------------------
-
-def fit_texts(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: InputConfig, max_texts: int,
-              templates: TaskTemplates) -> Iterator[str]:
-    """Corpus text for the BPE: message contents (placeholders removed), captions, transcripts, texts, and the
-    task templates' own wording (every sample contains it)."""
-    n = 0
-    for task in TASKS:
-        tpl = templates.get(task)
-        for t in (tpl.user, tpl.system):
-            t = t.replace(IMAGE_PLACEHOLDER, " ").replace(AUDIO_PLACEHOLDER, " ").replace("{text}", " ")
-            if t.strip():
-                yield t
-    for unit in units:
-        for text in _unit_texts(ctx, unit, cfg):
-            yield text
-            n += 1
-            if n >= max_texts:
-                return
-
-
-def _unit_texts(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[str]:
-    try:
-        if unit["type"] == "pair":
-            yield storage.read_bytes(_full(ctx, unit["files"][1]["rel"])).decode("utf-8").strip()
-        elif unit["type"] == "txt":
-            yield storage.read_bytes(_full(ctx, unit["files"][0]["rel"]))[: cfg.max_text_file_bytes].decode("utf-8")
-        elif unit["type"] in ("jsonl", "chapter", "parquet"):
-            for row in expand_unit(ctx, unit, cfg, set()):
-                if row["status"] != "pending":
-                    continue
-                spec = json.loads(row["spec"])
-                if "line" in spec:
-                    rec = json.loads(spec["line"])
-                    if not isinstance(rec, dict):
-                        continue
-                    for m in rec.get("messages") or []:
-                        c = m.get("content") if isinstance(m, dict) else None
-                        if isinstance(c, str):
-                            yield c.replace(IMAGE_PLACEHOLDER, " ").replace(AUDIO_PLACEHOLDER, " ")
-                    for key in ("text", "prompt"):
-                        if isinstance(rec.get(key), str):
-                            yield rec[key]
-                elif "text" in spec:
-                    yield spec["text"]
-                elif "caption_text" in spec:
-                    yield spec["caption_text"]
-    except storage.StorageError:
-        raise   # a fit on the part of the corpus that happened to be readable would differ from run to run
-    except Exception:  # noqa: BLE001 - a bad file is quarantined later; it just does not join the fit
-        return
-
-
-def fit_audio_refs(ctx: dict[str, Any], units: list[dict[str, Any]], cfg: InputConfig) -> Iterator[bytes]:
-    """Raw bytes of the corpus' first audio files (for the EnCodec k-means when speech.weights=offline)."""
-    for unit in units:
-        try:
-            if unit["type"] == "chapter":
-                for ref in unit["files"][1:]:
-                    yield storage.read_bytes(_full(ctx, ref["rel"]))
-            elif unit["type"] == "jsonl":
-                for row in expand_unit(ctx, unit, cfg, set()):
-                    if row["status"] != "pending":
-                        continue
-                    spec = json.loads(row["spec"])
-                    try:
-                        rec = json.loads(spec["line"])
-                        paths = rec.get("audios") or ([rec["audio"]] if "audio" in rec else [])
-                        for p in paths:
-                            yield _read_media(ctx, spec["dir"], p, cfg)
-                    except (ValueError, KeyError, TypeError, AttributeError, BadInput):
-                        continue
-        except storage.StorageError:
-            raise
-        except Exception:  # noqa: BLE001 - as in _unit_texts
-            continue

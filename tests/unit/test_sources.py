@@ -82,7 +82,7 @@ def test_media_references_stay_inside_the_corpus(tmp_path, path, reason):
     (root / "media" / "link.png").symlink_to(tmp_path / "outside.png")
     ctx = sources.corpus_context("messages", str(root))
     with pytest.raises(sources.BadInput) as e:
-        sources._read_media(ctx, "", path, InputConfig())
+        sources.read_media(ctx, "", path, InputConfig())
     assert e.value.reason == reason
 
 
