@@ -1,14 +1,11 @@
 """model/parallelize.py: FSDP2 over 2 gloo processes gives the loss and gradients of one process."""
 from __future__ import annotations
 
-import dataclasses
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
@@ -16,6 +13,7 @@ from model.config import ModelConfig
 from model.parallelize import mixed_precision_policy, parallelize
 from model.transformer import Transformer
 from model.vocab import Vocab
+from tests.helpers import gloo
 
 VOCAB = Vocab(text_size=120, n_q=2, audio_codebook_size=16, image_codebook_size=32)
 WORLD = 2
@@ -41,48 +39,30 @@ def loss_fn(model, ids, targets, seg) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
-        ids, targets, seg = (t.chunk(WORLD)[rank] for t in batch())   # each rank: half the batch
-        for ac, unit in ((False, "block"), (True, "block"), (False, "model")):
-            model = parallelize(build(), mesh, activation_checkpointing=ac, mixed_precision="bf16", shard_unit=unit)
-            assert type(model.layers[0]).__name__.startswith("FSDP") == (unit == "block")  # fully_shard swaps the class
-            names = [n for n, _ in model.named_parameters()]
-            assert any("_checkpoint_wrapped_module" in n for n in names) == ac
-            loss = loss_fn(model, ids, targets, seg)
-            loss.backward()
-            mean_loss = loss.detach().clone()
-            dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
-            grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
-                     for n, p in model.named_parameters()}
-            if rank == 0:
-                save_file({"loss": mean_loss, **{f"grad.{k}": v for k, v in grads.items()}},
-                          os.path.join(out_dir, f"ac{int(ac)}_{unit}.safetensors"))
-        # every rank's collectives (FSDP's async reduce-scatters included) are done before any rank tears the
-        # group down: a rank exiting early aborted its peer's gloo thread ("terminate called ...") once in CI
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # The results are on disk and the group is gone. Leave without interpreter finalization: gloo's worker threads
-    # can still hold tensors then, and freeing them while Python shuts down aborts the process (SIGABRT,
-    # "terminate called without an active exception"), which failed this test once in CI after all checks passed.
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank: int, out_dir: str) -> None:
+    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
+    ids, targets, seg = (t.chunk(WORLD)[rank] for t in batch())   # each rank: half the batch
+    for ac, unit in ((False, "block"), (True, "block"), (False, "model")):
+        model = parallelize(build(), mesh, activation_checkpointing=ac, mixed_precision="bf16", shard_unit=unit)
+        assert type(model.layers[0]).__name__.startswith("FSDP") == (unit == "block")  # fully_shard swaps the class
+        names = [n for n, _ in model.named_parameters()]
+        assert any("_checkpoint_wrapped_module" in n for n in names) == ac
+        loss = loss_fn(model, ids, targets, seg)
+        loss.backward()
+        mean_loss = loss.detach().clone()
+        dist.all_reduce(mean_loss, op=dist.ReduceOp.AVG)
+        grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.full_tensor()
+                 for n, p in model.named_parameters()}
+        if rank == 0:
+            save_file({"loss": mean_loss, **{f"grad.{k}": v for k, v in grads.items()}},
+                      os.path.join(out_dir, f"ac{int(ac)}_{unit}.safetensors"))
 
 
 def test_fsdp_two_processes_match_one_process(tmp_path):
     model = build()
     loss = loss_fn(model, *batch())
     loss.backward()
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    gloo.spawn(_worker, str(tmp_path), world=WORLD)
     for ac, unit in ((0, "block"), (1, "block"), (0, "model")):
         got = load_file(str(tmp_path / f"ac{ac}_{unit}.safetensors"))
         torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-5, rtol=1e-5)

@@ -6,19 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
-import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from model.config import ModelConfig
 from model.parallelize import parallelize
 from model.transformer import Transformer
 from pipelines.train import checkpoint as ckpt
+from tests.helpers import gloo
 from tests.helpers.moto_s3 import moto_s3
 from tests.helpers.shardgen import small_vocab
 
@@ -52,61 +50,46 @@ def _full(state: ckpt.TrainState) -> dict[str, torch.Tensor]:
     return {n: p.full_tensor().clone() for n, p in state.model.named_parameters()}
 
 
-def _worker(rank: int, port: int, tmp: str, bucket: str) -> None:
+def _worker(rank: int, tmp: str, bucket: str) -> None:
     from common import storage
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     out: dict = {"rank": rank}
-    try:
-        mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
-        src = _state(0, mesh)
-        for step in (4, 8):
-            src.extra = {"step": step, "mlflow_run_id": "abc"}
-            local = Path(tmp) / f"rank{rank}" / ckpt.checkpoint_dir_name(step)
-            ckpt.save_local(src, local, rank=rank, world_size=WORLD)
-            for f in local.iterdir():    # every rank uploads its own files into the one directory, as Ray does
-                storage.upload_file_atomic(f, f"{bucket}/run/{local.name}/{f.name}")
-        want = _full(src)
-        dist.barrier()
+    mesh = dist.device_mesh.init_device_mesh("cpu", (WORLD,))
+    src = _state(0, mesh)
+    for step in (4, 8):
+        src.extra = {"step": step, "mlflow_run_id": "abc"}
+        local = Path(tmp) / f"rank{rank}" / ckpt.checkpoint_dir_name(step)
+        ckpt.save_local(src, local, rank=rank, world_size=WORLD)
+        for f in local.iterdir():    # every rank uploads its own files into the one directory, as Ray does
+            storage.upload_file_atomic(f, f"{bucket}/run/{local.name}/{f.name}")
+    want = _full(src)
+    dist.barrier()
 
-        # warm-up: the S3 client is built (botocore reads its service models from disk) before counting
-        storage.read_text(f"{bucket}/run/{ckpt.checkpoint_dir_name(4)}/complete.rank{rank}.json")
-        dst, said = _state(2, mesh), []
-        before = _io()
-        out["restored"] = ckpt.restore(dst, f"{bucket}/run", say=said.append)
-        after = _io()
-        out["io"] = {k: after[k] - before[k] for k in ("rchar", "wchar", "write_bytes")}
-        out["said"] = said
-        out["equal"] = all(torch.equal(want[n], t) for n, t in _full(dst).items())
-        out["exp_avg_equal"] = all(
-            torch.equal(a["exp_avg"].full_tensor(), b["exp_avg"].full_tensor())
-            for a, b in zip(src.optimizer.state.values(), dst.optimizer.state.values()))
+    # warm-up: the S3 client is built (botocore reads its service models from disk) before counting
+    storage.read_text(f"{bucket}/run/{ckpt.checkpoint_dir_name(4)}/complete.rank{rank}.json")
+    dst, said = _state(2, mesh), []
+    before = _io()
+    out["restored"] = ckpt.restore(dst, f"{bucket}/run", say=said.append)
+    after = _io()
+    out["io"] = {k: after[k] - before[k] for k in ("rchar", "wchar", "write_bytes")}
+    out["said"] = said
+    out["equal"] = all(torch.equal(want[n], t) for n, t in _full(dst).items())
+    out["exp_avg_equal"] = all(
+        torch.equal(a["exp_avg"].full_tensor(), b["exp_avg"].full_tensor())
+        for a, b in zip(src.optimizer.state.values(), dst.optimizer.state.values()))
 
-        # one byte flipped in rank 1's data file of the newest checkpoint: only rank 1 reads that file
-        dist.barrier()
-        if rank == 0:
-            uri = f"{bucket}/run/{ckpt.checkpoint_dir_name(8)}/__1_0.distcp"
-            raw = bytearray(storage.read_bytes(uri))
-            raw[len(raw) // 2] ^= 0xFF
-            storage.write_bytes_atomic(uri, bytes(raw))
-        dist.barrier()
-        said = []
-        out["fallback"] = ckpt.restore(_state(3, mesh), f"{bucket}/run", say=said.append)
-        out["fallback_said"] = said
-        (Path(tmp) / f"result{rank}.json").write_text(json.dumps(out))
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    # results are on disk and the group is gone: leave without interpreter finalization, where gloo threads
-    # freeing tensors can abort the process (as in test_parallelize.py)
-    os._exit(0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # one byte flipped in rank 1's data file of the newest checkpoint: only rank 1 reads that file
+    dist.barrier()
+    if rank == 0:
+        uri = f"{bucket}/run/{ckpt.checkpoint_dir_name(8)}/__1_0.distcp"
+        raw = bytearray(storage.read_bytes(uri))
+        raw[len(raw) // 2] ^= 0xFF
+        storage.write_bytes_atomic(uri, bytes(raw))
+    dist.barrier()
+    said = []
+    out["fallback"] = ckpt.restore(_state(3, mesh), f"{bucket}/run", say=said.append)
+    out["fallback_said"] = said
+    (Path(tmp) / f"result{rank}.json").write_text(json.dumps(out))
 
 
 def test_each_rank_reads_its_share_from_s3_and_ranks_fall_back_together(tmp_path):
@@ -114,7 +97,7 @@ def test_each_rank_reads_its_share_from_s3_and_ranks_fall_back_together(tmp_path
 
     with moto_s3():
         storage.filesystem("s3://ranks").mkdir("ranks")
-        mp.spawn(_worker, args=(_free_port(), str(tmp_path), "s3://ranks"), nprocs=WORLD, join=True)
+        gloo.spawn(_worker, str(tmp_path), "s3://ranks", world=WORLD)
         sizes = {p.rsplit("/", 1)[-1]: int(i["size"]) for p, i in
                  storage.find(f"s3://ranks/run/{ckpt.checkpoint_dir_name(8)}", detail=True).items()}
     results = [json.loads((tmp_path / f"result{r}.json").read_text()) for r in range(WORLD)]
