@@ -83,14 +83,15 @@ def test_unknown_identity_is_logged_not_refused(shards_vocab, tmp_path, caplog):
 
 def test_backbone_on_s3(shards_vocab):
     with moto_s3():
-        storage.filesystem("s3://weights").mkdir("weights")
-        storage.write_text_atomic("s3://weights/dream/tokenizer.json", tiny_dream_tokenizer().to_str())
-        storage.write_text_atomic("s3://weights/other/tokenizer.json", other_tokenizer())
-        assert backbone_tokenizer_uri("s3://weights/dream/") == "s3://weights/dream/tokenizer.json"
-        assert backbone_tokenizer_uri("s3://weights/dream/model.safetensors") == "s3://weights/dream/tokenizer.json"
-        check_text_tokenizer(shards_vocab, "s3://weights/dream/", "shards")
-        with pytest.raises(VocabMismatch, match="s3://weights/other/tokenizer.json"):
-            check_text_tokenizer(shards_vocab, "s3://weights/other", "shards")
+        storage.filesystem("s3://backbone-tok").mkdir("backbone-tok")
+        storage.write_text_atomic("s3://backbone-tok/dream/tokenizer.json", tiny_dream_tokenizer().to_str())
+        storage.write_text_atomic("s3://backbone-tok/other/tokenizer.json", other_tokenizer())
+        assert backbone_tokenizer_uri("s3://backbone-tok/dream/") == "s3://backbone-tok/dream/tokenizer.json"
+        single = backbone_tokenizer_uri("s3://backbone-tok/dream/model.safetensors")
+        assert single == "s3://backbone-tok/dream/tokenizer.json"
+        check_text_tokenizer(shards_vocab, "s3://backbone-tok/dream/", "shards")
+        with pytest.raises(VocabMismatch, match="s3://backbone-tok/other/tokenizer.json"):
+            check_text_tokenizer(shards_vocab, "s3://backbone-tok/other", "shards")
 
 
 def test_training_refuses_before_any_worker_starts(tmp_path, capsys):

@@ -23,8 +23,9 @@ from tests.unit.test_weights import (RVOCAB, SKIP, V, cfg_for, make_model, relea
 @pytest.fixture(scope="module")
 def s3():
     with moto_s3():
-        storage.filesystem("s3://weights").mkdir("weights")
-        yield "s3://weights"
+        # moto keeps buckets per process, across servers: a name of this module's own
+        storage.filesystem("s3://weights-s3").mkdir("weights-s3")
+        yield "s3://weights-s3"
 
 
 def upload(local_dir, uri: str) -> None:
