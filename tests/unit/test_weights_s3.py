@@ -97,7 +97,7 @@ def test_s3_model_load_gives_the_local_logits(released_bf16):
         torch.testing.assert_close(b(ids), a(ids), rtol=0, atol=0)
 
 
-def test_s3_single_file_with_vocab_extension_equals_local(s3, tmp_path):
+def test_s3_single_file_with_vocab_extension_equals_local(s3, tmp_path, monkeypatch):
     small = cfg_for("dream", vocab_size=100)
     write_checkpoint(tmp_path, native_to_hf(make_model(small, 0).state_dict(), small, "dream"), 1)
     upload(tmp_path, f"{s3}/single")
@@ -107,6 +107,14 @@ def test_s3_single_file_with_vocab_extension_equals_local(s3, tmp_path):
         got = read_pretrained(path, big, "dream", vocab_rows=V, seed=3)
         assert got["tok_embeddings.weight"].shape[0] == V
         assert all(torch.equal(got[k], want[k]) for k in want)
+    # large tensors come in chunks, read concurrently: the same tensors, the same bytes
+    counter = ByteCounter(monkeypatch)
+    read_pretrained(f"{s3}/single", big, "dream", vocab_rows=V, seed=3)
+    whole = (counter.bytes, counter.gets)
+    monkeypatch.setattr("model.weights.READ_CHUNK", 1000)
+    got = read_pretrained(f"{s3}/single", big, "dream", vocab_rows=V, seed=3)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert counter.bytes - whole[0] == whole[0] and counter.gets - whole[1] > 2 * whole[1]
 
 
 def test_s3_missing_checkpoint_or_shard_names_the_uri(s3, released_bf16):
