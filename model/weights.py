@@ -28,22 +28,32 @@ modules this product does not have, since it reads speech as discrete codes (EXT
 A checkpoint holding them is refused unless they are named in `skip_modules` (train.init.skip_modules); then
 each skipped module is logged with its tensor count.
 
+A checkpoint may be local or `s3://bucket/prefix`: an s3:// shard is read by byte ranges (its header, then each
+tensor as it is needed; `RangedSafetensors`), never copied whole into memory or onto local disk. Training
+refuses shards whose text tokenizer is not the backbone's `tokenizer.json` (`check_text_tokenizer`).
+
 Only safetensors is read here: no pickle, so a checkpoint cannot run code when loaded.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
+import posixpath
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Protocol, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from common import storage
 from model.config import ModelConfig
 from model.transformer import Transformer
+from model.vocab import OMNI_ADDED_TOKENS, PromptFormat, Vocab, VocabMismatch
 
 Layout = Literal["dream", "llada"]
 INDEX_FILE = "model.safetensors.index.json"
@@ -165,26 +175,152 @@ def strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 # ---- reading HF checkpoints -------------------------------------------------------------------------------
 
-def checkpoint_files(path: str | Path) -> dict[str, Path]:
-    """HF key -> file holding it, for a dir with `model.safetensors` or a sharded index, or one .safetensors."""
-    path = Path(path)
-    if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            return {k: path for k in f.keys()}
-    index = path / INDEX_FILE
-    if index.is_file():
+# A checkpoint is read through tensor sources: one per safetensors file, local (mmap through safe_open) or
+# remote (the file's header once, then one ranged read per tensor as it is needed, through common/storage, so
+# an s3:// shard is never copied whole into memory or onto local disk). Everything above the source (key maps,
+# strict checks, vocabulary rows) is one code path for both.
+
+# safetensors dtype names -> torch dtypes (the format's own table; byte order is little-endian, as on every host
+# these jobs run on)
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+_HEADER_LIMIT = 100 << 20      # the safetensors library's own cap on a header's JSON
+# One ranged GET reads at most READ_CHUNK bytes, READ_THREADS of them at once: a tensor is assembled in place
+# (a 1.3 GB embedding never sits in memory twice), and parallel range GETs, as S3's performance guidance
+# advises, are what fill a node's bandwidth; one stream is far below it.
+READ_CHUNK = 16 << 20
+READ_THREADS = 8
+
+
+class TensorSource(Protocol):
+    """The tensors of one safetensors file, read one at a time."""
+    uri: str
+
+    def keys(self) -> list[str]: ...
+
+    def get(self, key: str) -> torch.Tensor: ...
+
+
+class LocalSafetensors:
+    """A local file through safe_open (memory-mapped: a tensor's pages are read when it is copied)."""
+
+    def __init__(self, path: str) -> None:
+        self.uri = str(path)
+        self._f = safe_open(self.uri, framework="pt")
+
+    def keys(self) -> list[str]:
+        return list(self._f.keys())
+
+    def get(self, key: str) -> torch.Tensor:
+        return self._f.get_tensor(key)
+
+
+class RangedSafetensors:
+    """A safetensors file read by byte ranges (`storage.read_range`, retried; a fault past the retries raises
+    StorageError naming the URI): its 8-byte header length and JSON header at open, then each tensor's bytes
+    when `get` asks for it. Works on any URI storage reads; used for s3://."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        head = storage.read_range(uri, 0, 8)
+        if len(head) < 8:
+            raise CheckpointError(f"{uri}: {len(head)} bytes, not a safetensors file")
+        n = int.from_bytes(head, "little")
+        if not 2 <= n <= _HEADER_LIMIT:
+            raise CheckpointError(f"{uri}: header length {n:,} is not that of a safetensors file")
+        raw = storage.read_range(uri, 8, 8 + n)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{uri}: safetensors header is not JSON ({e})") from None
+        header.pop("__metadata__", None)
+        self._entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for key, e in header.items():
+            try:
+                dtype, shape, (begin, end) = _DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{uri}: header entry {key!r} = {e!r} is not a tensor of a known dtype "
+                                      f"({sorted(_DTYPES)})") from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if end - begin != nbytes or begin < 0:
+                raise CheckpointError(f"{uri}: {key} spans bytes {begin}..{end} but {e['dtype']}{list(shape)} "
+                                      f"needs {nbytes}")
+            self._entries[key] = (dtype, shape, 8 + n + begin, 8 + n + end)   # offsets in the file
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def get(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[key]
+        out = torch.empty(end - begin, dtype=torch.uint8)
+        view = out.numpy()
+
+        def fill(lo: int) -> None:
+            hi = min(lo + READ_CHUNK, end)
+            data = storage.read_range(self.uri, lo, hi)
+            if len(data) != hi - lo:
+                raise CheckpointError(f"{self.uri}: truncated: {key} needs bytes {begin:,}..{end:,} but the file "
+                                      f"ends at {lo + len(data):,}")
+            view[lo - begin:hi - begin] = np.frombuffer(data, dtype=np.uint8)
+
+        chunks = range(begin, end, READ_CHUNK)
+        if len(chunks) <= 1:
+            for lo in chunks:
+                fill(lo)
+        else:
+            with ThreadPoolExecutor(min(READ_THREADS, len(chunks))) as pool:
+                list(pool.map(fill, chunks))   # list(): the first failed chunk's error is raised here
+        return out.view(dtype).reshape(shape)   # (bytes,) -> shape, as the header says
+
+
+def open_tensor_source(uri: str) -> TensorSource:
+    return RangedSafetensors(uri) if storage.is_s3(uri) else LocalSafetensors(uri)
+
+
+def _is_file(uri: str) -> bool:
+    return storage.isfile(uri) if storage.is_s3(uri) else Path(uri).is_file()
+
+
+def _shard_source(uri: str, index: str) -> TensorSource:
+    missing = CheckpointError(f"{index} lists shard {posixpath.basename(uri)}, which is not at {uri}")
+    if not storage.is_s3(uri) and not Path(uri).is_file():
+        raise missing
+    try:
+        return open_tensor_source(uri)
+    except FileNotFoundError:   # s3: found missing by the header read itself (no extra request per shard)
+        raise missing from None
+
+
+def checkpoint_sources(path: str | Path) -> dict[str, TensorSource]:
+    """HF key -> the source holding it, for a dir (local or s3://) with `model.safetensors` or a sharded index,
+    or one .safetensors file. Opens every shard's header once."""
+    path = str(path).rstrip("/") if storage.is_s3(str(path)) else str(path)
+    if _is_file(path):
+        source = open_tensor_source(path)
+        return {k: source for k in source.keys()}
+    index = storage.join(path, INDEX_FILE)
+    try:
+        index_text = storage.read_text(index)
+    except FileNotFoundError:
+        index_text = None
+    if index_text is not None:
+        try:
+            weight_map = json.loads(index_text)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a safetensors index with a 'weight_map' ({e})") from None
-        files = {k: path / name for k, name in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise CheckpointError(f"{index} lists shard {f.name}, which is not in {path}")
-        return files
-    single = path / SINGLE_FILE
-    if single.is_file():
-        return checkpoint_files(single)
+        base = posixpath.dirname(index) if storage.is_s3(index) else str(Path(index).parent)
+        sources = {name: _shard_source(storage.join(base, name), index) for name in sorted(set(weight_map.values()))}
+        out = {k: sources[name] for k, name in weight_map.items()}
+        for name, source in sources.items():
+            listed = {k for k, n in weight_map.items() if n == name}
+            if listed - set(source.keys()):
+                raise CheckpointError(f"{index} puts {sorted(listed - set(source.keys()))[:5]} in {name}, whose "
+                                      f"header does not hold them")
+        return out
+    single = storage.join(path, SINGLE_FILE)
+    if _is_file(single):
+        return checkpoint_sources(single)
     raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE} found (only safetensors checkpoints are "
                           f"read; convert .bin checkpoints with the safetensors tools first)")
 
@@ -236,23 +372,23 @@ def iter_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, shapes: 
     `extend_rows`, seeded by `seed`); "error" refuses. Rows are never moved: id i of the checkpoint is row i of
     the model. `skip_modules`: EXTRA_MODULES to leave out (see the module docstring). Tensors keep the
     checkpoint's dtype."""
-    files = checkpoint_files(path)
+    sources = checkpoint_sources(path)
     kmap = key_map(cfg, layout)
-    have = split_extra_modules({k for k in files if not _ignorable(k, cfg, layout)}, skip_modules, str(path))
+    have = split_extra_modules({k for k in sources if not _ignorable(k, cfg, layout)}, skip_modules, str(path))
     _check_keys(have, set(kmap.values()), str(path), f"layout {layout!r} for a {cfg.n_layers}-layer model")
     _check_keys(set(shapes), set(kmap), "model", "the key map (model and config disagree)")
     generator = torch.Generator().manual_seed(seed)
-    by_file: dict[Path, list[str]] = {}
+    by_source: dict[str, list[str]] = {}
     for native, hf in kmap.items():
-        by_file.setdefault(files[hf], []).append(native)
-    for file, natives in sorted(by_file.items()):
-        with safe_open(str(file), framework="pt") as f:
-            for native in natives:
-                tensor = f.get_tensor(kmap[native])
-                if tensor.shape != shapes[native]:
-                    tensor = _fit_vocab_rows(tensor, shapes[native], native, kmap[native], file, vocab_extension,
-                                             generator)
-                yield native, tensor
+        by_source.setdefault(sources[hf].uri, []).append(native)
+    for uri, natives in sorted(by_source.items()):   # shard by shard, in the order of the file names
+        for native in natives:
+            source = sources[kmap[native]]
+            tensor = source.get(kmap[native])
+            if tensor.shape != shapes[native]:
+                tensor = _fit_vocab_rows(tensor, shapes[native], native, kmap[native], uri, vocab_extension,
+                                         generator)
+            yield native, tensor
 
 
 @torch.no_grad()
@@ -281,7 +417,7 @@ def read_pretrained(path: str | Path, cfg: ModelConfig, layout: Layout, vocab_ro
             for k, t in iter_pretrained(path, cfg, layout, shapes, vocab_extension, seed, skip_modules)}
 
 
-def _fit_vocab_rows(tensor: torch.Tensor, shape: torch.Size, native: str, hf: str, file: Path,
+def _fit_vocab_rows(tensor: torch.Tensor, shape: torch.Size, native: str, hf: str, file: str,
                     vocab_extension: str, generator: torch.Generator) -> torch.Tensor:
     grows = (native in VOCAB_KEYS and tensor.ndim == 2 and len(shape) == 2 and tensor.shape[1] == shape[1]
              and tensor.shape[0] < shape[0])
@@ -293,6 +429,50 @@ def _fit_vocab_rows(tensor: torch.Tensor, shape: torch.Size, native: str, hf: st
                               f"vocab_extension='mean' to initialise the new rows, or build the model with "
                               f"model.vocab_size={tensor.shape[0]}")
     return extend_rows(tensor, shape[0], generator)
+
+
+# ---- the backbone's text tokenizer ------------------------------------------------------------------------
+
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def backbone_tokenizer_uri(path: str | Path) -> str:
+    """Where a backbone keeps its text tokenizer: `tokenizer.json` in the checkpoint dir (or beside a single
+    .safetensors file), as HF checkpoints ship it."""
+    path = str(path).rstrip("/") if storage.is_s3(str(path)) else str(path)
+    if path.endswith(".safetensors"):
+        path = posixpath.dirname(path) if storage.is_s3(path) else str(Path(path).parent)
+    return storage.join(path, TOKENIZER_FILE)
+
+
+def check_text_tokenizer(vocab: Vocab, weights_path: str | Path, shards: str) -> None:
+    """Refuse shards whose text tokenizer is not the backbone's: text id i is row i of the backbone's
+    embedding only when both come from the same tokenizer. Compares the fingerprint the tokenize job recorded
+    in the shards' vocabulary with the backbone's `tokenizer.json` fingerprinted the way that job does (with
+    the reference's multimodal tokens added for prompt_format=reference). A backbone without tokenizer.json,
+    or shards without a recorded fingerprint, cannot be checked: logged, not refused."""
+    from model.tokenizers.text import HFTextTokenizer
+
+    uri = backbone_tokenizer_uri(weights_path)
+    if not vocab.text_fingerprint:
+        log.warning("shards %s record no text tokenizer fingerprint: not checked against %s", shards, uri)
+        return
+    try:
+        backbone = HFTextTokenizer.from_file(uri)
+    except FileNotFoundError:
+        log.warning("backbone %s has no %s: the shards' text tokenizer (%s, fingerprint %s) is not checked "
+                    "against it", weights_path, TOKENIZER_FILE, vocab.text_tokenizer, vocab.text_fingerprint)
+        return
+    if vocab.prompt_format == PromptFormat.REFERENCE:
+        backbone = backbone.with_added_tokens(OMNI_ADDED_TOKENS)
+    if backbone.fingerprint() != vocab.text_fingerprint:
+        raise VocabMismatch(
+            f"text tokenizer mismatch: shards {shards} were tokenized with text tokenizer {vocab.text_tokenizer!r} "
+            f"(fingerprint {vocab.text_fingerprint}, saved in {storage.join(shards, 'tokenizers', 'text.json')}), "
+            f"but the backbone {weights_path} has {uri} (fingerprint {backbone.fingerprint()}, "
+            f"{backbone.tokenizer_size} tokens): their text ids would index the wrong embedding rows. Tokenize "
+            f"with text.kind=hf text.path={uri} (configs/tokenize/dream-magvit2.yaml), or start from the "
+            f"backbone whose tokenizer made these shards.")
 
 
 # ---- our own export ---------------------------------------------------------------------------------------

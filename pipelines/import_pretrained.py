@@ -27,7 +27,7 @@ from pipelines import export
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omnidiff import", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="HF safetensors dir (model.safetensors[.index.json]) or file")
+    p.add_argument("--weights", required=True, help="HF safetensors dir (model.safetensors[.index.json]) or file, local or s3://")
     p.add_argument("--tokenizers", required=True,
                    help="tokenizer set folder (a tokenize output's tokenizers/, local or s3://); its vocabulary must "
                         "match the checkpoint's rows")

@@ -113,7 +113,9 @@ class OptimConfig:
 class InitConfig:
     """Start from random weights ("scratch") or a pretrained HF-layout safetensors checkpoint."""
     kind: Literal["scratch", "pretrained"] = "scratch"
-    path: str = ""                                   # dir or .safetensors file (pretrained)
+    # dir or .safetensors file (pretrained), local or s3:// (read tensor by tensor with ranged GETs, no local
+    # copy); its tokenizer.json must be the text tokenizer the shards were made with (model/weights.py)
+    path: str = ""
     layout: Literal["dream", "llada"] = "dream"
     vocab_extension: Literal["mean", "error"] = "mean"
     # checkpoint modules to leave out (model/weights.py EXTRA_MODULES), e.g. the released Omni-Diffusion

@@ -74,7 +74,8 @@ def init_model(cfg: TrainConfig, vocab: Vocab) -> torch.nn.Module:
         from model.weights import load_pretrained
 
         if not init.path:
-            raise ConfigError("train.init.kind=pretrained needs train.init.path (a safetensors dir or file)")
+            raise ConfigError("train.init.kind=pretrained needs train.init.path (a safetensors dir or file, local "
+                              "or s3://)")
         load_pretrained(model, init.path, init.layout, vocab_extension=init.vocab_extension, seed=cfg.train.seed,
                         skip_modules=init.skip_modules)
     return model
@@ -501,6 +502,10 @@ def run(cfg: TrainConfig, budget: TimeBudget | None = None):
     from ray.train.torch import TorchTrainer
 
     data = load_data(cfg, validate=True)   # a bad shard fails here, before any worker starts
+    if cfg.train.init.kind == "pretrained" and cfg.train.init.path:   # so do shards of another text tokenizer
+        from model.weights import check_text_tokenizer
+
+        check_text_tokenizer(data.vocab, cfg.train.init.path, data.first_set().uri)
     init_ray()   # joins $RAY_ADDRESS, else a local Ray bound to 127.0.0.1 (common/rayutil.py)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {})}

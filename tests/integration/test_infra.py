@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "infra" / "k8s"
 DOCKERFILE = REPO / "infra" / "docker" / "Dockerfile"
 DOCS = REPO / "docs" / "kubernetes.md"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-volume")
 KUBERAY_KINDS = {"RayCluster": "rayclusters", "RayJob": "rayjobs", "RayCronJob": "raycronjobs"}
 # The Secrets the manifests may reference; docs/kubernetes.md must tell how to create each one.
 SECRETS = {"omnidiff-s3", "omnidiff-ray-auth", "omnidiff-mlflow-db"}
