@@ -11,6 +11,7 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -81,12 +82,12 @@ def write_speech_corpus(root: Path, n: int, seconds: float = 1.0, sr: int = 1600
 class Modality:
     name: str
     kind: str                   # tokenize job --kind
-    overrides: list[str]        # tokenizer settings of the job config
+    overrides: list[str]        # job config overrides (tokenizer settings, shard size)
     write: Callable[[Path, int], None]
 
 
 def modalities(plan: Plan) -> dict[str, Modality]:
-    return {
+    mods = {
         "text": Modality("text", "text", [], write_text_corpus),
         "image-pixel": Modality("image-pixel", "image-text", [],
                                 lambda root, n: write_image_corpus(root, n, 8, 1)),
@@ -98,6 +99,11 @@ def modalities(plan: Plan) -> dict[str, Modality]:
             lambda root, n: write_image_corpus(root, n, plan.magvit_size, 3)),
         "speech-encodec": Modality("speech-encodec", "speech-text", [], write_speech_corpus),
     }
+    # Shards smaller than the product's default, for job and bare alike: a bench corpus then spans several
+    # shards, and the last shard's write (which no tokenization can overlap) weighs as little as in a large corpus.
+    for m in mods.values():
+        m.overrides.append(f"shards.max_samples={plan.tok_shard_samples}")
+    return mods
 
 
 def job_config(mod: Modality, actors: int, extra: Sequence[str] = ()):
@@ -139,99 +145,54 @@ def run_job_timed(mod: Modality, corpus: Path, out: Path, artifacts: Path, actor
             "bytes_written": s["bytes_written"]}
 
 
-def _media_lists(messages: list[dict], images: list, audios: list) -> tuple[list, list]:
-    """A paired input's one image/audio fills every placeholder of its task's messages (as the job does)."""
-    from model.prompts import count_placeholders
+def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -> dict[str, Any]:
+    """The floor: one process, one thread, no Ray, the job's own code in a plain loop. Lists and expands the
+    corpus, decodes each input (the actor's `decode_inputs`), runs the tokenize actor's `encode_inputs` on batches of
+    the job's batch size (each tokenizer's batch call: `encode_batch` for text, one numpy call per image shape,
+    batched EnCodec/MAGVIT-v2 forwards) and writes the samples into shards with the job's writer. What it leaves
+    out is what the ratio is about: Ray Data's stages, rows moved between them, the actor pool, the driver's
+    commits. Returns seconds (tokenizer loading excluded, reported as start-up), samples and tokens."""
+    from common import configlib, storage
+    from tokenize_jobs import sources
+    from tokenize_jobs.pipeline import Tokenize, decode_inputs
+    from tokenize_jobs.writer import TarShard, wds_sample
 
-    n_img, n_aud = count_placeholders(messages)
-    return images * n_img, audios * n_aud
-
-
-def bare_tokenize(kind: str, corpus: Path, artifacts: Path, out_tar: Path, batch_size: int = 16,
-                  audio_batch: int = 8) -> dict[str, Any]:
-    """The floor: one process, one thread, no Ray. Reads every input, decodes and encodes its media in the
-    job's batch sizes with the same saved tokenizers, lays out each task's chat, and writes the samples to one
-    tar. Returns seconds (tokenizer loading excluded, reported as start-up), samples and tokens."""
-    from model.prompts import TaskTemplates, answer_content, encode_messages, task_messages
-    from model.tokenizers import TokenizerSet
-    from tokenize_jobs.config import TasksConfig
-    from tokenize_jobs.writer import sample_tar_bytes, tar_end
-
+    cfg = job_config(mod, 1)
     t_load = time.perf_counter()
-    tok = TokenizerSet.load(str(artifacts))
+    tokenize = Tokenize(str(artifacts), configlib.to_dict(cfg.tokenizers), cfg.input.max_tokens)
     load_s = time.perf_counter() - t_load
-    templates, tasks = TaskTemplates(), TasksConfig()
+    batch_size = cfg.ray.udf_batch_size(mod.kind, cfg.tokenizers)
 
-    # (source, text, media bytes or None) per input; listing happens inside the timed region, as in the job
-    def inputs() -> Iterator[tuple[str, str, bytes | None]]:
-        if kind == "text":
-            for path in sorted(corpus.glob("*.jsonl")):
-                with open(path) as f:
-                    for line in f:
-                        yield path.name, json.loads(line)["text"], None
-        elif kind == "image-text":
-            for img in sorted(corpus.glob("*.png")):
-                yield img.name, img.with_suffix(".txt").read_text().strip(), img.read_bytes()
-        elif kind == "speech-text":
-            for path in sorted(corpus.glob("*.jsonl")):
-                with open(path) as f:
-                    for line in f:
-                        rec = json.loads(line)
-                        yield rec["audio"], rec["text"], (path.parent / rec["audio"]).read_bytes()
-        else:
-            raise ValueError(f"bare_tokenize: unsupported kind {kind!r}")
-
-    def encode_media(batch: list[tuple[str, str, bytes | None]]) -> list[np.ndarray | None]:
-        if kind == "image-text":
-            arrays = [tok.image.load(data, src) for src, _, data in batch]
-            codes = tok.image.encode(np.stack(arrays))            # (B, H, W, C) -> (B, N)
-            return [codes[i] for i in range(len(batch))]
-        if kind == "speech-text":
-            wavs = [tok.speech.load(data, src) for src, _, data in batch]
-            order = sorted(range(len(wavs)), key=lambda i: wavs[i].size)   # similar lengths share a batch
-            out: list[np.ndarray | None] = [None] * len(wavs)
-            for start in range(0, len(order), audio_batch):
-                idx = order[start:start + audio_batch]
-                for i, c in zip(idx, tok.speech.encode_batch([wavs[i] for i in idx])):
-                    out[i] = c
-            return out
-        return [None] * len(batch)
-
-    def samples_of(text: str, codes: np.ndarray | None) -> Iterator[tuple[str, Any]]:
-        if kind == "text":
-            yield "text", encode_messages(task_messages(templates.text, text="", answer=text), tok.vocab, tok.text)
-            return
-        media = "image" if kind == "image-text" else "audio"
-        names = tasks.image_text if media == "image" else tasks.speech_text
-        for task in names:
-            msgs = task_messages(templates.get(task), text=text, answer=answer_content(task, text))
-            imgs, auds = _media_lists(msgs, [codes] if media == "image" else [], [codes] if media == "audio" else [])
-            yield task, encode_messages(msgs, tok.vocab, tok.text, images=imgs, audios=auds)
-
-    n_samples = n_tokens = 0
+    n_samples = n_tokens = n_shards = 0
     t = time.perf_counter()
-    with open(out_tar, "wb") as f:
-        size, batch = 0, []
-        it = inputs()
-        while True:
-            batch = [x for _, x in zip(range(batch_size), it)]
-            if not batch:
-                break
-            for (src, text, _), codes in zip(batch, encode_media(batch)):
-                for j, (task, enc) in enumerate(samples_of(text, codes)):
-                    blob = sample_tar_bytes(f"s{n_samples}_{j}", enc.input_ids, enc.answer_mask,
-                                            {"task": task, "source": src, "n_tokens": len(enc)})
-                    f.write(blob)
-                    size += len(blob)
-                    n_samples += 1
-                    n_tokens += len(enc)
-        f.write(tar_end(size))
+    ctx = sources.corpus_context(mod.kind, str(corpus))
+    rows = (r for u in sources.list_units(ctx, cfg.input) for r in sources.expand_unit(ctx, u, cfg.input, set())
+            if r["status"] == "pending")   # not the rows that mark a unit complete
+    shard = TarShard()
+    while True:
+        batch = [r for _, r in zip(range(batch_size), rows)]
+        if not batch:
+            break
+        decoded = decode_inputs(batch, ctx, cfg, tokenize.tok)
+        for row, samples in tokenize.encode_inputs([(batch[i], record, media) for i, record, media in decoded]):
+            for j, (ids, mask, meta) in enumerate(samples):
+                shard.write(wds_sample(f"{row['fp']}_{j}", ids, mask, meta))
+                n_samples += 1
+                n_tokens += meta["n_tokens"]
+            if shard.samples >= cfg.shards.max_samples:   # written as the job writes it: atomic, fsynced
+                storage.write_bytes_atomic(str(out_dir / f"bare-{n_shards:06d}.tar"), shard.close())
+                shard, n_shards = TarShard(), n_shards + 1
+    if shard.samples:
+        storage.write_bytes_atomic(str(out_dir / f"bare-{n_shards:06d}.tar"), shard.close())
     return {"wall_s": time.perf_counter() - t, "samples": n_samples, "tokens": n_tokens, "load_s": load_s}
 
 
 def run(suite: Suite) -> dict[str, Any]:
     """Per modality: job vs bare samples/s with 1 actor (and 2 where the plan asks); then peak memory, 1x vs 10x."""
     plan = suite.plan
+    # One thread for the text tokenizer's encode_batch (a Rust thread pool) in this process and, inherited, in
+    # Ray's workers: one actor = one core, like the bare loop.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     suite.ray()
     mods = modalities(plan)
     root = suite.work / "tokenize"
@@ -293,7 +254,7 @@ def _tokenize_side_by_side(suite: Suite, mod: Modality, corpus: Path, small: Pat
         jobs.append(run_job_timed(mod, corpus, out, artifacts, actors))
         if bare is None:
             with torch_threads(1):  # one actor = one core (Ray sets its OMP threads from its CPU share)
-                bares.append(bare_tokenize(mod.kind, corpus, artifacts, out.parent / "bare.tar"))
+                bares.append(bare_tokenize(mod, corpus, artifacts, out.parent))
         suite.say(f"[tokenize]   {mod.name} actors={actors} repeat {i + 1}/{plan.repeats}: "
                   f"job {jobs[-1]['wall_s']:.1f} s" + (f", bare {bares[-1]['wall_s']:.1f} s" if bares else ""))
     bares = bares or bare

@@ -25,17 +25,17 @@ all (concurrently on S3) into a set of 32-hex-digit fingerprints.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import signal
-import tarfile
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -46,42 +46,108 @@ from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 QUARANTINE = "quarantine.jsonl"
-TAR_BLOCK = 512
-TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads archives to whole records; so do we
 MAX_RUN_RECORDS = 100        # an hourly schedule would otherwise grow the manifest forever
 
 
-# ---- tar bytes (built in the tokenizer actors, concatenated by the writer) -----------------------------------
+# ---- tar bytes: webdataset's TarWriter, with every header field pinned -----------------------------------------
 
-def _tar_member(name: str, data: bytes) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0          # deterministic bytes: the same sample always gives the same member
-    info.mode = 0o644
-    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-    pad = (-len(data)) % TAR_BLOCK
-    return header + data + b"\0" * pad
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
+@functools.lru_cache(maxsize=8192)
+def _npy_header(descr: str, n: int) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": (n,)})
     return buf.getvalue()
 
 
-def sample_tar_bytes(key: str, input_ids: np.ndarray, answer_mask: np.ndarray, meta: dict[str, Any]) -> bytes:
-    """One sample's three tar members, contiguous. `key` has no dot (WebDataset splits key/suffix there)."""
-    if "." in key or "/" in key:
-        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-    return (_tar_member(f"{key}.input_ids.npy", _npy_bytes(np.ascontiguousarray(input_ids, dtype=np.int32)))
-            + _tar_member(f"{key}.answer_mask.npy", _npy_bytes(np.ascontiguousarray(answer_mask, dtype=np.bool_)))
-            + _tar_member(f"{key}.meta.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()))
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    """`np.save` of a 1-D array, byte for byte (format 1.0, no pickle), with its header cached per length:
+    np.save's header formatting was a fifth of the write stage's time."""
+    return _npy_header(np.lib.format.dtype_to_descr(arr.dtype), arr.shape[0]) + arr.tobytes()
 
 
-def tar_end(size_so_far: int) -> bytes:
-    """End-of-archive marker (two zero blocks), then zero padding to a whole record."""
-    n = size_so_far + 2 * TAR_BLOCK
-    return b"\0" * (2 * TAR_BLOCK + (-n) % TAR_RECORD)
+def wds_sample(key: str, input_ids: np.ndarray, answer_mask: np.ndarray, meta: dict[str, Any] | bytes
+               ) -> dict[str, Any]:
+    """One sample as a WebDataset dict (suffix -> bytes). `key` has no '.' or '/' (WebDataset splits there);
+    `meta` is a dict or its JSON already made (sorted keys, UTF-8)."""
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    if not isinstance(meta, bytes):
+        meta = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {"__key__": key,
+            "input_ids.npy": _npy_bytes(np.ascontiguousarray(input_ids, dtype=np.int32).reshape(-1)),
+            "answer_mask.npy": _npy_bytes(np.ascontiguousarray(answer_mask, dtype=np.bool_).reshape(-1)),
+            "meta.json": meta}
+
+
+class TarShard:
+    """One shard's bytes in memory, written by `webdataset.TarWriter`. Deterministic: every header field that
+    could vary (mtime, mode, uid/gid, user and group names) is pinned, members are in the writer's sorted suffix
+    order, so the same samples always give the same bytes (and the same sha256 in the manifest)."""
+
+    def __init__(self) -> None:
+        import webdataset as wds   # imported here: its package import costs ~1 s, paid only where shards are made
+
+        self._buf = io.BytesIO()
+        # uid/gid stay tarfile's 0; encoder=False: members are bytes already (npy without pickle, JSON)
+        self._tar = wds.TarWriter(self._buf, user="", group="", mode=0o644, mtime=0, encoder=False,
+                                  compress=False)
+        self.samples = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (tarfile flushes every 10 KiB record: exact to a record, enough for a limit)."""
+        return self._buf.tell()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._tar.write(sample)
+        self.samples += 1
+
+    def close(self) -> bytes:
+        """End-of-archive marker, padding to a whole record (tarfile's), and the bytes."""
+        self._tar.close()
+        return self._buf.getvalue()
+
+
+def shard_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
+    shard = TarShard()
+    for s in samples:
+        shard.write(s)
+    return shard.close()
+
+
+# ---- an input's samples between the tokenizer actors and the writers -------------------------------------------
+
+def pack_samples(samples: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+    """An input's samples as three row columns: every sample's ids (int32) and answer masks (bool) concatenated,
+    and one JSON meta line per sample (its `n_tokens` splits the arrays). Turning them into tar members is left
+    to the write stage, off the tokenizer actors."""
+    if not samples:
+        return {"ids": b"", "mask": b"", "metas": ""}
+    return {"ids": np.concatenate([np.asarray(s[0], dtype=np.int32) for s in samples]).tobytes(),
+            "mask": np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in samples]).tobytes(),
+            # JSON escapes newlines inside strings, so "\n" separates lines (str.splitlines would also split
+            # at U+2028, which ensure_ascii=False leaves raw)
+            "metas": "\n".join(json.dumps(s[2], sort_keys=True, ensure_ascii=False) for s in samples)}
+
+
+def unpack_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[int] | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """`pack_samples` -> WebDataset samples `<key>_<j>`. `lengths` (each sample's n_tokens, when the caller has
+    them) saves parsing the meta lines."""
+    all_ids = np.frombuffer(ids, dtype=np.int32)
+    all_mask = np.frombuffer(mask, dtype=np.bool_)
+    lines = metas.split("\n") if metas else []
+    if lengths is None:
+        lengths = [int(json.loads(line)["n_tokens"]) for line in lines]
+    if len(lengths) != len(lines):
+        raise ValueError(f"input {key}: {len(lines)} meta lines for {len(lengths)} samples")
+    start = 0
+    for j, (line, n) in enumerate(zip(lines, lengths)):
+        end = start + n
+        yield wds_sample(f"{key}_{j}", all_ids[start:end], all_mask[start:end], line.encode("utf-8"))
+        start = end
+    if start != all_ids.size or all_ids.size != all_mask.size:
+        raise ValueError(f"input {key}: {all_ids.size} ids / {all_mask.size} mask values for samples of "
+                         f"{start} tokens")
 
 
 # ---- shards, written by the workers ----------------------------------------------------------------------------
@@ -99,29 +165,27 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
     at those rows (index + manifest); a shard it never commits (a failed task, a killed run) is an orphan the
     next run deletes."""
     out_rows: list[dict[str, Any]] = []
-    parts: list[bytes] = []
-    size = samples = 0
+    shard = TarShard()
 
     def close() -> None:
-        nonlocal parts, size, samples
-        data = b"".join(parts) + tar_end(size)
+        nonlocal shard
+        data = shard.close()
         rel = f"{SHARDS_DIR}/{run_id}-{uuid.uuid4().hex[:12]}.tar"
         storage.write_bytes_atomic(storage.join(out, rel), data)
         out_rows.append({**dict.fromkeys(SHARD_COLUMNS, ""), "unit_new": 0, "status": "shard", "shard": rel,
-                         "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        parts, size, samples = [], 0, 0
+                         "samples": shard.samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+        shard = TarShard()
 
     for row in rows:
-        tar = row.get("tar") or b""
         if row["status"] == "ok":
-            parts.append(tar)
-            size += len(tar)
-            samples += len(json.loads(row["stats"]))
+            lengths = [s["n_tokens"] for s in json.loads(row["stats"])]
+            for sample in unpack_samples(row["fp"], row["ids"], row["mask"], row["metas"], lengths):
+                shard.write(sample)
         out_rows.append({**{k: row.get(k, "") for k in SHARD_COLUMNS}, "samples": 0, "bytes": 0,
                          "shard": "", "sha256": ""})
-        if samples >= max_samples or size >= max_bytes:
+        if shard.samples >= max_samples or shard.size >= max_bytes:
             close()
-    if samples:
+    if shard.samples:
         close()
     return out_rows
 

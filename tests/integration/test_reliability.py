@@ -548,11 +548,11 @@ def _load_checkpoint_metadata(tmp: Path, marker: Path) -> None:
 
 def _load_shard(tmp: Path, marker: Path) -> None:
     from tokenize_jobs import shards
-    from tokenize_jobs.writer import _tar_member, tar_end
+    from tokenize_jobs.writer import shard_bytes
 
-    body = (_tar_member("k.input_ids.npy", _evil_npy(marker)) + _tar_member("k.answer_mask.npy", _evil_npy(marker))
-            + _tar_member("k.meta.json", b"{}"))
-    (tmp / "evil.tar").write_bytes(body + tar_end(len(body)))
+    evil = {"__key__": "k", "input_ids.npy": _evil_npy(marker), "answer_mask.npy": _evil_npy(marker),
+            "meta.json": b"{}"}
+    (tmp / "evil.tar").write_bytes(shard_bytes([evil]))
     list(shards.iter_samples([str(tmp / "evil.tar")]))
 
 
