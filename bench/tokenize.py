@@ -1,6 +1,7 @@
 """tokenize: the Ray Data tokenize job (tokenize_jobs.run.run_job) against a single-process loop calling the same
 saved tokenizers on the same inputs, per modality (text, pixel images, MAGVIT-v2 tiny images, EnCodec speech);
-1 vs 2 tokenizer actors; peak RSS on a corpus and on one 10x larger.
+1 vs 2 tokenizer actors; peak RSS on a corpus and on one 10x larger; the bytes the job's driver receives per
+shard; the shard writer's MB/s against a raw `tarfile` write of the same bytes.
 
 The job's fixed cost (driver listing, tokenizer loading, Ray Data planning, the actor pool) comes from a run on a
 one-batch corpus and is excluded from its throughput: throughput = extra inputs / extra seconds.
@@ -16,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -147,44 +148,106 @@ def run_job_timed(mod: Modality, corpus: Path, out: Path, artifacts: Path, actor
 
 def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -> dict[str, Any]:
     """The floor: one process, one thread, no Ray, the job's own code in a plain loop. Lists and expands the
-    corpus, decodes each input (the actor's `decode_inputs`), runs the tokenize actor's `encode_inputs` on batches of
-    the job's batch size (each tokenizer's batch call: `encode_batch` for text, one numpy call per image shape,
-    batched EnCodec/MAGVIT-v2 forwards) and writes the samples into shards with the job's writer. What it leaves
-    out is what the ratio is about: Ray Data's stages, rows moved between them, the actor pool, the driver's
-    commits. Returns seconds (tokenizer loading excluded, reported as start-up), samples and tokens."""
-    from common import configlib, storage
+    corpus, calls the tokenize actor itself (`Tokenize.__call__`: its decode, each tokenizer's batch call --
+    `encode_batch` for text, one numpy call per image shape, batched EnCodec/MAGVIT-v2 forwards -- and the
+    chat layout) on batches of the job's batch size, and hands blocks of `shards.max_samples` rows to the write
+    tasks' own `write_shards` (shards and their indexes). What it leaves out is what the ratio is about: Ray
+    Data's stages, rows moved between them, the actor pool, the driver's commits. Returns seconds (tokenizer
+    loading excluded, reported as start-up), samples and tokens."""
+    from common import configlib
     from tokenize_jobs import sources
-    from tokenize_jobs.pipeline import Tokenize, decode_inputs
-    from tokenize_jobs.writer import TarShard, wds_sample
+    from tokenize_jobs.pipeline import Tokenize, _columns, _rows
+    from tokenize_jobs.writer import write_shards
 
     cfg = job_config(mod, 1)
+    ctx = sources.corpus_context(mod.kind, str(corpus))
     t_load = time.perf_counter()
-    tokenize = Tokenize(str(artifacts), configlib.to_dict(cfg.tokenizers), cfg.input.max_tokens)
+    job = configlib.to_dict(cfg)
+    tokenize = Tokenize(str(artifacts), job["tokenizers"], cfg.input.max_tokens, ctx=ctx, job=job)
     load_s = time.perf_counter() - t_load
     batch_size = cfg.ray.udf_batch_size(mod.kind, cfg.tokenizers)
+    block = max(1, cfg.shards.max_samples)
 
-    n_samples = n_tokens = n_shards = 0
+    n_samples = n_tokens = 0
+    shards_dir = out_dir / "bare"
+    shutil.rmtree(shards_dir, ignore_errors=True)
     t = time.perf_counter()
-    ctx = sources.corpus_context(mod.kind, str(corpus))
-    rows = (r for u in sources.list_units(ctx, cfg.input) for r in sources.expand_unit(ctx, u, cfg.input, set())
-            if r["status"] == "pending")   # not the rows that mark a unit complete
-    shard = TarShard()
+    rows = (r for u in sources.list_units(ctx, cfg.input) for r in sources.expand_unit(ctx, u, cfg.input, set()))
+    pending: list[dict[str, Any]] = []
+
+    def write(block_rows: list[dict[str, Any]]) -> None:
+        nonlocal n_samples, n_tokens
+        for c in write_shards(block_rows, str(shards_dir), "bare", cfg.shards.max_samples, cfg.shards.max_bytes):
+            n_samples += c["samples"]
+            n_tokens += sum(json.loads(c["counts"])["tokens_per_task"].values())
+
     while True:
         batch = [r for _, r in zip(range(batch_size), rows)]
         if not batch:
             break
-        decoded = decode_inputs(batch, ctx, cfg, tokenize.tok)
-        for row, samples in tokenize.encode_inputs([(batch[i], record, media) for i, record, media in decoded]):
-            for j, (ids, mask, meta) in enumerate(samples):
-                shard.write(wds_sample(f"{row['fp']}_{j}", ids, mask, meta))
-                n_samples += 1
-                n_tokens += meta["n_tokens"]
-            if shard.samples >= cfg.shards.max_samples:   # written as the job writes it: atomic, fsynced
-                storage.write_bytes_atomic(str(out_dir / f"bare-{n_shards:06d}.tar"), shard.close())
-                shard, n_shards = TarShard(), n_shards + 1
-    if shard.samples:
-        storage.write_bytes_atomic(str(out_dir / f"bare-{n_shards:06d}.tar"), shard.close())
-    return {"wall_s": time.perf_counter() - t, "samples": n_samples, "tokens": n_tokens, "load_s": load_s}
+        pending += _rows(tokenize(_columns(batch, tuple(batch[0]))))
+        while len(pending) >= block:          # the job's blocks of `shards.max_samples` rows
+            write(pending[:block])
+            pending = pending[block:]
+    if pending:
+        write(pending)
+    wall = time.perf_counter() - t
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    return {"wall_s": wall, "samples": n_samples, "tokens": n_tokens, "load_s": load_s}
+
+
+def writer_samples(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` samples as the write tasks hand them to the writer (WebDataset dicts of member bytes), token lengths
+    and metadata as a text corpus gives them."""
+    from tokenize_jobs.writer import wds_sample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(24, 160))
+        ids = rng.integers(0, 50_000, length).astype(np.int32)
+        mask = np.arange(length) >= length // 3
+        out.append(wds_sample(f"{i:032x}_0", ids, mask, {"task": "text", "source": f"texts.jsonl:{i + 1}",
+                                                            "fingerprint": f"{i:032x}", "n_tokens": length,
+                                                            "n_answer": int(mask.sum())}))
+    return out
+
+
+def raw_tarfile_bytes(samples: Sequence[dict[str, Any]]) -> bytes:
+    """The floor of the shard writer: `tarfile` itself adding the same members with the same header fields."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            key = sample["__key__"]
+            for suffix in sorted(k for k in sample if not k.startswith("__")):   # TarWriter's member order
+                data = sample[suffix]
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def writer_vs_tarfile(n: int, repeats: int) -> dict[str, Any]:
+    """The shard writer (`writer.TarShard`: webdataset's TarWriter, pinned headers) against a raw `tarfile`
+    write of the same members, interleaved in one process: MB/s each and their ratio. Both must give the same
+    bytes, or the ratio would compare different work."""
+    from tokenize_jobs.writer import shard_bytes
+
+    samples = writer_samples(n)
+    ours, raw = [], []
+    same = True
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a = shard_bytes(samples)
+        ours.append(len(a) / 2**20 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        b = raw_tarfile_bytes(samples)
+        raw.append(len(b) / 2**20 / (time.perf_counter() - t))
+        same = same and a == b
+    return {"samples": n, "shard_bytes": len(a), "same_bytes": same, "writer_mb_per_s": spread(ours),
+            "tarfile_mb_per_s": spread(raw), "writer_vs_tarfile": paired_ratio(ours, raw)}
 
 
 def run(suite: Suite) -> dict[str, Any]:
@@ -196,7 +259,8 @@ def run(suite: Suite) -> dict[str, Any]:
     suite.ray()
     mods = modalities(plan)
     root = suite.work / "tokenize"
-    result: dict[str, Any] = {"modalities": {}, "workers": {}, "memory": {}}
+    result: dict[str, Any] = {"modalities": {}, "workers": {}, "memory": {},
+                              "writer": writer_vs_tarfile(plan.tok_shard_samples, plan.repeats)}
     for name, n in plan.tok_n.items():
         mod = mods[name]
         corpus, small = root / name / "corpus", root / name / "small"
@@ -269,9 +333,10 @@ def _tokenize_side_by_side(suite: Suite, mod: Modality, corpus: Path, small: Pat
         "actors": actors, "inputs": jobs[0]["inputs"], "samples": n, "samples_small_run": n0,
         "same_work": all(j["samples"] == bares[0]["samples"] and j["tokens"] == bares[0]["tokens"] for j in jobs),
         "quarantined": jobs[0]["quarantined"],
-        # bytes the job's driver received against the bytes of shards written: every token passes through it
-        "driver_bytes": jobs[0]["driver_bytes"], "driver_bytes_per_shard_byte":
-            jobs[0]["driver_bytes"] / max(1, jobs[0]["bytes_written"]), "shards": jobs[0]["shards"],
+        # bytes the job's driver received (metadata rows, one per shard the workers wrote): O(shards)
+        "driver_bytes": jobs[0]["driver_bytes"], "shards": jobs[0]["shards"],
+        "driver_bytes_per_shard": jobs[0]["driver_bytes"] / max(1, jobs[0]["shards"]),
+        "driver_bytes_per_input": jobs[0]["driver_bytes"] / max(1, jobs[0]["inputs"]),
         "job_samples_per_s": spread(thr), "job_end_to_end_samples_per_s": spread(e2e),
         "bare_samples_per_s": spread(bare_thr), "bare_tokenizer_load_s": spread([b["load_s"] for b in bares]),
         "job_startup_s": spread(startup), "job_vs_bare_per_core": per_core,

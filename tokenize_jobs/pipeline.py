@@ -6,11 +6,12 @@
     .map_batches(Tokenize, ActorPool)       actors: read + decode media (image/speech `load`), parse records,
                                             encode media and text (batched), chat layout -> samples per input
     .repartition(inputs per shard)          streaming: blocks the size of a shard
-    .map_batches(write)                     tasks: pack (webdataset TarWriter) and upload the shards
-                                            (writer.write_shards); rows lose their samples
-    .iter_batches()                         driver: tokenize_jobs/writer.py commits index + manifest per shard
+    .map_batches(write)                     tasks: pack (webdataset TarWriter) and upload the shards, each with
+                                            its index (writer.write_shards); one metadata row per shard
+    .iter_batches()                         driver: lists each shard and index in the manifest under the lease
+                                            (writer.ShardWriter.add_commit)
 
-Each stage passes every input on, tokenized or with a quarantine reason, so the writer accounts for all of them.
+Each stage passes every input on, tokenized or with a quarantine reason, so the indexes account for all of them.
 Tokenizers are built once per actor from the artifacts the driver saved in `<out>/tokenizers/`, so every worker
 tokenizes with the very same files. Rows carry only scalars (str, int, bytes): an input's samples leave the
 actors as concatenated arrays (`writer.pack_samples`) and become tar members in the write tasks.
@@ -33,7 +34,7 @@ from model.tokenizers.base import BadInput
 from model.tokenizers.text import PreEncodedText, text_pieces
 from tokenize_jobs import sources
 from tokenize_jobs.config import TokenizeJobConfig
-from tokenize_jobs.writer import SHARD_COLUMNS, pack_samples, write_shards
+from tokenize_jobs.writer import COMMIT_COLUMNS, pack_samples, write_shards
 
 OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "ids", "mask", "metas",
                "stats")
@@ -305,9 +306,10 @@ def _media_order(name: str) -> int:
 
 def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
           max_bytes: int) -> dict[str, list]:
-    """Pack a block of tokenized inputs into shards and upload them from this worker (writer.write_shards)."""
+    """Pack a block of tokenized inputs into shards and upload them with their indexes from this worker
+    (writer.write_shards): only their metadata rows go on to the driver."""
     storage.set_policy(ctx["storage"])
-    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes), SHARD_COLUMNS)
+    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes), COMMIT_COLUMNS)
 
 
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,

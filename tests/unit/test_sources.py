@@ -36,7 +36,7 @@ def test_appended_lines_are_the_only_new_inputs(tmp_path):
     rows = _expand(ctx, unit)
     fps = [r["fp"] for r in rows if r["status"] == "pending"]
     assert len(fps) == len(set(fps)) == 3  # a repeated line is a second input, not a duplicate
-    assert rows[-1] == sources.unit_row(unit["unit"], 3)
+    assert rows[-1] == sources.unit_row(unit["unit"], 3, unit["files"][0]["rel"])
     with open(tmp_path / "a.jsonl", "a") as f:
         f.write('{"text": "three"}\n')
     ctx, (changed,) = _units(tmp_path)
