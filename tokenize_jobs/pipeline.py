@@ -305,11 +305,11 @@ def _media_order(name: str) -> int:
 # ---- the plan -------------------------------------------------------------------------------------------------
 
 def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
-          max_bytes: int) -> dict[str, list]:
+          max_bytes: int, crash_once: str = "") -> dict[str, list]:
     """Pack a block of tokenized inputs into shards and upload them with their indexes from this worker
     (writer.write_shards): only their metadata rows go on to the driver."""
     storage.set_policy(ctx["storage"])
-    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes), COMMIT_COLUMNS)
+    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes, crash_once), COMMIT_COLUMNS)
 
 
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
@@ -338,8 +338,11 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     # A block per shard (strict: small blocks are combined, not only large ones split): an input gives one
     # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
     ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
+    # A write task whose worker dies is retried by Ray (system failures: without limit); the new attempt writes
+    # under new names, and the files of the lost one are orphans (writer.clean_orphans).
     ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
-                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes},
+                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
+                                          "crash_once": os.environ.get("OMNIDIFF_CRASH_WRITE_TASK_ONCE", "")},
                         batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus)
     # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
     # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.

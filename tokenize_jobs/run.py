@@ -40,6 +40,7 @@ from tokenize_jobs.shards import read_manifest
 from tokenize_jobs.writer import ShardWriter, clean_orphans, fence
 
 TOKENIZERS_DIR = "tokenizers"
+COMMIT_FETCH_ROWS = 16   # shard metadata rows the driver takes from Ray Data per fetch
 
 
 class OutputError(RuntimeError, cli.CliError):
@@ -226,8 +227,11 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
             for wave in _chunks(todo, cfg.ray.units_per_wave):
                 ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id)
                 try:
-                    # a block per write task: a row per shard it wrote (metadata, never samples or fingerprints)
-                    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    # A row per shard the workers wrote (metadata, never samples or fingerprints), fetched
+                    # COMMIT_FETCH_ROWS at a time: a run killed mid-wave loses at most that many written but
+                    # unlisted shards (orphans, redone by the next run), and an output of few shards is
+                    # committed once its Ray Data execution has ended, no task left in flight.
+                    for batch in ds.iter_batches(batch_size=COMMIT_FETCH_ROWS, batch_format="numpy"):
                         for row in _rows(batch):
                             writer.add_commit(row)
                 except Exception as e:

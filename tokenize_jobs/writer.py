@@ -205,14 +205,15 @@ class _IndexPart:
         self.lines.append(json.dumps({**where, "status": "quarantined", **rec}, ensure_ascii=False))
 
 
-def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int
-                 ) -> list[dict[str, Any]]:
+def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int,
+                 crash_once: str = "") -> list[dict[str, Any]]:
     """Worker side of a commit: pack the tokenized inputs of `rows` (in order) into shards of at most
     `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit); upload each with
     the index of the inputs it closes (quarantined ones and unit lines included) under `<run_id>-<uuid>`, a name
     no other task or attempt can take, and return one `COMMIT_COLUMNS` row per shard, plus one for an index
     without a shard when inputs follow the last shard (or none was tokenized). The driver commits those rows;
-    files it never commits (a failed or retried attempt, a killed run) are orphans `clean_orphans` deletes."""
+    files it never commits (a failed or retried attempt, a killed run) are orphans `clean_orphans` deletes.
+    `crash_once` is fault injection (`crash_task_once`)."""
     commits: list[dict[str, Any]] = []
     shard, part = TarShard(), _IndexPart()
 
@@ -233,6 +234,8 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
                         "counts": json.dumps({k: dict(v) for k, v in part.counts.items()}, ensure_ascii=False),
                         "quarantine": "\n".join(part.quarantine)})
         shard, part = TarShard(), _IndexPart()
+        if crash_once:
+            crash_task_once(crash_once)
 
     for row in rows:
         if row["status"] == "ok":
@@ -371,6 +374,18 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None, prefix: str = "") -
                 storage.remove(storage.join(folder, name))
                 removed.append(f"{sub}/{name}")
     return removed
+
+
+def crash_task_once(marker: str) -> None:
+    """Fault injection for retry tests (OMNIDIFF_CRASH_WRITE_TASK_ONCE=<marker file>, passed to the write tasks
+    by the driver): the first write task to upload a shard creates `marker` and kills its worker process, as a
+    lost node would; Ray retries the task, whose new attempt writes under new names."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
 
 
 def _fault_point(commits_done: int, stage: str) -> None:

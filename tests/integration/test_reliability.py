@@ -201,17 +201,17 @@ def _stop_s3_after_first_commit(monkeypatch, endpoint, restart_after: float | No
     with `restart_after`, comes back that many seconds later)."""
     from tokenize_jobs import writer
 
-    original = writer.ShardWriter.commit
+    original = writer.ShardWriter.add_commit
     state = {"stopped_at": None}
 
-    def commit(self, shard_entry=None):
-        if self.run["shards"] == 1 and shard_entry and state["stopped_at"] is None:
+    def add_commit(self, row):
+        if self.run["shards"] == 1 and row["shard"] and state["stopped_at"] is None:
             endpoint.stop()
             state["stopped_at"] = time.monotonic()
             if restart_after is not None:
                 threading.Timer(restart_after, endpoint.start).start()
-        original(self, shard_entry)
-    monkeypatch.setattr(writer.ShardWriter, "commit", commit)
+        original(self, row)
+    monkeypatch.setattr(writer.ShardWriter, "add_commit", add_commit)
     return state
 
 
