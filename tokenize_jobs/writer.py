@@ -435,7 +435,7 @@ class ShardWriter:
         self.quarantine_lines = list(state.quarantine_lines)
         # this run
         self.run = {"inputs_tokenized": 0, "inputs_quarantined": 0, "samples_written": 0, "shards": 0,
-                    "bytes": 0, "driver_bytes": 0, "commits": 0, "samples_per_task": Counter(),
+                    "bytes": 0, "driver_bytes": 0, "samples_per_task": Counter(),
                     "tokens_per_task": Counter(), "quarantined_by_reason": Counter()}
         self.run_record = {"run_id": run_id, "kind": header["job"]["kind"], "input": header["job"]["input"],
                            "started": time.time(), "status": "running"}
@@ -473,7 +473,6 @@ class ShardWriter:
         new_quarantine = [line for line in row["quarantine"].split("\n") if line]
         self._write_manifest()
         self.quarantine_lines += new_quarantine
-        self.run["commits"] += 1
         if shard:
             _fault_point(self.run["shards"], "after")
 

@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.request
