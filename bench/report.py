@@ -22,8 +22,8 @@ def _tokenize_rows(r: dict[str, Any]) -> list[Row]:
                      fmt(e["job_vs_bare_per_core"]), e["goal"], _met(e)))
         rows.append((f"  {mod}: end-to-end job samples/s (with {fmt(e['job_startup_s'], 2)} s start-up)",
                      fmt(e["job_end_to_end_samples_per_s"]), fmt(e["end_to_end_vs_bare"]), "", ""))
-        rows.append((f"  {mod}: bytes received by the driver vs shard bytes ({e['shards']} shards)",
-                     f"{e['driver_bytes']:,}", fmt(e["driver_bytes_per_shard_byte"]), "O(shards)", ""))
+        rows.append((f"  {mod}: bytes received by the driver ({e['shards']} shards), per shard",
+                     f"{e['driver_bytes']:,}", fmt(e["driver_bytes_per_shard"]), "O(shards)", ""))
     for mod, w in r["workers"].items():
         rows.append((f"tokenize {mod}: 2 actors vs 1 (samples/s)",
                      f"{fmt(w['actors_2'])} vs {fmt(w['actors_1'])}", fmt(w["speedup_2_vs_1"]), "", ""))
@@ -31,6 +31,10 @@ def _tokenize_rows(r: dict[str, Any]) -> list[Row]:
         rows.append((f"  {mod}: 2 actors per core vs bare", "", fmt(w["job_vs_bare_per_core_2"]),
                      ">= 0.9", _met({"met": None if w["job_vs_bare_per_core_2"]["median"] is None
                                      else w["job_vs_bare_per_core_2"]["median"] >= 0.9})))
+    w = r["writer"]
+    rows.append((f"tokenize shard writer vs raw tarfile, same bytes ({w['samples']} samples, MB/s)",
+                 f"{fmt(w['writer_mb_per_s'])} vs {fmt(w['tarfile_mb_per_s'])}", fmt(w["writer_vs_tarfile"]),
+                 "", "" if w["same_bytes"] else "NOT SAME BYTES"))
     m = r["memory"]
     rows.append((f"tokenize memory peak RSS (MiB), {m['x1']['inputs']} vs {m['x10']['inputs']} inputs",
                  f"{m['x1']['peak_rss_mib']:.0f} -> {m['x10']['peak_rss_mib']:.0f}",

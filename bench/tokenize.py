@@ -1,6 +1,7 @@
 """tokenize: the Ray Data tokenize job (tokenize_jobs.run.run_job) against a single-process loop calling the same
 saved tokenizers on the same inputs, per modality (text, pixel images, MAGVIT-v2 tiny images, EnCodec speech);
-1 vs 2 tokenizer actors; peak RSS on a corpus and on one 10x larger.
+1 vs 2 tokenizer actors; peak RSS on a corpus and on one 10x larger; the bytes the job's driver receives per
+shard; the shard writer's MB/s against a raw `tarfile` write of the same bytes.
 
 The job's fixed cost (driver listing, tokenizer loading, Ray Data planning, the actor pool) comes from a run on a
 one-batch corpus and is excluded from its throughput: throughput = extra inputs / extra seconds.
@@ -11,11 +12,12 @@ import contextlib
 import io
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -81,12 +83,12 @@ def write_speech_corpus(root: Path, n: int, seconds: float = 1.0, sr: int = 1600
 class Modality:
     name: str
     kind: str                   # tokenize job --kind
-    overrides: list[str]        # tokenizer settings of the job config
+    overrides: list[str]        # job config overrides (tokenizer settings, shard size)
     write: Callable[[Path, int], None]
 
 
 def modalities(plan: Plan) -> dict[str, Modality]:
-    return {
+    mods = {
         "text": Modality("text", "text", [], write_text_corpus),
         "image-pixel": Modality("image-pixel", "image-text", [],
                                 lambda root, n: write_image_corpus(root, n, 8, 1)),
@@ -98,6 +100,11 @@ def modalities(plan: Plan) -> dict[str, Modality]:
             lambda root, n: write_image_corpus(root, n, plan.magvit_size, 3)),
         "speech-encodec": Modality("speech-encodec", "speech-text", [], write_speech_corpus),
     }
+    # Shards smaller than the product's default, for job and bare alike: a bench corpus then spans several
+    # shards, and the last shard's write (which no tokenization can overlap) weighs as little as in a large corpus.
+    for m in mods.values():
+        m.overrides.append(f"shards.max_samples={plan.tok_shard_samples}")
+    return mods
 
 
 def job_config(mod: Modality, actors: int, extra: Sequence[str] = ()):
@@ -139,103 +146,121 @@ def run_job_timed(mod: Modality, corpus: Path, out: Path, artifacts: Path, actor
             "bytes_written": s["bytes_written"]}
 
 
-def _media_lists(messages: list[dict], images: list, audios: list) -> tuple[list, list]:
-    """A paired input's one image/audio fills every placeholder of its task's messages (as the job does)."""
-    from model.prompts import count_placeholders
+def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -> dict[str, Any]:
+    """The floor: one process, one thread, no Ray, the job's own code in a plain loop. Lists and expands the
+    corpus, calls the tokenize actor itself (`Tokenize.__call__`: its decode, each tokenizer's batch call --
+    `encode_batch` for text, one numpy call per image shape, batched EnCodec/MAGVIT-v2 forwards -- and the
+    chat layout) on batches of the job's batch size, and hands blocks of `shards.max_samples` rows to the write
+    tasks' own `write_shards` (shards and their indexes). What it leaves out is what the ratio is about: Ray
+    Data's stages, rows moved between them, the actor pool, the driver's commits. Returns seconds (tokenizer
+    loading excluded, reported as start-up), samples and tokens."""
+    from common import configlib
+    from tokenize_jobs import sources
+    from tokenize_jobs.pipeline import Tokenize, _columns, _rows
+    from tokenize_jobs.writer import write_shards
 
-    n_img, n_aud = count_placeholders(messages)
-    return images * n_img, audios * n_aud
-
-
-def bare_tokenize(kind: str, corpus: Path, artifacts: Path, out_tar: Path, batch_size: int = 16,
-                  audio_batch: int = 8) -> dict[str, Any]:
-    """The floor: one process, one thread, no Ray. Reads every input, decodes and encodes its media in the
-    job's batch sizes with the same saved tokenizers, lays out each task's chat, and writes the samples to one
-    tar. Returns seconds (tokenizer loading excluded, reported as start-up), samples and tokens."""
-    from model.prompts import TaskTemplates, answer_content, encode_messages, task_messages
-    from model.tokenizers import TokenizerSet
-    from tokenize_jobs.config import TasksConfig
-    from tokenize_jobs.writer import sample_tar_bytes, tar_end
-
+    cfg = job_config(mod, 1)
+    ctx = sources.corpus_context(mod.kind, str(corpus))
     t_load = time.perf_counter()
-    tok = TokenizerSet.load(str(artifacts))
+    job = configlib.to_dict(cfg)
+    tokenize = Tokenize(str(artifacts), job["tokenizers"], cfg.input.max_tokens, ctx=ctx, job=job)
     load_s = time.perf_counter() - t_load
-    templates, tasks = TaskTemplates(), TasksConfig()
-
-    # (source, text, media bytes or None) per input; listing happens inside the timed region, as in the job
-    def inputs() -> Iterator[tuple[str, str, bytes | None]]:
-        if kind == "text":
-            for path in sorted(corpus.glob("*.jsonl")):
-                with open(path) as f:
-                    for line in f:
-                        yield path.name, json.loads(line)["text"], None
-        elif kind == "image-text":
-            for img in sorted(corpus.glob("*.png")):
-                yield img.name, img.with_suffix(".txt").read_text().strip(), img.read_bytes()
-        elif kind == "speech-text":
-            for path in sorted(corpus.glob("*.jsonl")):
-                with open(path) as f:
-                    for line in f:
-                        rec = json.loads(line)
-                        yield rec["audio"], rec["text"], (path.parent / rec["audio"]).read_bytes()
-        else:
-            raise ValueError(f"bare_tokenize: unsupported kind {kind!r}")
-
-    def encode_media(batch: list[tuple[str, str, bytes | None]]) -> list[np.ndarray | None]:
-        if kind == "image-text":
-            arrays = [tok.image.load(data, src) for src, _, data in batch]
-            codes = tok.image.encode(np.stack(arrays))            # (B, H, W, C) -> (B, N)
-            return [codes[i] for i in range(len(batch))]
-        if kind == "speech-text":
-            wavs = [tok.speech.load(data, src) for src, _, data in batch]
-            order = sorted(range(len(wavs)), key=lambda i: wavs[i].size)   # similar lengths share a batch
-            out: list[np.ndarray | None] = [None] * len(wavs)
-            for start in range(0, len(order), audio_batch):
-                idx = order[start:start + audio_batch]
-                for i, c in zip(idx, tok.speech.encode_batch([wavs[i] for i in idx])):
-                    out[i] = c
-            return out
-        return [None] * len(batch)
-
-    def samples_of(text: str, codes: np.ndarray | None) -> Iterator[tuple[str, Any]]:
-        if kind == "text":
-            yield "text", encode_messages(task_messages(templates.text, text="", answer=text), tok.vocab, tok.text)
-            return
-        media = "image" if kind == "image-text" else "audio"
-        names = tasks.image_text if media == "image" else tasks.speech_text
-        for task in names:
-            msgs = task_messages(templates.get(task), text=text, answer=answer_content(task, text))
-            imgs, auds = _media_lists(msgs, [codes] if media == "image" else [], [codes] if media == "audio" else [])
-            yield task, encode_messages(msgs, tok.vocab, tok.text, images=imgs, audios=auds)
+    batch_size = cfg.ray.udf_batch_size(mod.kind, cfg.tokenizers)
+    block = max(1, cfg.shards.max_samples)
 
     n_samples = n_tokens = 0
+    shards_dir = out_dir / "bare"
+    shutil.rmtree(shards_dir, ignore_errors=True)
     t = time.perf_counter()
-    with open(out_tar, "wb") as f:
-        size, batch = 0, []
-        it = inputs()
-        while True:
-            batch = [x for _, x in zip(range(batch_size), it)]
-            if not batch:
-                break
-            for (src, text, _), codes in zip(batch, encode_media(batch)):
-                for j, (task, enc) in enumerate(samples_of(text, codes)):
-                    blob = sample_tar_bytes(f"s{n_samples}_{j}", enc.input_ids, enc.answer_mask,
-                                            {"task": task, "source": src, "n_tokens": len(enc)})
-                    f.write(blob)
-                    size += len(blob)
-                    n_samples += 1
-                    n_tokens += len(enc)
-        f.write(tar_end(size))
-    return {"wall_s": time.perf_counter() - t, "samples": n_samples, "tokens": n_tokens, "load_s": load_s}
+    rows = (r for u in sources.list_units(ctx, cfg.input) for r in sources.expand_unit(ctx, u, cfg.input, set()))
+    pending: list[dict[str, Any]] = []
+
+    def write(block_rows: list[dict[str, Any]]) -> None:
+        nonlocal n_samples, n_tokens
+        for c in write_shards(block_rows, str(shards_dir), "bare", cfg.shards.max_samples, cfg.shards.max_bytes):
+            n_samples += c["samples"]
+            n_tokens += sum(json.loads(c["counts"])["tokens_per_task"].values())
+
+    while True:
+        batch = [r for _, r in zip(range(batch_size), rows)]
+        if not batch:
+            break
+        pending += _rows(tokenize(_columns(batch, tuple(batch[0]))))
+        while len(pending) >= block:          # the job's blocks of `shards.max_samples` rows
+            write(pending[:block])
+            pending = pending[block:]
+    if pending:
+        write(pending)
+    wall = time.perf_counter() - t
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    return {"wall_s": wall, "samples": n_samples, "tokens": n_tokens, "load_s": load_s}
+
+
+def writer_samples(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` samples as the write tasks hand them to the writer (WebDataset dicts of member bytes), token lengths
+    and metadata as a text corpus gives them."""
+    from tokenize_jobs.writer import wds_sample
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(24, 160))
+        ids = rng.integers(0, 50_000, length).astype(np.int32)
+        mask = np.arange(length) >= length // 3
+        out.append(wds_sample(f"{i:032x}_0", ids, mask, {"task": "text", "source": f"texts.jsonl:{i + 1}",
+                                                            "fingerprint": f"{i:032x}", "n_tokens": length,
+                                                            "n_answer": int(mask.sum())}))
+    return out
+
+
+def raw_tarfile_bytes(samples: Sequence[dict[str, Any]]) -> bytes:
+    """The floor of the shard writer: `tarfile` itself adding the same members with the same header fields."""
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for sample in samples:
+            key = sample["__key__"]
+            for suffix in sorted(k for k in sample if not k.startswith("__")):   # TarWriter's member order
+                data = sample[suffix]
+                info = tarfile.TarInfo(f"{key}.{suffix}")
+                info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o644, "", ""
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def writer_vs_tarfile(n: int, repeats: int) -> dict[str, Any]:
+    """The shard writer (`writer.TarShard`: webdataset's TarWriter, pinned headers) against a raw `tarfile`
+    write of the same members, interleaved in one process: MB/s each and their ratio. Both must give the same
+    bytes, or the ratio would compare different work."""
+    from tokenize_jobs.writer import shard_bytes
+
+    samples = writer_samples(n)
+    ours, raw = [], []
+    same = True
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a = shard_bytes(samples)
+        ours.append(len(a) / 2**20 / (time.perf_counter() - t))
+        t = time.perf_counter()
+        b = raw_tarfile_bytes(samples)
+        raw.append(len(b) / 2**20 / (time.perf_counter() - t))
+        same = same and a == b
+    return {"samples": n, "shard_bytes": len(a), "same_bytes": same, "writer_mb_per_s": spread(ours),
+            "tarfile_mb_per_s": spread(raw), "writer_vs_tarfile": paired_ratio(ours, raw)}
 
 
 def run(suite: Suite) -> dict[str, Any]:
     """Per modality: job vs bare samples/s with 1 actor (and 2 where the plan asks); then peak memory, 1x vs 10x."""
     plan = suite.plan
+    # One thread for the text tokenizer's encode_batch (a Rust thread pool) in this process and, inherited, in
+    # Ray's workers: one actor = one core, like the bare loop.
+    os.environ.setdefault("RAYON_NUM_THREADS", "1")
     suite.ray()
     mods = modalities(plan)
     root = suite.work / "tokenize"
-    result: dict[str, Any] = {"modalities": {}, "workers": {}, "memory": {}}
+    result: dict[str, Any] = {"modalities": {}, "workers": {}, "memory": {},
+                              "writer": writer_vs_tarfile(plan.tok_shard_samples, plan.repeats)}
     for name, n in plan.tok_n.items():
         mod = mods[name]
         corpus, small = root / name / "corpus", root / name / "small"
@@ -293,7 +318,7 @@ def _tokenize_side_by_side(suite: Suite, mod: Modality, corpus: Path, small: Pat
         jobs.append(run_job_timed(mod, corpus, out, artifacts, actors))
         if bare is None:
             with torch_threads(1):  # one actor = one core (Ray sets its OMP threads from its CPU share)
-                bares.append(bare_tokenize(mod.kind, corpus, artifacts, out.parent / "bare.tar"))
+                bares.append(bare_tokenize(mod, corpus, artifacts, out.parent))
         suite.say(f"[tokenize]   {mod.name} actors={actors} repeat {i + 1}/{plan.repeats}: "
                   f"job {jobs[-1]['wall_s']:.1f} s" + (f", bare {bares[-1]['wall_s']:.1f} s" if bares else ""))
     bares = bares or bare
@@ -308,9 +333,10 @@ def _tokenize_side_by_side(suite: Suite, mod: Modality, corpus: Path, small: Pat
         "actors": actors, "inputs": jobs[0]["inputs"], "samples": n, "samples_small_run": n0,
         "same_work": all(j["samples"] == bares[0]["samples"] and j["tokens"] == bares[0]["tokens"] for j in jobs),
         "quarantined": jobs[0]["quarantined"],
-        # bytes the job's driver received against the bytes of shards written: every token passes through it
-        "driver_bytes": jobs[0]["driver_bytes"], "driver_bytes_per_shard_byte":
-            jobs[0]["driver_bytes"] / max(1, jobs[0]["bytes_written"]), "shards": jobs[0]["shards"],
+        # bytes the job's driver received (metadata rows, one per shard the workers wrote): O(shards)
+        "driver_bytes": jobs[0]["driver_bytes"], "shards": jobs[0]["shards"],
+        "driver_bytes_per_shard": jobs[0]["driver_bytes"] / max(1, jobs[0]["shards"]),
+        "driver_bytes_per_input": jobs[0]["driver_bytes"] / max(1, jobs[0]["inputs"]),
         "job_samples_per_s": spread(thr), "job_end_to_end_samples_per_s": spread(e2e),
         "bare_samples_per_s": spread(bare_thr), "bare_tokenizer_load_s": spread([b["load_s"] for b in bares]),
         "job_startup_s": spread(startup), "job_vs_bare_per_core": per_core,

@@ -65,6 +65,10 @@ class FitConfig:
     max_scan_units: int = 2_000   # how many listed inputs (files, pairs) the driver opens to collect the sample
 
 
+CHEAP_BATCH = 512   # inputs per UDF call for text and pixel images
+MODEL_BATCH = 16    # for inputs a neural tokenizer encodes (EnCodec, MAGVIT-v2)
+
+
 @dataclass
 class RayConfig:
     """Ray Data execution. Fractional CPUs keep a 2-CPU machine from deadlocking: actors at 1 CPU each would
@@ -73,10 +77,20 @@ class RayConfig:
     actor_cpus: float = 0.5
     gpus_per_actor: float = 1.0     # used only when the cluster has GPUs; 0 keeps actors on CPU
     decode_cpus: float = 0.5        # per read/decode task
-    batch_size: int = 16            # inputs per UDF call
+    # Inputs per UDF call; 0 = by the tokenizers' cost (`udf_batch_size`).
+    batch_size: int = 0
     num_cpus: int = 0               # CPUs of a local Ray started by the job; 0 = all of this machine
     units_per_wave: int = 100_000   # listed inputs handed to one Ray Data execution (bounds driver memory)
     progress_bars: bool = True
+
+    def udf_batch_size(self, kind: str, tokenizers: TokenizerConfig) -> int:
+        """Inputs per UDF call. Text and pixel images cost microseconds per input, so a batch must be large for
+        Ray's per-task cost (a few ms) to vanish; EnCodec and MAGVIT-v2 cost milliseconds per input, and small
+        batches keep enough blocks to spread over the actors."""
+        if self.batch_size > 0:
+            return self.batch_size
+        cheap = kind == "text" or (kind == "image-text" and tokenizers.image.kind == "pixel")
+        return CHEAP_BATCH if cheap else MODEL_BATCH
 
 
 @dataclass

@@ -3,22 +3,24 @@
     from_items(units, blocks)               driver: the listing (plain dicts), one wave at a time, in few blocks
     .flat_map(expand)                       tasks: open JSONL/parquet/transcripts, one row per new input
     .repartition(rows per block)            streaming split: one big JSONL/parquet unit feeds every actor
-    .map_batches(decode)                    tasks: read + decode media (image/speech `load`), parse records
-    .map_batches(Tokenize, ActorPool)       actors: encode media (batched), text, messages -> tar bytes per input
+    .map_batches(Tokenize, ActorPool)       actors: read + decode media (image/speech `load`), parse records,
+                                            encode media and text (batched), chat layout -> samples per input
     .repartition(inputs per shard)          streaming: blocks the size of a shard
-    .map_batches(write)                     tasks: pack and upload the shards (writer.write_shards); rows lose
-                                            their tar bytes
-    .iter_batches()                         driver: tokenize_jobs/writer.py commits index + manifest per shard
+    .map_batches(write)                     tasks: pack (webdataset TarWriter) and upload the shards, each with
+                                            its index (writer.write_shards); one metadata row per shard
+    .iter_batches()                         driver: lists each shard and index in the manifest under the lease
+                                            (writer.ShardWriter.add_commit)
 
-Each stage passes every input on, tokenized or with a quarantine reason, so the writer accounts for all of them.
-Tokenizers are built once per actor (and once per decode worker process, for their `load`), from the artifacts
-the driver saved in `<out>/tokenizers/`, so every worker tokenizes with the very same files.
-Rows carry only scalars (str, int, bytes); decoded media travel between stages as one .npz blob per input.
+Each stage passes every input on, tokenized or with a quarantine reason, so the indexes account for all of them.
+Tokenizers are built once per actor from the artifacts the driver saved in `<out>/tokenizers/`, so every worker
+tokenizes with the very same files. Rows carry only scalars (str, int, bytes): an input's samples leave the
+actors as concatenated arrays (`writer.pack_samples`) and become tar members in the write tasks.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import traceback
 from collections import OrderedDict
 from typing import Any, Iterator
@@ -29,11 +31,13 @@ from common import configlib, storage
 from model.prompts import count_placeholders, encode_messages
 from model.tokenizers import TokenizerConfig, TokenizerSet
 from model.tokenizers.base import BadInput
+from model.tokenizers.text import PreEncodedText, text_pieces
 from tokenize_jobs import sources
 from tokenize_jobs.config import TokenizeJobConfig
-from tokenize_jobs.writer import SHARD_COLUMNS, sample_tar_bytes, write_shards
+from tokenize_jobs.writer import COMMIT_COLUMNS, pack_samples, write_shards
 
-OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "tar", "stats")
+OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "ids", "mask", "metas",
+               "stats")
 
 # A block after the expand stage holds this many UDF batches: enough to amortize a Ray task per block, few enough
 # that a single JSONL/parquet unit (one block out of `expand`) is spread over every actor of the pool.
@@ -106,38 +110,45 @@ def expand(unit: dict[str, Any], ctx: dict[str, Any], input_cfg: dict[str, Any])
     yield from sources.expand_unit(ctx, unit, cfg, done)
 
 
-# ---- stage 2: read + decode ---------------------------------------------------------------------------------------
+# ---- read + decode (inside the tokenize actors) ------------------------------------------------------------------
 
-def decode(batch: dict[str, Any], ctx: dict[str, Any], job: dict[str, Any], artifacts_dir: str) -> dict[str, list]:
-    storage.set_policy(ctx["storage"])
-    cfg = job_config_for(job)
-    tok = tokenizers_for(artifacts_dir, job["tokenizers"])
+def decode_inputs(rows: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, tok: TokenizerSet
+                  ) -> list[tuple[int, dict[str, Any], dict[str, np.ndarray]]]:
+    """Read and decode the pending inputs of `rows` (media through the tokenizers' `load`): (index, record,
+    media) for each one decoded; an input that cannot be is replaced in `rows` by its quarantine row. Runs in the
+    tokenize actor, next to the encoders: decoded media never travel between processes (Ray Data fused the two
+    stages onto the actor anyway, and serializing media between them cost more than decoding text)."""
     out = []
-    for row in _rows(batch):
+    for i, row in enumerate(rows):
         if row["status"] != "pending":
-            out.append(row)
             continue
         try:
             record, media = sources.decode_input(ctx, row, tok, cfg.templates, cfg.tasks, cfg.input)
-            out.append({**row, "spec": json.dumps(record, ensure_ascii=False), "data": sources.pack_media(media)})
+            out.append((i, record, media))
         except BadInput as e:
-            out.append(_quarantine(row, e.reason, str(e)))
+            rows[i] = _quarantine(row, e.reason, str(e))
         except storage.StorageError:
             # Storage that fails past its retries says nothing about the input: quarantining would record it as
             # done and lose it. The task fails, nothing of this batch is committed, and a rerun redoes it.
             raise
         except Exception as e:  # noqa: BLE001  (see _unexpected)
-            out.append(_unexpected(row, e, "decode"))
-    return _columns(out, tuple(batch))
+            rows[i] = _unexpected(row, e, "decode")
+    return out
 
 
 # ---- stage 3: tokenize (actors) -------------------------------------------------------------------------------
 
 class Tokenize:
     """Encodes a batch of decoded inputs: images in one batched call (one per shape), audio in batched calls,
-    then text and chat layout per sample; emits each input's samples as contiguous tar members."""
+    then text and chat layout per sample; emits each input's samples as arrays (`writer.pack_samples`)."""
 
-    def __init__(self, artifacts_dir: str, tokenizers: dict[str, Any], max_tokens: int, audio_batch: int = 8):
+    def __init__(self, artifacts_dir: str, tokenizers: dict[str, Any], max_tokens: int, audio_batch: int = 8,
+                 ctx: dict[str, Any] | None = None, job: dict[str, Any] | None = None):
+        # The text tokenizer's encode_batch threads (a Rust pool, sized at its first use) follow the actor's CPU
+        # share, as torch's do: Ray sets OMP_NUM_THREADS from num_cpus.
+        os.environ.setdefault("RAYON_NUM_THREADS", os.environ.get("OMP_NUM_THREADS") or "1")
+        self.ctx = ctx                                         # the corpus and the job: for decoding inputs
+        self.cfg = job_config_for(job) if job is not None else None
         self.tok = tokenizers_for(artifacts_dir, tokenizers)
         self.vocab = self.tok.vocab
         self.max_tokens = max_tokens
@@ -207,19 +218,34 @@ class Tokenize:
         return out
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        if self.ctx is None or self.cfg is None:
+            raise RuntimeError("Tokenize needs ctx= and job= to decode inputs (build_dataset passes them)")
+        storage.set_policy(self.ctx["storage"])
         rows = _rows(batch)
-        decoded: dict[int, tuple[dict, dict]] = {}
+        pending = decode_inputs(rows, self.ctx, self.cfg, self.tok)
+        results = self.encode_inputs([(rows[i], record, media) for i, record, media in pending])
+        for (i, _, _), (row, samples) in zip(pending, results):
+            if row["status"] == "ok":
+                stats = [{"task": m["task"], "n_tokens": m["n_tokens"], "n_answer": m["n_answer"]}
+                         for _, _, m in samples]
+                row = {**row, **pack_samples(samples), "stats": json.dumps(stats)}
+            rows[i] = row
+        out = []
+        for row in rows:
+            for k, empty in (("ids", b""), ("mask", b""), ("metas", ""), ("stats", "[]")):
+                row.setdefault(k, empty)
+            out.append({k: row[k] for k in OUT_COLUMNS})
+        return _columns(out, OUT_COLUMNS)
+
+    def encode_inputs(self, items: list[tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]]
+                      ) -> list[tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]]]:
+        """The tokenizers' work on decoded inputs, (row, record, media) each -> (row with status "ok" or a
+        quarantine reason, its samples as (input_ids, answer_mask, meta)). Every tokenizer runs once per batch:
+        images per shape, audio in `audio_batch` groups, and every text piece of every sample in one
+        `encode_batch` call. The tokenize benchmark's bare loop calls this too, without Ray."""
         images, audios = [], []
         precomputed: dict[tuple[int, str], np.ndarray] = {}
-        for i, row in enumerate(rows):
-            if row["status"] != "pending":
-                continue
-            try:
-                record, media = json.loads(row["spec"]), sources.unpack_media(row["data"])
-            except Exception as e:  # noqa: BLE001
-                rows[i] = _unexpected(row, e, "tokenize")
-                continue
-            decoded[i] = (record, media)
+        for i, (_, _, media) in enumerate(items):
             for name, arr in media.items():
                 # speech codes given with the line (sources.speech_codes) need no encoding
                 if name.startswith("audio") and arr.dtype.kind in "iu":
@@ -227,41 +253,36 @@ class Tokenize:
                 else:
                     (images if name.startswith("image") else audios).append(((i, name), arr))
         codes = {**self._encode_images(images), **self._encode_audio(audios), **precomputed}
-        out = []
-        for i, row in enumerate(rows):
-            if i in decoded:
-                record, media = decoded[i]
-                row = self._samples(row, record, {name: codes[(i, name)] for name in media})
-            row.setdefault("tar", b"")
-            row.setdefault("stats", "[]")
-            out.append({k: row[k] for k in OUT_COLUMNS})
-        return _columns(out, OUT_COLUMNS)
+        text = self.tok.text
+        if hasattr(text, "encode_batch"):
+            text = PreEncodedText(text, [piece for _, record, _ in items for sample in record["samples"]
+                                         for piece in text_pieces(sample["messages"])])
+        return [self._samples(row, record, {name: codes[(i, name)] for name in media}, text)
+                for i, (row, record, media) in enumerate(items)]
 
-    def _samples(self, row: dict[str, Any], record: dict[str, Any],
-                 media_codes: dict[str, np.ndarray | Exception]) -> dict[str, Any]:
+    def _samples(self, row: dict[str, Any], record: dict[str, Any], media_codes: dict[str, np.ndarray | Exception],
+                 text) -> tuple[dict[str, Any], list]:
         try:
             for name, c in media_codes.items():
                 if isinstance(c, Exception):
                     raise BadInput("encode_error", f"{name}: {type(c).__name__}: {c}")
-            tar, stats = [], []
-            for j, sample in enumerate(record["samples"]):
+            samples = []
+            for sample in record["samples"]:
                 msgs = sample["messages"]
                 imgs, auds = self._media_for(msgs, media_codes)
-                enc = encode_messages(msgs, self.vocab, self.tok.text, images=imgs, audios=auds)
+                enc = encode_messages(msgs, self.vocab, text, images=imgs, audios=auds)
                 if not enc.answer_mask.any():
                     raise BadInput("no_answer", f"sample {sample['task']} has no assistant turn to learn")
                 if self.max_tokens and len(enc) > self.max_tokens:
                     raise BadInput("too_many_tokens", f"{len(enc)} tokens > input.max_tokens={self.max_tokens}")
-                n_answer = int(enc.answer_mask.sum())
                 meta = {**record["meta"], "task": sample["task"], "source": row["source"], "fingerprint": row["fp"],
-                        "n_tokens": len(enc), "n_answer": n_answer}
-                tar.append(sample_tar_bytes(f"{row['fp']}_{j}", enc.input_ids, enc.answer_mask, meta))
-                stats.append({"task": sample["task"], "n_tokens": len(enc), "n_answer": n_answer})
-            return {**row, "status": "ok", "tar": b"".join(tar), "stats": json.dumps(stats)}
+                        "n_tokens": len(enc), "n_answer": int(enc.answer_mask.sum())}
+                samples.append((enc.input_ids, enc.answer_mask, meta))
+            return {**row, "status": "ok"}, samples
         except BadInput as e:
-            return _quarantine(row, e.reason, str(e))
+            return _quarantine(row, e.reason, str(e)), []
         except Exception as e:  # noqa: BLE001
-            return _unexpected(row, e, "tokenize")
+            return _unexpected(row, e, "tokenize"), []
 
     @staticmethod
     def _media_for(messages: list[dict], media_codes: dict[str, np.ndarray]) -> tuple[list, list]:
@@ -284,10 +305,11 @@ def _media_order(name: str) -> int:
 # ---- the plan -------------------------------------------------------------------------------------------------
 
 def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
-          max_bytes: int) -> dict[str, list]:
-    """Pack a block of tokenized inputs into shards and upload them from this worker (writer.write_shards)."""
+          max_bytes: int, crash_once: str = "") -> dict[str, list]:
+    """Pack a block of tokenized inputs into shards and upload them with their indexes from this worker
+    (writer.write_shards): only their metadata rows go on to the driver."""
     storage.set_policy(ctx["storage"])
-    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes), SHARD_COLUMNS)
+    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes, crash_once), COMMIT_COLUMNS)
 
 
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
@@ -297,7 +319,8 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     job = configlib.to_dict(cfg)
     r = cfg.ray
     gpus = r.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    per_block = r.batch_size * BATCHES_PER_BLOCK
+    batch_size = r.udf_batch_size(ctx["kind"], cfg.tokenizers)
+    per_block = batch_size * BATCHES_PER_BLOCK
     # One block per unit (Ray's default for a short list) costs an `expand` task per image pair or text file.
     # Group units, but keep two blocks per actor so that expanding a few large files still runs in parallel.
     n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), 2 * r.actors))
@@ -307,18 +330,19 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     # one actor task: without this split, one input file reached one actor however large the pool. Streaming
     # (no shuffle, no barrier): blocks are cut as `expand` emits them.
     ds = ds.repartition(target_num_rows_per_block=per_block)
-    ds = ds.map_batches(decode, fn_kwargs={"ctx": ctx, "job": job, "artifacts_dir": artifacts_dir},
-                        batch_size=r.batch_size, batch_format="numpy", num_cpus=r.decode_cpus)
     ds = ds.map_batches(
         Tokenize, fn_constructor_kwargs={"artifacts_dir": artifacts_dir, "tokenizers": job["tokenizers"],
-                                         "max_tokens": cfg.input.max_tokens},
-        compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=r.batch_size, batch_format="numpy",
+                                         "max_tokens": cfg.input.max_tokens, "ctx": ctx, "job": job},
+        compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=batch_size, batch_format="numpy",
         num_cpus=r.actor_cpus, num_gpus=gpus)
     # A block per shard (strict: small blocks are combined, not only large ones split): an input gives one
     # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
     ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
+    # A write task whose worker dies is retried by Ray (system failures: without limit); the new attempt writes
+    # under new names, and the files of the lost one are orphans (writer.clean_orphans).
     ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
-                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes},
+                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
+                                          "crash_once": os.environ.get("OMNIDIFF_CRASH_WRITE_TASK_ONCE", "")},
                         batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus)
     # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
     # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.

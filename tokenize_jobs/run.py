@@ -40,6 +40,7 @@ from tokenize_jobs.shards import read_manifest
 from tokenize_jobs.writer import ShardWriter, clean_orphans, fence
 
 TOKENIZERS_DIR = "tokenizers"
+COMMIT_FETCH_ROWS = 16   # shard metadata rows the driver takes from Ray Data per fetch
 
 
 class OutputError(RuntimeError, cli.CliError):
@@ -203,8 +204,9 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
             Vocab.from_dict(state.manifest["vocab"]).check_same(
                 tok.vocab, what=f"existing shards in {out}", expected="tokenizers of this run")
         todo = []
+        state.load_done_inputs({u["files"][0]["rel"] for u in units if u["unit"] not in state.done_units})
         for u in units:
-            if u["unit"] in state.done:
+            if u["unit"] in state.done_units:
                 continue
             done = set()
             for ref in u["files"][:1]:  # inputs are recorded under their unit's first file
@@ -217,28 +219,28 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
         }
         header["job"]["config"]["mlflow"]["tracking_uri"] = tracking.redact(cfg.mlflow.tracking_uri)
         writer = ShardWriter(out, run_id, header, state, check_lock=lock.check)
-        try:
-            if todo:
-                import ray
+        if todo:
+            import ray
 
-                started_ray = _ensure_ray(cfg)
-                ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
-                for wave in _chunks(todo, cfg.ray.units_per_wave):
-                    ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id)
-                    try:
-                        for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
-                            for row in _rows(batch):
-                                writer.add_row(row)
-                    except Exception as e:
-                        fault = storage_fault(e)
-                        if fault is None or fault is e:
-                            raise
-                        # a task's storage fault, wrapped by Ray: surface the URI and message, not Ray's frames
-                        raise storage.StorageError(str(fault).splitlines()[0], fault.uri) from None
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
+            started_ray = _ensure_ray(cfg)
+            ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
+            for wave in _chunks(todo, cfg.ray.units_per_wave):
+                ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id)
+                try:
+                    # A row per shard the workers wrote (metadata, never samples or fingerprints), fetched
+                    # COMMIT_FETCH_ROWS at a time: a run killed mid-wave loses at most that many written but
+                    # unlisted shards (orphans, redone by the next run), and an output of few shards is
+                    # committed once its Ray Data execution has ended, no task left in flight.
+                    for batch in ds.iter_batches(batch_size=COMMIT_FETCH_ROWS, batch_format="numpy"):
+                        for row in _rows(batch):
+                            writer.add_commit(row)
+                except Exception as e:
+                    fault = storage_fault(e)
+                    if fault is None or fault is e:
+                        raise
+                    # a task's storage fault, wrapped by Ray: surface the URI and message, not Ray's frames
+                    raise storage.StorageError(str(fault).splitlines()[0], fault.uri) from None
+        orphans += writer.finish()
     except BaseException as e:
         tracked.fail(e)
         raise

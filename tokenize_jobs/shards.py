@@ -7,11 +7,15 @@ Training, evaluation and benchmarks read what a tokenize job wrote through these
     shard_urls(out) -> list[str]          full paths/URIs of the committed shards
     iter_samples(out | urls)              {key, input_ids (int32), answer_mask (bool), meta (dict)} per sample
 
+Shards are WebDataset tars (written by `webdataset.TarWriter`, tokenize_jobs/writer.py) and are read here with
+webdataset's own tar iterator and key grouping; `wds.WebDataset(urls)` reads them too.
+
 A shard is untrusted input (it may come from a bucket someone else can write). `iter_samples` never extracts
 to disk: it reads each tar into memory, checks its size and sha256 against the manifest before parsing a
 single member, and rejects member names that are absolute or contain `..`, members that are not regular files,
-truncated archives, members of one sample that are not contiguous, and arrays that are not what the format
-says. Every error is a `ShardError` naming the shard.
+truncated archives, members of one sample that are not contiguous, arrays that are not what the format says,
+and pickled arrays (`.npy` only, loaded with allow_pickle=False; no other decoder runs). Every error is a
+`ShardError` naming the shard.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from model.vocab import Vocab
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SUFFIXES = ("input_ids.npy", "answer_mask.npy", "meta.json")
+SUFFIXES = ("answer_mask.npy", "input_ids.npy", "meta.json")  # member order in a shard (TarWriter sorts)
 
 
 class ShardError(ValueError):
@@ -127,38 +131,23 @@ def _make_sample(key: str, members: dict[str, bytes], shard: str) -> dict[str, A
     return {"key": key, "input_ids": ids, "answer_mask": mask.astype(np.bool_), "meta": meta}
 
 
-def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
-    """Samples of one in-memory tar, checked member by member (never written to disk)."""
+def _check_structure(data: bytes, shard: str) -> None:
+    """Header pass over an in-memory tar, before any member's data is parsed: every member is a regular file with
+    a safe `<key>.<suffix>` name, and the archive ends with its end-of-archive marker."""
     try:
         tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: not a readable tar archive ({e})") from None
-    key: str | None = None
-    members: dict[str, bytes] = {}
-    seen: set[str] = set()
     end = 0
     try:
         for info in tf:
-            k, suffix = _member_key(info.name, shard)
+            _member_key(info.name, shard)
             if not info.isreg():
                 raise ShardError(f"{shard}: member {info.name!r} is not a regular file "
                                  f"(type {info.type!r}); refusing the shard")
-            if k != key:
-                if key is not None:
-                    yield _make_sample(key, members, shard)
-                if k in seen:
-                    raise ShardError(f"{shard}: members of sample {k!r} are not contiguous")
-                seen.add(k)
-                key, members = k, {}
-            if suffix in members:
-                raise ShardError(f"{shard}: sample {k!r} has member {suffix!r} twice")
-            f = tf.extractfile(info)
-            assert f is not None
-            payload = f.read()
-            if len(payload) != info.size:
-                raise ShardError(f"{shard}: member {info.name!r} is truncated")
-            members[suffix] = payload
             end = info.offset_data + ((info.size + 511) // 512) * 512
+            if end > len(data):
+                raise ShardError(f"{shard}: member {info.name!r} is truncated")
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
     # tarfile stops quietly when the data ends on a header boundary: the end-of-archive marker (two zero
@@ -166,8 +155,31 @@ def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
     tail = data[end:]
     if len(tail) < 1024 or tail.strip(b"\0"):
         raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after the last member)")
-    if key is not None:
-        yield _make_sample(key, members, shard)
+
+
+def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
+    """Samples of one in-memory tar (never written to disk): the structure is checked first
+    (`_check_structure`), then webdataset's own tar iterator and key grouping read the members, and every
+    sample is checked (contiguous, complete, arrays of the documented types, no pickle)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    _check_structure(data, shard)
+
+    def refuse(exn: Exception) -> bool:
+        if isinstance(exn, ShardError):
+            raise exn
+        raise ShardError(f"{shard}: {exn.args[0] if exn.args else exn}") from None
+
+    # skip_meta=None, lcase=False: every member reaches the checks under its exact name
+    files = ({**f, "__url__": shard} for f in tar_file_iterator(io.BytesIO(data), skip_meta=None, handler=refuse))
+    seen: set[str] = set()
+    for group in group_by_keys(files, lcase=False, handler=refuse):
+        key = group.pop("__key__")
+        group.pop("__url__", None)
+        if key in seen:
+            raise ShardError(f"{shard}: members of sample {key!r} are not contiguous")
+        seen.add(key)
+        yield _make_sample(key, group, shard)
 
 
 def _read_checked(entry: dict[str, Any], verify_sha: bool) -> bytes:

@@ -168,9 +168,10 @@ def _row(ctx: dict[str, Any], unit: str, file: str, fp: str, source: str, spec: 
             "spec": json.dumps(spec or {}, ensure_ascii=False), "data": data}
 
 
-def unit_row(unit: str, n_new: int) -> dict[str, Any]:
-    """Marks a unit complete once the writer has committed `n_new` inputs of it."""
-    return {"fp": "", "file": "", "unit": unit, "source": "", "unit_new": n_new, "status": "unit", "reason": "",
+def unit_row(unit: str, n_new: int, file: str) -> dict[str, Any]:
+    """Marks a unit complete once `n_new` inputs of it are committed; `file` is its first file (under which
+    its inputs are recorded)."""
+    return {"fp": "", "file": file, "unit": unit, "source": "", "unit_new": n_new, "status": "unit", "reason": "",
             "detail": "", "spec": "{}", "data": b""}
 
 
@@ -271,7 +272,7 @@ def expand_unit(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig, don
             if fresh(fp):
                 n += 1
                 yield _row(ctx, uid, first, fp, first, reason=reason, detail=f"{type(e).__name__}: {e}")
-    yield unit_row(uid, n)
+    yield unit_row(uid, n, first)
 
 
 def _expand_jsonl(ctx: dict[str, Any], unit: dict[str, Any], cfg: InputConfig) -> Iterator[dict]:

@@ -1,41 +1,56 @@
-"""Committing tokenized samples: deterministic shards, per-shard input indexes, and the manifest, in that order.
+"""The tokenize output's write side: shards and their indexes (written by the workers), and the manifest
+(committed by the driver under the output's lease).
 
 Output layout (local folder or s3:// prefix):
 
     shards/<run_id>-<uuid>.tar        WebDataset tars; each sample's 3 members contiguous
-    index/<run_id>-<seq:06d>.jsonl    what that commit finished: one line per input (tokenized or quarantined,
-                                      with its fingerprint and file) and one per completed listing unit
+    index/<run_id>-<uuid>.jsonl       the index of the shard of the same name (or of a commit with no shard: its
+                                      inputs were all quarantined or done): one line per input, tokenized or
+                                      quarantined, and one per listing unit whose new inputs this run expanded
     manifest.json                     vocab, tokenizers, job, shards, indexes, counts, runs (written last)
     quarantine.jsonl                  every quarantined input {source, reason, detail}, rebuilt at run end
     tokenizers/                       tokenizer artifacts (tokenizers.json, vocab.json, text.json, ...)
     _lock.json                        the run lock (tokenize_jobs/lock.py)
 
-A commit is: a worker uploads the shard (one atomic write, under a name no retried task can take:
-`write_shards`) and hands the driver its metadata; the driver writes its index (one atomic write) and rewrites
-the manifest (one conditional write: `fence`). Only the manifest makes a shard exist: a shard of a failed task
-or of a run killed before its commit is a file no manifest lists, which the next run deletes before it starts
-(it holds the lock and has fenced the output, so no one else can commit). Inputs are marked done only through a
-committed index, so a killed run's inputs are redone exactly once. Tokens never pass through the driver: it
-receives each input's metadata (fingerprint, status, sample counts) and each shard's path, size and sha256.
+A commit is: a worker task uploads a shard and its index (two atomic writes, under a name no other task or
+retried attempt can take: `write_shards`) and hands the driver one metadata row (`COMMIT_COLUMNS`: paths, size,
+sha256, counts, quarantine records); the driver rewrites the manifest listing both (one conditional write:
+`fence`), while it holds the lease. Only the manifest makes a shard exist: a shard of a failed or retried task
+attempt, or of a run killed before its commit, is a file no manifest lists, which the next run deletes before it
+starts (it holds the lock and has fenced the output, so no one else can commit) and a run that finishes deletes
+at its end. Inputs are marked done only through a committed index, so a killed run's inputs are redone exactly
+once. Neither tokens nor fingerprints pass through the driver: it receives O(1) bytes per shard.
+
+Index lines (JSONL):
+
+    {"fp", "file", "unit", "status": "ok", "samples"}                       a tokenized input
+    {"fp", "file", "unit", "status": "quarantined", "source", "reason", "detail"}
+    {"unit", "file", "new"}           the listing unit (first file `file`) yielded `new` inputs in this run
+
+A unit is done (a rerun does not even open it) once the committed indexes of one run hold its `unit` line and
+all `new` inputs of it (`OutputState.load` counts them per run, so no order between commits is assumed). A unit
+not done whose first file earlier units named (a JSONL file with appended lines, a run killed half way) gets
+the fingerprints of that file's finished inputs (`OutputState.load_done_inputs`), so only new lines are redone.
 
 Why sidecar indexes rather than fingerprints inside the manifest: the manifest is rewritten at every commit;
 with millions of inputs a manifest holding every fingerprint would make each commit rewrite (and each reader
-parse) hundreds of MB. Index files are written once and read only by the next tokenize run, which loads them
-all (concurrently on S3) into a set of 32-hex-digit fingerprints.
+parse) hundreds of MB. Index files are written once and read only by the next tokenize run, which streams them
+and keeps the done units and the files they named (O(listing units), as the listing itself), and the
+fingerprints only of the files a rerun opens again.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import os
 import signal
-import tarfile
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -46,84 +61,193 @@ from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
 QUARANTINE = "quarantine.jsonl"
-TAR_BLOCK = 512
-TAR_RECORD = 20 * TAR_BLOCK  # tarfile pads archives to whole records; so do we
 MAX_RUN_RECORDS = 100        # an hourly schedule would otherwise grow the manifest forever
+INDEX_READ_BATCH = 256       # index files fetched per concurrent batch when a run loads what is done
+COUNT_KEYS = ("samples_per_task", "tokens_per_task", "answer_tokens_per_task", "quarantined_by_reason")
 
 
-# ---- tar bytes (built in the tokenizer actors, concatenated by the writer) -----------------------------------
+# ---- tar bytes: webdataset's TarWriter, with every header field pinned -----------------------------------------
 
-def _tar_member(name: str, data: bytes) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0          # deterministic bytes: the same sample always gives the same member
-    info.mode = 0o644
-    header = info.tobuf(format=tarfile.USTAR_FORMAT, encoding="utf-8", errors="strict")
-    pad = (-len(data)) % TAR_BLOCK
-    return header + data + b"\0" * pad
-
-
-def _npy_bytes(arr: np.ndarray) -> bytes:
+@functools.lru_cache(maxsize=8192)
+def _npy_header(descr: str, n: int) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": descr, "fortran_order": False, "shape": (n,)})
     return buf.getvalue()
 
 
-def sample_tar_bytes(key: str, input_ids: np.ndarray, answer_mask: np.ndarray, meta: dict[str, Any]) -> bytes:
-    """One sample's three tar members, contiguous. `key` has no dot (WebDataset splits key/suffix there)."""
-    if "." in key or "/" in key:
-        raise ValueError(f"sample key {key!r} must not contain '.' or '/'")
-    return (_tar_member(f"{key}.input_ids.npy", _npy_bytes(np.ascontiguousarray(input_ids, dtype=np.int32)))
-            + _tar_member(f"{key}.answer_mask.npy", _npy_bytes(np.ascontiguousarray(answer_mask, dtype=np.bool_)))
-            + _tar_member(f"{key}.meta.json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode()))
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    """`np.save` of a 1-D array, byte for byte (format 1.0, no pickle), with its header cached per length:
+    np.save's header formatting was a fifth of the write stage's time."""
+    return _npy_header(np.lib.format.dtype_to_descr(arr.dtype), arr.shape[0]) + arr.tobytes()
 
 
-def tar_end(size_so_far: int) -> bytes:
-    """End-of-archive marker (two zero blocks), then zero padding to a whole record."""
-    n = size_so_far + 2 * TAR_BLOCK
-    return b"\0" * (2 * TAR_BLOCK + (-n) % TAR_RECORD)
+def wds_sample(key: str, input_ids: np.ndarray, answer_mask: np.ndarray, meta: dict[str, Any] | bytes
+               ) -> dict[str, Any]:
+    """One sample as a WebDataset dict (suffix -> bytes). `key` has no '.' or '/' (WebDataset splits there);
+    `meta` is a dict or its JSON already made (sorted keys, UTF-8)."""
+    if not key or "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must be non-empty and contain no '.' or '/'")
+    if not isinstance(meta, bytes):
+        meta = json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return {"__key__": key,
+            "input_ids.npy": _npy_bytes(np.ascontiguousarray(input_ids, dtype=np.int32).reshape(-1)),
+            "answer_mask.npy": _npy_bytes(np.ascontiguousarray(answer_mask, dtype=np.bool_).reshape(-1)),
+            "meta.json": meta}
 
 
-# ---- shards, written by the workers ----------------------------------------------------------------------------
+class TarShard:
+    """One shard's bytes in memory, written by `webdataset.TarWriter`. Deterministic: every header field that
+    could vary (mtime, mode, uid/gid, user and group names) is pinned, members are in the writer's sorted suffix
+    order, so the same samples always give the same bytes (and the same sha256 in the manifest)."""
 
-SHARD_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "stats", "shard",
-                 "samples", "bytes", "sha256")
+    def __init__(self) -> None:
+        import webdataset as wds   # imported here: its package import costs ~1 s, paid only where shards are made
+
+        self._buf = io.BytesIO()
+        # uid/gid stay tarfile's 0; encoder=False: members are bytes already (npy without pickle, JSON)
+        self._tar = wds.TarWriter(self._buf, user="", group="", mode=0o644, mtime=0, encoder=False,
+                                  compress=False)
+        self.samples = 0
+
+    @property
+    def size(self) -> int:
+        """Bytes written so far (tarfile flushes every 10 KiB record: exact to a record, enough for a limit)."""
+        return self._buf.tell()
+
+    def write(self, sample: dict[str, Any]) -> None:
+        self._tar.write(sample)
+        self.samples += 1
+
+    def close(self) -> bytes:
+        """End-of-archive marker, padding to a whole record (tarfile's), and the bytes."""
+        self._tar.close()
+        return self._buf.getvalue()
 
 
-def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int
-                 ) -> list[dict[str, Any]]:
+def shard_bytes(samples: Iterable[dict[str, Any]]) -> bytes:
+    shard = TarShard()
+    for s in samples:
+        shard.write(s)
+    return shard.close()
+
+
+# ---- an input's samples between the tokenizer actors and the writers -------------------------------------------
+
+def pack_samples(samples: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]) -> dict[str, Any]:
+    """An input's samples as three row columns: every sample's ids (int32) and answer masks (bool) concatenated,
+    and one JSON meta line per sample (its `n_tokens` splits the arrays). Turning them into tar members is left
+    to the write stage, off the tokenizer actors."""
+    if not samples:
+        return {"ids": b"", "mask": b"", "metas": ""}
+    return {"ids": np.concatenate([np.asarray(s[0], dtype=np.int32) for s in samples]).tobytes(),
+            "mask": np.concatenate([np.asarray(s[1], dtype=np.bool_) for s in samples]).tobytes(),
+            # JSON escapes newlines inside strings, so "\n" separates lines (str.splitlines would also split
+            # at U+2028, which ensure_ascii=False leaves raw)
+            "metas": "\n".join(json.dumps(s[2], sort_keys=True, ensure_ascii=False) for s in samples)}
+
+
+def unpack_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[int] | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """`pack_samples` -> WebDataset samples `<key>_<j>`. `lengths` (each sample's n_tokens, when the caller has
+    them) saves parsing the meta lines."""
+    all_ids = np.frombuffer(ids, dtype=np.int32)
+    all_mask = np.frombuffer(mask, dtype=np.bool_)
+    lines = metas.split("\n") if metas else []
+    if lengths is None:
+        lengths = [int(json.loads(line)["n_tokens"]) for line in lines]
+    if len(lengths) != len(lines):
+        raise ValueError(f"input {key}: {len(lines)} meta lines for {len(lengths)} samples")
+    start = 0
+    for j, (line, n) in enumerate(zip(lines, lengths)):
+        end = start + n
+        yield wds_sample(f"{key}_{j}", all_ids[start:end], all_mask[start:end], line.encode("utf-8"))
+        start = end
+    if start != all_ids.size or all_ids.size != all_mask.size:
+        raise ValueError(f"input {key}: {all_ids.size} ids / {all_mask.size} mask values for samples of "
+                         f"{start} tokens")
+
+
+# ---- shards and indexes, written by the workers ----------------------------------------------------------------
+
+# What a write task hands the driver per commit: a shard (or none) and its index, and what they hold.
+COMMIT_COLUMNS = ("shard", "samples", "bytes", "sha256", "index", "inputs", "tokenized", "quarantined", "counts",
+                  "quarantine")
+
+
+class _IndexPart:
+    """Index lines and counts of the inputs since the last shard closed: the next commit's."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.quarantine: list[str] = []
+        self.tokenized = self.quarantined = 0
+        self.counts: dict[str, Counter] = {k: Counter() for k in COUNT_KEYS}
+
+    def add(self, row: dict[str, Any]) -> None:
+        status = row["status"]
+        if status == "unit":
+            self.lines.append(json.dumps({"unit": row["unit"], "file": row["file"], "new": int(row["unit_new"])}))
+            return
+        where = {"fp": row["fp"], "file": row["file"], "unit": row["unit"]}
+        if status == "ok":
+            stats = json.loads(row["stats"])
+            for st in stats:
+                self.counts["samples_per_task"][st["task"]] += 1
+                self.counts["tokens_per_task"][st["task"]] += st["n_tokens"]
+                self.counts["answer_tokens_per_task"][st["task"]] += st["n_answer"]
+            self.tokenized += 1
+            self.lines.append(json.dumps({**where, "status": "ok", "samples": len(stats)}))
+            return
+        rec = {"source": row["source"], "reason": row["reason"], "detail": row["detail"]}
+        self.quarantined += 1
+        self.counts["quarantined_by_reason"][row["reason"]] += 1
+        self.quarantine.append(json.dumps(rec, ensure_ascii=False))
+        self.lines.append(json.dumps({**where, "status": "quarantined", **rec}, ensure_ascii=False))
+
+
+def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int,
+                 crash_once: str = "") -> list[dict[str, Any]]:
     """Worker side of a commit: pack the tokenized inputs of `rows` (in order) into shards of at most
-    `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit), upload each under
-    a name no other task or attempt can take (`<run_id>-<uuid>.tar`), and return the rows without their tar
-    bytes, each shard announced by a `status="shard"` row right after the inputs it holds. The driver commits
-    at those rows (index + manifest); a shard it never commits (a failed task, a killed run) is an orphan the
-    next run deletes."""
-    out_rows: list[dict[str, Any]] = []
-    parts: list[bytes] = []
-    size = samples = 0
+    `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit); upload each with
+    the index of the inputs it closes (quarantined ones and unit lines included) under `<run_id>-<uuid>`, a name
+    no other task or attempt can take, and return one `COMMIT_COLUMNS` row per shard, plus one for an index
+    without a shard when inputs follow the last shard (or none was tokenized). The driver commits those rows;
+    files it never commits (a failed or retried attempt, a killed run) are orphans `clean_orphans` deletes.
+    `crash_once` is fault injection (`crash_task_once`)."""
+    commits: list[dict[str, Any]] = []
+    shard, part = TarShard(), _IndexPart()
 
     def close() -> None:
-        nonlocal parts, size, samples
-        data = b"".join(parts) + tar_end(size)
-        rel = f"{SHARDS_DIR}/{run_id}-{uuid.uuid4().hex[:12]}.tar"
-        storage.write_bytes_atomic(storage.join(out, rel), data)
-        out_rows.append({**dict.fromkeys(SHARD_COLUMNS, ""), "unit_new": 0, "status": "shard", "shard": rel,
-                         "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-        parts, size, samples = [], 0, 0
+        nonlocal shard, part
+        stem = f"{run_id}-{uuid.uuid4().hex[:12]}"
+        entry = {"shard": "", "samples": 0, "bytes": 0, "sha256": ""}
+        if shard.samples:
+            data = shard.close()
+            rel = f"{SHARDS_DIR}/{stem}.tar"
+            storage.write_bytes_atomic(storage.join(out, rel), data)
+            entry = {"shard": rel, "samples": shard.samples, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest()}
+        index_rel = f"{INDEX_DIR}/{stem}.jsonl"
+        storage.write_text_atomic(storage.join(out, index_rel), "".join(line + "\n" for line in part.lines))
+        commits.append({**entry, "index": index_rel, "inputs": part.tokenized + part.quarantined,
+                        "tokenized": part.tokenized, "quarantined": part.quarantined,
+                        "counts": json.dumps({k: dict(v) for k, v in part.counts.items()}, ensure_ascii=False),
+                        "quarantine": "\n".join(part.quarantine)})
+        shard, part = TarShard(), _IndexPart()
+        if crash_once:
+            crash_task_once(crash_once)
 
     for row in rows:
-        tar = row.get("tar") or b""
         if row["status"] == "ok":
-            parts.append(tar)
-            size += len(tar)
-            samples += len(json.loads(row["stats"]))
-        out_rows.append({**{k: row.get(k, "") for k in SHARD_COLUMNS}, "samples": 0, "bytes": 0,
-                         "shard": "", "sha256": ""})
-        if samples >= max_samples or size >= max_bytes:
+            lengths = [st["n_tokens"] for st in json.loads(row["stats"])]
+            for sample in unpack_samples(row["fp"], row["ids"], row["mask"], row["metas"], lengths):
+                shard.write(sample)
+        part.add(row)
+        if shard.samples >= max_samples or shard.size >= max_bytes:
             close()
-    if samples:
+    if shard.samples or part.lines:
         close()
-    return out_rows
+    return commits
 
 
 # ---- state of an output folder --------------------------------------------------------------------------------
@@ -135,37 +259,79 @@ class FencedOut(LockLost):
 @dataclass
 class OutputState:
     """What earlier runs committed: the manifest (None before the first commit; a manifest holding only the
-    writer's fence counts as none), its version (for conditional commits), and the done-sets of its indexes."""
+    writer's fence counts as none), its version (for conditional commits), and what its indexes mark done."""
     manifest: dict[str, Any] | None
     version: str | None = None
     stored: dict[str, Any] | None = None                           # the manifest as stored (a fence-only one too)
     writer: dict[str, Any] | None = None                           # the fence: the run that owns the output
-    done: set[str] = field(default_factory=set)                    # input and unit fingerprints
-    done_by_file: dict[str, set[str]] = field(default_factory=dict)  # file (relative) -> input fingerprints
+    done_units: set[str] = field(default_factory=set)              # listing units with every input done
+    unit_files: set[str] = field(default_factory=set)              # first files of the units the indexes name
+    done_by_file: dict[str, set[str]] = field(default_factory=dict)  # file -> finished inputs (files asked for)
     quarantine_lines: list[str] = field(default_factory=list)
+    out: str = ""
 
     @classmethod
-    def load(cls, out: str) -> "OutputState":
+    def load(cls, out: str) -> OutputState:
+        """The manifest, and from its indexes the done units (one streaming pass; no fingerprint is kept but
+        those of units left half done, which a rerun opens again)."""
         data, version = storage.read_versioned(storage.join(out, MANIFEST))
         manifest = json.loads(data) if data is not None else None
         if manifest is None or "vocab" not in manifest:
-            return cls(manifest=None, version=version, stored=manifest)
-        state = cls(manifest=manifest, version=version, stored=manifest)
-        paths = [storage.join(out, e["path"]) for e in manifest.get("indexes", [])]
-        blobs = storage.read_many(paths)
-        for p in paths:
-            for line in blobs[p].decode("utf-8").splitlines():
-                rec = json.loads(line)
-                if "unit" in rec:
-                    state.done.add(rec["unit"])
-                    continue
-                state.done.add(rec["fp"])
-                state.done_by_file.setdefault(rec["file"], set()).add(rec["fp"])
-                if rec["status"] == "quarantined":
-                    state.quarantine_lines.append(json.dumps(
-                        {"source": rec["source"], "reason": rec["reason"], "detail": rec["detail"]},
-                        ensure_ascii=False))
+            return cls(manifest=None, version=version, stored=manifest, out=out)
+        state = cls(manifest=manifest, version=version, stored=manifest, out=out)
+        # Per (run, unit): the inputs its `new` count says that run expanded, and the finished ones seen so far;
+        # dropped as soon as complete, so only half-done units (and units whose lines are still to come) keep
+        # fingerprints while the indexes stream past.
+        open_units: dict[tuple[str, str], dict[str, Any]] = {}
+        for run, rec in state._index_lines():
+            state._add_line(rec, run, open_units)
+        for (_, unit), o in open_units.items():
+            if unit not in state.done_units:
+                for file, fp in o["fps"]:
+                    state.done_by_file.setdefault(file, set()).add(fp)
         return state
+
+    def load_done_inputs(self, files: set[str]) -> None:
+        """Add the finished inputs of `files` (the first files of the units a rerun will open) to
+        `done_by_file`, from every committed index: a second pass, made only when one of them was seen before
+        (a JSONL file that grew), so a rerun redoes none of their old lines."""
+        wanted = files & self.unit_files
+        if not wanted or self.manifest is None:
+            return
+        for _, rec in self._index_lines():
+            if "fp" in rec and rec["file"] in wanted:
+                self.done_by_file.setdefault(rec["file"], set()).add(rec["fp"])
+
+    def _index_lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(run id, record) of every committed index line, fetched INDEX_READ_BATCH files at a time."""
+        entries = (self.manifest or {}).get("indexes", [])
+        for start in range(0, len(entries), INDEX_READ_BATCH):
+            batch = entries[start:start + INDEX_READ_BATCH]
+            blobs = storage.read_many([storage.join(self.out, e["path"]) for e in batch])
+            for e in batch:
+                for line in blobs[storage.join(self.out, e["path"])].decode("utf-8").splitlines():
+                    yield e.get("run", ""), json.loads(line)
+
+    def _add_line(self, rec: dict[str, Any], run: str, open_units: dict[tuple[str, str], dict[str, Any]]) -> None:
+        if rec.get("status") == "quarantined":
+            self.quarantine_lines.append(json.dumps(
+                {"source": rec["source"], "reason": rec["reason"], "detail": rec["detail"]}, ensure_ascii=False))
+        if "fp" not in rec:                       # a unit line
+            if "new" not in rec:                  # written once all of the unit's inputs were committed
+                self.done_units.add(rec["unit"])
+                return
+            self.unit_files.add(rec["file"])
+            o = open_units.setdefault((run, rec["unit"]), {"new": None, "fps": []})
+            o["new"] = int(rec["new"])
+        elif "unit" not in rec:                   # an input line that does not name its unit: kept, as written
+            self.done_by_file.setdefault(rec["file"], set()).add(rec["fp"])
+            return
+        else:
+            o = open_units.setdefault((run, rec["unit"]), {"new": None, "fps": []})
+            o["fps"].append((rec["file"], rec["fp"]))
+        if o["new"] is not None and len(o["fps"]) >= o["new"]:
+            self.done_units.add(rec["unit"])
+            del open_units[(run, rec["unit"])]
 
 
 def fence(out: str, run_id: str, lease: str, attempts: int = 5) -> OutputState:
@@ -190,8 +356,9 @@ def fence(out: str, run_id: str, lease: str, attempts: int = 5) -> OutputState:
                     f"another writer is still committing there")
 
 
-def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
-    """Delete shard/index files no manifest lists (left by a killed run). Call only while holding the lock."""
+def clean_orphans(out: str, manifest: dict[str, Any] | None, prefix: str = "") -> list[str]:
+    """Delete shard/index files (whose names start with `prefix`) that no manifest lists: left by a killed run
+    or by a task attempt that failed or was retried. Call only while holding the lock."""
     listed = set()
     if manifest:
         listed |= {e["path"] for e in manifest.get("shards", [])}
@@ -203,10 +370,22 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
             continue
         for path in storage.find(folder):
             name = path.rsplit("/", 1)[-1]
-            if f"{sub}/{name}" not in listed:
+            if name.startswith(prefix) and f"{sub}/{name}" not in listed:
                 storage.remove(storage.join(folder, name))
                 removed.append(f"{sub}/{name}")
     return removed
+
+
+def crash_task_once(marker: str) -> None:
+    """Fault injection for retry tests (OMNIDIFF_CRASH_WRITE_TASK_ONCE=<marker file>, passed to the write tasks
+    by the driver): the first write task to upload a shard creates `marker` and kills its worker process, as a
+    lost node would; Ray retries the task, whose new attempt writes under new names."""
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.close(fd)
+    os._exit(1)
 
 
 def _fault_point(commits_done: int, stage: str) -> None:
@@ -232,11 +411,10 @@ def _fault_point(commits_done: int, stage: str) -> None:
 # ---- the writer -------------------------------------------------------------------------------------------------
 
 class ShardWriter:
-    """The driver's side of a commit: the workers wrote the shards (`write_shards`); this records what each one
-    holds and commits index + manifest when a shard is announced, so the driver handles metadata only.
-
-    `add_row` takes the pipeline's output rows (status ok/quarantined/unit, and shard rows). The caller calls
-    `finish()` at the end (commits what is pending and rewrites quarantine.jsonl)."""
+    """The driver's side of a commit: the workers wrote the shards and their indexes (`write_shards`); this
+    lists each one in the manifest when its metadata row arrives (`add_commit`), a conditional write under the
+    run's lease, so the driver handles O(1) bytes per shard. The caller calls `finish()` at the end (the run's
+    record, quarantine.jsonl, and the orphans of this run's failed or retried task attempts)."""
 
     def __init__(self, out: str, run_id: str, header: dict[str, Any], state: OutputState,
                  check_lock: Callable[[], None] = lambda: None):
@@ -252,106 +430,50 @@ class ShardWriter:
         self.totals = {
             "inputs_seen": c.get("inputs_seen", 0), "inputs_tokenized": c.get("inputs_tokenized", 0),
             "inputs_quarantined": c.get("inputs_quarantined", 0), "samples_written": c.get("samples_written", 0),
-            "samples_per_task": Counter(c.get("samples_per_task", {})),
-            "tokens_per_task": Counter(c.get("tokens_per_task", {})),
-            "answer_tokens_per_task": Counter(c.get("answer_tokens_per_task", {})),
-            "quarantined_by_reason": Counter(c.get("quarantined_by_reason", {})),
+            **{k: Counter(c.get(k, {})) for k in COUNT_KEYS},
         }
         self.quarantine_lines = list(state.quarantine_lines)
         # this run
         self.run = {"inputs_tokenized": 0, "inputs_quarantined": 0, "samples_written": 0, "shards": 0,
-                    "bytes": 0, "driver_bytes": 0, "samples_per_task": Counter(), "tokens_per_task": Counter(),
-                    "quarantined_by_reason": Counter()}
+                    "bytes": 0, "driver_bytes": 0, "samples_per_task": Counter(),
+                    "tokens_per_task": Counter(), "quarantined_by_reason": Counter()}
         self.run_record = {"run_id": run_id, "kind": header["job"]["kind"], "input": header["job"]["input"],
                            "started": time.time(), "status": "running"}
-        self._unit_expected: dict[str, int] = {}
-        self._unit_seen: Counter = Counter()
-        self._seq = 0
-        self._reset_pending()
 
-    def _reset_pending(self) -> None:
-        self._samples = 0              # samples of the inputs since the last commit: the next shard's
-        self._index_lines: list[str] = []
-        self._pending = {"tok": 0, "quar": 0, "per_task": Counter(), "tokens": Counter(), "answer": Counter(),
-                         "reasons": Counter(), "quarantine_lines": []}
-
-    # ---- rows -------------------------------------------------------------------------------------------
-    def add_row(self, row: dict[str, Any]) -> None:
-        # what reached the driver: tokens (tar bytes) and metadata; the scale-out goal is O(shards)
-        self.run["driver_bytes"] += sum(len(v) for v in row.values() if isinstance(v, (bytes, str)))
-        status, unit = row["status"], row["unit"]
-        if status == "shard":  # a worker wrote a shard of the inputs since the last commit
-            self.commit({"path": row["shard"], "samples": int(row["samples"]), "bytes": int(row["bytes"]),
-                         "sha256": row["sha256"]})
-            return
-        if status == "unit":  # a unit with nothing new to do (all of its inputs were done earlier)
-            self._index_lines.append(json.dumps({"unit": unit}))
-            return
-        if status == "ok":
-            stats = json.loads(row["stats"])
-            self._samples += len(stats)
-            for s in stats:
-                self._pending["per_task"][s["task"]] += 1
-                self._pending["tokens"][s["task"]] += s["n_tokens"]
-                self._pending["answer"][s["task"]] += s["n_answer"]
-            self._pending["tok"] += 1
-            self._index_lines.append(json.dumps({"fp": row["fp"], "file": row["file"], "status": "ok",
-                                                 "samples": len(stats)}))
-        else:
-            rec = {"source": row["source"], "reason": row["reason"], "detail": row["detail"]}
-            self._pending["quar"] += 1
-            self._pending["reasons"][row["reason"]] += 1
-            self._pending["quarantine_lines"].append(json.dumps(rec, ensure_ascii=False))
-            self._index_lines.append(json.dumps({"fp": row["fp"], "file": row["file"], "status": "quarantined",
-                                                 **rec}, ensure_ascii=False))
-        self._unit_expected[unit] = int(row["unit_new"])
-        self._unit_seen[unit] += 1
-        if self._unit_seen[unit] == self._unit_expected[unit]:
-            self._index_lines.append(json.dumps({"unit": unit}))
-            del self._unit_seen[unit], self._unit_expected[unit]
-
-    # ---- commits ----------------------------------------------------------------------------------------
-    def commit(self, shard_entry: dict[str, Any] | None = None) -> None:
-        """Make everything pending durable: its index, then the manifest listing `shard_entry` (the shard the
-        workers wrote of the pending inputs; None when they are all quarantined or done)."""
-        if not self._index_lines and shard_entry is None:
-            return
-        if (shard_entry["samples"] if shard_entry else 0) != self._samples:
-            raise RuntimeError(f"shard {shard_entry} does not hold the {self._samples} samples of the inputs "
-                               f"announced before it: rows reached the driver out of order")
+    def add_commit(self, row: dict[str, Any]) -> None:
+        """Commit what one worker wrote (a `COMMIT_COLUMNS` row): list its shard and index in the manifest."""
+        # what reached the driver: the scale-out goal is O(shards), not O(inputs) or O(tokens)
+        self.run["driver_bytes"] += len(json.dumps(row, ensure_ascii=False).encode("utf-8"))
+        shard = row["shard"] or None
+        counts = json.loads(row["counts"])
+        samples = sum(counts["samples_per_task"].values())
+        if samples != int(row["samples"]):
+            raise RuntimeError(f"commit of {row['index']}: {row['samples']} samples in shard {shard} but its "
+                               f"index counts {samples}")
         self.check_lock()
-        name = f"{self.run_id}-{self._seq:06d}"
-        index_rel = f"{INDEX_DIR}/{name}.jsonl"
-        index_text = "\n".join(self._index_lines) + "\n"
-        storage.write_text_atomic(storage.join(self.out, index_rel), index_text)
-        _fault_point(self.run["shards"], "mid")
+        if shard:
+            _fault_point(self.run["shards"], "mid")
         self.check_lock()  # a run that lost its lock must not commit: the new owner may be writing
-        p = self._pending
-        if shard_entry:
-            self.shards.append(shard_entry)
-        self.indexes.append({"path": index_rel, "shard": shard_entry["path"] if shard_entry else None,
-                             "inputs": p["tok"] + p["quar"]})
-        for key, n in (("inputs_tokenized", p["tok"]), ("inputs_quarantined", p["quar"])):
+        tok, quar = int(row["tokenized"]), int(row["quarantined"])
+        if shard:
+            self.shards.append({"path": shard, "samples": samples, "bytes": int(row["bytes"]),
+                                "sha256": row["sha256"]})
+        self.indexes.append({"path": row["index"], "shard": shard, "inputs": tok + quar, "run": self.run_id})
+        for key, n in (("inputs_tokenized", tok), ("inputs_quarantined", quar), ("samples_written", samples)):
             self.totals[key] += n
             self.run[key] += n
-        self.totals["inputs_seen"] += p["tok"] + p["quar"]
-        self.totals["samples_written"] += self._samples
-        self.totals["samples_per_task"].update(p["per_task"])
-        self.totals["tokens_per_task"].update(p["tokens"])
-        self.totals["answer_tokens_per_task"].update(p["answer"])
-        self.totals["quarantined_by_reason"].update(p["reasons"])
-        self.run["samples_written"] += self._samples
-        self.run["samples_per_task"].update(p["per_task"])
-        self.run["tokens_per_task"].update(p["tokens"])
-        self.run["quarantined_by_reason"].update(p["reasons"])
-        if shard_entry:
+        self.totals["inputs_seen"] += tok + quar
+        for k in COUNT_KEYS:
+            self.totals[k].update(counts[k])
+            if k in self.run:
+                self.run[k].update(counts[k])
+        if shard:
             self.run["shards"] += 1
-            self.run["bytes"] += shard_entry["bytes"]
-        self.quarantine_lines += p["quarantine_lines"]
+            self.run["bytes"] += int(row["bytes"])
+        new_quarantine = [line for line in row["quarantine"].split("\n") if line]
         self._write_manifest()
-        self._seq += 1
-        self._reset_pending()
-        if shard_entry:
+        self.quarantine_lines += new_quarantine
+        if shard:
             _fault_point(self.run["shards"], "after")
 
     def manifest(self) -> dict[str, Any]:
@@ -364,10 +486,7 @@ class ShardWriter:
             "counts": {
                 "inputs_seen": t["inputs_seen"], "inputs_tokenized": t["inputs_tokenized"],
                 "inputs_quarantined": t["inputs_quarantined"], "samples_written": t["samples_written"],
-                "samples_per_task": dict(sorted(t["samples_per_task"].items())),
-                "tokens_per_task": dict(sorted(t["tokens_per_task"].items())),
-                "answer_tokens_per_task": dict(sorted(t["answer_tokens_per_task"].items())),
-                "quarantined_by_reason": dict(sorted(t["quarantined_by_reason"].items())),
+                **{k: dict(sorted(t[k].items())) for k in COUNT_KEYS},
             },
             "runs": (self.runs + [self.run_record])[-MAX_RUN_RECORDS:],
             "writer": self.writer,
@@ -384,8 +503,9 @@ class ShardWriter:
                             f"output over ({e}); this run's lock lease must have lapsed. Its uncommitted shards "
                             f"are deleted by the next run.") from None
 
-    def finish(self, status: str = "done") -> None:
-        self.commit()
+    def finish(self, status: str = "done") -> list[str]:
+        """The run's record, quarantine.jsonl, then the files of task attempts that failed or were retried
+        (every task of this run has ended, and the lock keeps every other writer out). Returns those files."""
         self.run_record.update(status=status, finished=time.time(), inputs=self.run["inputs_tokenized"]
                                + self.run["inputs_quarantined"], samples=self.run["samples_written"])
         self.check_lock()
@@ -393,8 +513,5 @@ class ShardWriter:
         text = "".join(line + "\n" for line in self.quarantine_lines)
         uri = storage.join(self.out, QUARANTINE)
         storage.write_text_atomic(uri, text)
-
-    def abort(self) -> None:
-        """Drop what is pending (a failed run): committed shards stay; shards written but never committed are
-        deleted by the next run (`clean_orphans`)."""
-        self._reset_pending()
+        self.check_lock()
+        return clean_orphans(self.out, self.manifest(), prefix=f"{self.run_id}-")

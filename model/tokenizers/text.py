@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Iterable
+import re
+from typing import Iterable, Iterator
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from common import storage
+from model.tasks import AUDIO_PLACEHOLDER, IMAGE_PLACEHOLDER
 
 
 def _normalized_json(tok: Tokenizer) -> str:
@@ -124,6 +126,10 @@ class HFTextTokenizer:
         # add_special_tokens=False: no BOS/EOS from a post-processor; prompts.py places our own markers.
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """`encode` of many texts in one call into the Rust library (its threads: RAYON_NUM_THREADS)."""
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         # Ids in the reserved rows beyond the tokenizer (possible in sampled output) are dropped, not an error.
         n = self.tokenizer_size
@@ -134,3 +140,39 @@ class HFTextTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTextTokenizer(name={self.name!r}, size={self.size}, fingerprint={self._fingerprint})"
+
+
+_PLACEHOLDERS = re.compile(f"({re.escape(IMAGE_PLACEHOLDER)}|{re.escape(AUDIO_PLACEHOLDER)})")
+
+
+def text_pieces(messages: list[dict]) -> Iterator[str]:
+    """The text between media placeholders of every message: what a chat layout asks the text tokenizer for."""
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, str):
+            yield from (p for p in _PLACEHOLDERS.split(content) if p and p not in (IMAGE_PLACEHOLDER,
+                                                                                      AUDIO_PLACEHOLDER))
+
+
+class PreEncodedText:
+    """A text tokenizer that answers `encode` from one `encode_batch` call over texts known in advance (a UDF
+    batch's text pieces), so a batch crosses into the Rust library once instead of once per piece. A text not
+    in the batch is encoded on its own (and kept): the ids are the same either way."""
+
+    def __init__(self, tok: HFTextTokenizer, texts: Iterable[str]):
+        unique = list(dict.fromkeys(texts))
+        self._tok = tok
+        self._ids = dict(zip(unique, tok.encode_batch(unique))) if unique else {}
+        self.size = tok.size
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._ids.get(text)
+        if ids is None:   # kept: the reference turn layout asks for "\n" and the role names in every sample
+            ids = self._ids[text] = self._tok.encode(text)
+        return list(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids)
+
+    def fingerprint(self) -> str:
+        return self._tok.fingerprint()

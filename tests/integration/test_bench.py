@@ -69,6 +69,9 @@ def test_tokenize_sides_do_the_same_work(tiny_suite):
         assert e["quarantined"] == 0, mod
         assert _finite(e["bare_samples_per_s"]["median"]) and _finite(e["job_end_to_end_samples_per_s"]["median"])
     assert set(r["modalities"]) == {"text", "image-pixel", "speech-encodec"}
+    for mod, e in r["modalities"].items():   # metadata rows only: under 1 KB per shard, never the tokens
+        assert e["shards"] >= 1 and 0 < e["driver_bytes_per_shard"] < 4096, (mod, e["driver_bytes"])
+    assert r["writer"]["same_bytes"] and _finite(r["writer"]["writer_vs_tarfile"]["median"])
     assert "text" in r["workers"]
     m = r["memory"]
     assert m["x10"]["inputs"] == 10 * m["x1"]["inputs"] and m["x1"]["peak_rss_mib"] > m["x1"]["baseline_rss_mib"] > 0

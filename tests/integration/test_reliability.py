@@ -28,7 +28,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.request
@@ -201,17 +200,17 @@ def _stop_s3_after_first_commit(monkeypatch, endpoint, restart_after: float | No
     with `restart_after`, comes back that many seconds later)."""
     from tokenize_jobs import writer
 
-    original = writer.ShardWriter.commit
+    original = writer.ShardWriter.add_commit
     state = {"stopped_at": None}
 
-    def commit(self, shard_entry=None):
-        if self.run["shards"] == 1 and shard_entry and state["stopped_at"] is None:
+    def add_commit(self, row):
+        if self.run["shards"] == 1 and row["shard"] and state["stopped_at"] is None:
             endpoint.stop()
             state["stopped_at"] = time.monotonic()
             if restart_after is not None:
                 threading.Timer(restart_after, endpoint.start).start()
-        original(self, shard_entry)
-    monkeypatch.setattr(writer.ShardWriter, "commit", commit)
+        original(self, row)
+    monkeypatch.setattr(writer.ShardWriter, "add_commit", add_commit)
     return state
 
 
@@ -548,11 +547,11 @@ def _load_checkpoint_metadata(tmp: Path, marker: Path) -> None:
 
 def _load_shard(tmp: Path, marker: Path) -> None:
     from tokenize_jobs import shards
-    from tokenize_jobs.writer import _tar_member, tar_end
+    from tokenize_jobs.writer import shard_bytes
 
-    body = (_tar_member("k.input_ids.npy", _evil_npy(marker)) + _tar_member("k.answer_mask.npy", _evil_npy(marker))
-            + _tar_member("k.meta.json", b"{}"))
-    (tmp / "evil.tar").write_bytes(body + tar_end(len(body)))
+    evil = {"__key__": "k", "input_ids.npy": _evil_npy(marker), "answer_mask.npy": _evil_npy(marker),
+            "meta.json": b"{}"}
+    (tmp / "evil.tar").write_bytes(shard_bytes([evil]))
     list(shards.iter_samples([str(tmp / "evil.tar")]))
 
 

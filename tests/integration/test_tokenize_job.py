@@ -417,6 +417,28 @@ def test_interrupted_runs_resume_to_exactly_the_full_sample_set(tokenized, corpu
     assert [r["status"] for r in m["runs"]] == ["running", "done"]  # the killed run never finished
 
 
+def test_a_write_task_whose_worker_dies_is_retried_and_its_files_are_orphans(tokenized, corpus, tmp_path,
+                                                                            monkeypatch):
+    """A write task's worker process dies right after uploading a shard and its index (as on a lost node): Ray
+    retries the task, the new attempt writes under new names and is committed, and the run deletes the dead
+    attempt's files at its end. Exactly the full sample set, and nothing unlisted left."""
+    out, _ = tokenized
+    want = Counter(k for k in _sample_set(out) if k[0].startswith(("a.jsonl", "b.txt")))
+    dst = tmp_path / "out"
+    dst.mkdir()
+    _seed_tokenizers(out, dst)
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("OMNIDIFF_CRASH_WRITE_TASK_ONCE", str(marker))
+    s = _run("text", corpus["text"], dst, "shards.max_samples=2")
+    assert marker.exists()
+    assert s["orphans_removed"] and all(p.split("/")[1].startswith(s["run_id"]) for p in s["orphans_removed"])
+    assert _sample_set(dst) == want
+    m = json.loads((dst / "manifest.json").read_text())
+    assert {f"shards/{p.name}" for p in (dst / "shards").iterdir()} == {e["path"] for e in m["shards"]}
+    assert {f"index/{p.name}" for p in (dst / "index").iterdir()} == {e["path"] for e in m["indexes"]}
+    assert m["counts"]["inputs_seen"] == 8 == m["counts"]["inputs_tokenized"] + m["counts"]["inputs_quarantined"]
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_driver_then_rerun(tokenized, corpus, tmp_path, cluster):
     """A real SIGKILL of a driver process joined to the test's Ray; the stale lock of the dead pid is taken over."""

@@ -1,5 +1,6 @@
-"""The shard reader (tokenize_jobs/shards.py) against shards written by the writer's own tar code, and against
-hostile or damaged tars: each must be refused with an error naming the shard, and nothing is extracted."""
+"""The shard format: the writer (webdataset's TarWriter, deterministic bytes) and the reader (tokenize_jobs/shards.py)
+against each other and against the library's own `wds.WebDataset`, and the reader against hostile or damaged tars:
+each must be refused with an error naming the shard, and nothing is extracted."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ import pytest
 from model.vocab import Vocab
 from tokenize_jobs import shards
 from tokenize_jobs.shards import ShardError
-from tokenize_jobs.writer import sample_tar_bytes, tar_end
+from tokenize_jobs.writer import pack_samples, shard_bytes, unpack_samples, wds_sample
 
 
 def _samples(n: int = 3) -> list[tuple[str, np.ndarray, np.ndarray, dict]]:
@@ -29,8 +30,7 @@ def _samples(n: int = 3) -> list[tuple[str, np.ndarray, np.ndarray, dict]]:
 
 
 def _shard_bytes(samples) -> bytes:
-    body = b"".join(sample_tar_bytes(k, ids, mask, meta) for k, ids, mask, meta in samples)
-    return body + tar_end(len(body))
+    return shard_bytes(wds_sample(k, ids, mask, meta) for k, ids, mask, meta in samples)
 
 
 def _write_output(out: Path, data: bytes, **entry_overrides) -> dict:
@@ -128,8 +128,7 @@ def test_non_regular_members_are_refused(tmp_path, kind):
 
 def test_non_contiguous_and_incomplete_samples_are_refused(tmp_path):
     (k1, ids, mask, meta), (k2, *_rest) = _samples(2)
-    one = sample_tar_bytes(k1, ids, mask, meta)
-    a = tarfile.open(fileobj=io.BytesIO(one + tar_end(len(one))))
+    a = tarfile.open(fileobj=io.BytesIO(shard_bytes([wds_sample(k1, ids, mask, meta)])))
     members = [(m, a.extractfile(m).read()) for m in a.getmembers()]
     other = _member(f"{k2}.meta.json", b"{}")
     interleaved = _raw_tar([members[0], other, members[1], members[2]])
@@ -138,9 +137,9 @@ def test_non_contiguous_and_incomplete_samples_are_refused(tmp_path):
 
 
 def test_arrays_must_have_the_documented_types(tmp_path):
-    body = sample_tar_bytes("k", np.arange(4, dtype=np.int32), np.ones(3, bool), {"task": "text"})
+    body = shard_bytes([wds_sample("k", np.arange(4, dtype=np.int32), np.ones(3, bool), {"task": "text"})])
     with pytest.raises(ShardError, match="answer_mask is bool .*expected bool \\(4,\\)"):
-        list(shards.iter_samples([_write(tmp_path / "shape.tar", body + tar_end(len(body)))]))
+        list(shards.iter_samples([_write(tmp_path / "shape.tar", body)]))
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     bad = _raw_tar([_member("k.input_ids.npy", pickled.getvalue()), _member("k.answer_mask.npy", b""),
@@ -163,3 +162,54 @@ def test_manifest_errors_name_the_file(tmp_path):
     (tmp_path / "shards" / "s-000000.tar").unlink()
     with pytest.raises(ShardError, match="listed in the manifest but does not exist"):
         list(shards.iter_samples(str(tmp_path)))
+
+
+def test_the_webdataset_library_reads_the_shards_as_written(tmp_path):
+    import webdataset as wds
+
+    samples = _samples()
+    url = _write(tmp_path / "s.tar", _shard_bytes(samples))
+    got = list(wds.WebDataset(url, shardshuffle=False).decode())   # the library's default decoders: .npy, .json
+    assert [g["__key__"] for g in got] == [s[0] for s in samples]
+    for g, (_, ids, mask, meta) in zip(got, samples):
+        assert np.array_equal(g["input_ids.npy"], ids) and g["input_ids.npy"].dtype == np.int32
+        assert np.array_equal(g["answer_mask.npy"], mask) and g["meta.json"] == meta
+    ours = list(shards.iter_samples([url]))
+    assert [o["key"] for o in ours] == [g["__key__"] for g in got]
+
+
+def test_shard_bytes_are_deterministic_with_pinned_headers():
+    a, b = _shard_bytes(_samples()), _shard_bytes(_samples())
+    assert a == b
+    for m in tarfile.open(fileobj=io.BytesIO(a)).getmembers():
+        assert (m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) == (0, 0, 0, "", "", 0o644), m.name
+    assert hashlib.sha256(a).hexdigest() == hashlib.sha256(b).hexdigest()
+
+
+def test_packed_samples_between_stages_round_trip():
+    samples = [(ids, mask, meta) for _, ids, mask, meta in _samples()]
+    packed = pack_samples(samples)
+    got = list(unpack_samples("fp", packed["ids"], packed["mask"], packed["metas"]))
+    assert [g["__key__"] for g in got] == ["fp_0", "fp_1", "fp_2"]
+    assert _shard_bytes([(f"fp_{j}", *s) for j, s in enumerate(samples)]) == shard_bytes(got)
+    with pytest.raises(ValueError, match="input fp: 18 ids / 18 mask values for samples of 11 tokens"):
+        list(unpack_samples("fp", packed["ids"], packed["mask"], packed["metas"].rsplit("\n", 1)[0]))
+
+
+def test_library_written_shards_with_pickle_or_escaping_names_are_refused(tmp_path):
+    """Whatever wrote a tar (here webdataset's own TarWriter), the reader refuses pickled arrays and member names
+    that leave the archive."""
+    import webdataset as wds
+
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    good = wds_sample("k", np.arange(3, dtype=np.int32), np.ones(3, bool), {"task": "text"})
+    for name, sample in (("pickle", {**good, "input_ids.npy": pickled.getvalue()}),
+                         ("escape", {**good, "__key__": "../../evil"})):
+        buf = io.BytesIO()
+        with wds.TarWriter(buf, encoder=False) as w:
+            w.write(sample)
+        url = _write(tmp_path / f"{name}.tar", buf.getvalue())
+        with pytest.raises(ShardError, match=rf"{name}\.tar: .*(not a valid \.npy|contains '\.\.')"):
+            list(shards.iter_samples([url]))
+    assert not (tmp_path.parent.parent / "evil.meta.json").exists()

@@ -36,7 +36,7 @@ def test_appended_lines_are_the_only_new_inputs(tmp_path):
     rows = _expand(ctx, unit)
     fps = [r["fp"] for r in rows if r["status"] == "pending"]
     assert len(fps) == len(set(fps)) == 3  # a repeated line is a second input, not a duplicate
-    assert rows[-1] == sources.unit_row(unit["unit"], 3)
+    assert rows[-1] == sources.unit_row(unit["unit"], 3, unit["files"][0]["rel"])
     with open(tmp_path / "a.jsonl", "a") as f:
         f.write('{"text": "three"}\n')
     ctx, (changed,) = _units(tmp_path)
@@ -106,10 +106,8 @@ def test_storage_outage_while_reading_fails_the_job_instead_of_quarantining(monk
     from common import storage
     from tokenize_jobs import pipeline
 
-    monkeypatch.setattr(pipeline, "job_config_for", lambda job: type("C", (), {"templates": None, "tasks": None,
-                                                                               "input": None})())
-    monkeypatch.setattr(pipeline, "tokenizers_for", lambda *a: None)
-    batch = {"source": ["s3://b/x.jsonl#1"], "status": ["pending"]}
+    cfg = type("C", (), {"templates": None, "tasks": None, "input": None})()
+    rows = [{"source": "s3://b/x.jsonl#1", "status": "pending"}]
     ctx = {"storage": storage.policy_dict()}
 
     def down(*a, **k):
@@ -117,14 +115,14 @@ def test_storage_outage_while_reading_fails_the_job_instead_of_quarantining(monk
 
     monkeypatch.setattr(pipeline.sources, "decode_input", down)
     with pytest.raises(storage.StorageError, match="s3://b/a.png"):
-        pipeline.decode(batch, ctx, {"tokenizers": {}}, "unused")
+        pipeline.decode_inputs(rows, ctx, cfg, None)
 
     def broken(*a, **k):
         raise OSError("image file is truncated")   # a bad file, not an outage: quarantined as before
 
     monkeypatch.setattr(pipeline.sources, "decode_input", broken)
-    out = pipeline.decode(batch, ctx, {"tokenizers": {}}, "unused")
-    assert out["status"] == ["quarantined"]
+    assert pipeline.decode_inputs(rows, ctx, cfg, None) == []
+    assert rows[0]["status"] == "quarantined"
 
 
 def test_a_storage_fault_while_expanding_a_file_is_not_a_quarantine(tmp_path, monkeypatch):
