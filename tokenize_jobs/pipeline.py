@@ -284,14 +284,15 @@ def _media_order(name: str) -> int:
 # ---- the plan -------------------------------------------------------------------------------------------------
 
 def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
-          max_bytes: int) -> dict[str, list]:
-    """Pack a block of tokenized inputs into shards and upload them from this worker (writer.write_shards)."""
+          max_bytes: int, eos_id: int) -> dict[str, list]:
+    """Pack a block of tokenized inputs into shards and upload them (and their sample indexes) from this worker
+    (writer.write_shards)."""
     storage.set_policy(ctx["storage"])
-    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes), SHARD_COLUMNS)
+    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes, eos_id), SHARD_COLUMNS)
 
 
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
-                  out: str, run_id: str):
+                  out: str, run_id: str, eos_id: int):
     import ray
 
     job = configlib.to_dict(cfg)
@@ -318,7 +319,8 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
     ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
     ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
-                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes},
+                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
+                                          "eos_id": eos_id},
                         batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus)
     # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
     # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.

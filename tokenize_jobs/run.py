@@ -224,7 +224,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
                 started_ray = _ensure_ray(cfg)
                 ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
                 for wave in _chunks(todo, cfg.ray.units_per_wave):
-                    ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id)
+                    ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id, tok.vocab.eos_id)
                     try:
                         for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
                             for row in _rows(batch):

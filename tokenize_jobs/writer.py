@@ -3,6 +3,8 @@
 Output layout (local folder or s3:// prefix):
 
     shards/<run_id>-<uuid>.tar        WebDataset tars; each sample's 3 members contiguous
+    shards/<run_id>-<uuid>.samples.npz  its sample index (tokenize_jobs/shards.py): per-sample offset, size,
+                                      tokens, EOS tails, task, digest; lets a trainer rank read only its samples
     index/<run_id>-<seq:06d>.jsonl    what that commit finished: one line per input (tokenized or quarantined,
                                       with its fingerprint and file) and one per completed listing unit
     manifest.json                     vocab, tokenizers, job, shards, indexes, counts, runs (written last)
@@ -41,7 +43,7 @@ import numpy as np
 
 from common import storage
 from tokenize_jobs.lock import LockLost
-from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
+from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST, SAMPLE_INDEX_SUFFIX, build_sample_index
 
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -87,17 +89,17 @@ def tar_end(size_so_far: int) -> bytes:
 # ---- shards, written by the workers ----------------------------------------------------------------------------
 
 SHARD_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "stats", "shard",
-                 "samples", "bytes", "sha256")
+                 "samples", "bytes", "sha256", "samples_index")
 
 
-def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int
-                 ) -> list[dict[str, Any]]:
+def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int,
+                 eos_id: int | None = None) -> list[dict[str, Any]]:
     """Worker side of a commit: pack the tokenized inputs of `rows` (in order) into shards of at most
     `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit), upload each under
     a name no other task or attempt can take (`<run_id>-<uuid>.tar`), and return the rows without their tar
     bytes, each shard announced by a `status="shard"` row right after the inputs it holds. The driver commits
     at those rows (index + manifest); a shard it never commits (a failed task, a killed run) is an orphan the
-    next run deletes."""
+    next run deletes. With `eos_id` (the vocabulary's), each shard gets its sample index beside it."""
     out_rows: list[dict[str, Any]] = []
     parts: list[bytes] = []
     size = samples = 0
@@ -106,9 +108,16 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
         nonlocal parts, size, samples
         data = b"".join(parts) + tar_end(size)
         rel = f"{SHARDS_DIR}/{run_id}-{uuid.uuid4().hex[:12]}.tar"
+        index = ""
+        if eos_id is not None:
+            blob = build_sample_index(data, rel, eos_id)
+            index_rel = rel[:-len(".tar")] + SAMPLE_INDEX_SUFFIX
+            storage.write_bytes_atomic(storage.join(out, index_rel), blob)
+            index = json.dumps({"path": index_rel, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
         storage.write_bytes_atomic(storage.join(out, rel), data)
         out_rows.append({**dict.fromkeys(SHARD_COLUMNS, ""), "unit_new": 0, "status": "shard", "shard": rel,
-                         "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
+                         "samples": samples, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                         "samples_index": index})
         parts, size, samples = [], 0, 0
 
     for row in rows:
@@ -118,7 +127,7 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
             size += len(tar)
             samples += len(json.loads(row["stats"]))
         out_rows.append({**{k: row.get(k, "") for k in SHARD_COLUMNS}, "samples": 0, "bytes": 0,
-                         "shard": "", "sha256": ""})
+                         "shard": "", "sha256": "", "samples_index": ""})
         if samples >= max_samples or size >= max_bytes:
             close()
     if samples:
@@ -195,6 +204,7 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None) -> list[str]:
     listed = set()
     if manifest:
         listed |= {e["path"] for e in manifest.get("shards", [])}
+        listed |= {e["samples_index"]["path"] for e in manifest.get("shards", []) if "samples_index" in e}
         listed |= {e["path"] for e in manifest.get("indexes", [])}
     removed = []
     for sub in (SHARDS_DIR, INDEX_DIR):
@@ -281,8 +291,11 @@ class ShardWriter:
         self.run["driver_bytes"] += sum(len(v) for v in row.values() if isinstance(v, (bytes, str)))
         status, unit = row["status"], row["unit"]
         if status == "shard":  # a worker wrote a shard of the inputs since the last commit
-            self.commit({"path": row["shard"], "samples": int(row["samples"]), "bytes": int(row["bytes"]),
-                         "sha256": row["sha256"]})
+            entry = {"path": row["shard"], "samples": int(row["samples"]), "bytes": int(row["bytes"]),
+                     "sha256": row["sha256"]}
+            if row.get("samples_index"):
+                entry["samples_index"] = json.loads(row["samples_index"])
+            self.commit(entry)
             return
         if status == "unit":  # a unit with nothing new to do (all of its inputs were done earlier)
             self._index_lines.append(json.dumps({"unit": unit}))
