@@ -9,7 +9,7 @@ Training, evaluation and benchmarks read what a tokenize job wrote through these
     read_sample_index(entry)              a shard's sample index (below), or None for a shard without one
     read_samples(entry, index, wanted)    some samples of a shard by ranged reads, each checked by its digest
 
-The sample index (`shards/<name>.samples.npz`, listed in the shard's manifest entry as `samples_index` with
+The sample index (`index/<name>.samples.npz` for `shards/<name>.tar`, listed in the shard's manifest entry as `samples_index` with
 its size and sha256) holds one row per sample, in tar order: byte offset and size of its three members, token
 count, the number of EOS tails the trainer will insert (model/diffusion.eos_tail_spans), task, and a
 blake2b-64 digest of its bytes. A trainer plans packed rows from it without reading tokens and then fetches

@@ -3,10 +3,11 @@
 Output layout (local folder or s3:// prefix):
 
     shards/<run_id>-<uuid>.tar        WebDataset tars; each sample's 3 members contiguous
-    shards/<run_id>-<uuid>.samples.npz  its sample index (tokenize_jobs/shards.py): per-sample offset, size,
-                                      tokens, EOS tails, task, digest; lets a trainer rank read only its samples
     index/<run_id>-<seq:06d>.jsonl    what that commit finished: one line per input (tokenized or quarantined,
                                       with its fingerprint and file) and one per completed listing unit
+    index/<run_id>-<uuid>.samples.npz the sample index of shards/<run_id>-<uuid>.tar (tokenize_jobs/shards.py):
+                                      offset, size, tokens, EOS tails, task and digest per sample, so that a
+                                      training rank can plan rows and read only its own samples
     manifest.json                     vocab, tokenizers, job, shards, indexes, counts, runs (written last)
     quarantine.jsonl                  every quarantined input {source, reason, detail}, rebuilt at run end
     tokenizers/                       tokenizer artifacts (tokenizers.json, vocab.json, text.json, ...)
@@ -111,7 +112,7 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
         index = ""
         if eos_id is not None:
             blob = build_sample_index(data, rel, eos_id)
-            index_rel = rel[:-len(".tar")] + SAMPLE_INDEX_SUFFIX
+            index_rel = f"{INDEX_DIR}/{rel[len(SHARDS_DIR) + 1:-len('.tar')]}{SAMPLE_INDEX_SUFFIX}"
             storage.write_bytes_atomic(storage.join(out, index_rel), blob)
             index = json.dumps({"path": index_rel, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()})
         storage.write_bytes_atomic(storage.join(out, rel), data)

@@ -92,7 +92,8 @@ def write_shard_set(out: str | Path, vocab: Vocab, tasks: dict[str, int], *, sam
                        "sha256": hashlib.sha256(data).hexdigest()})
         if sample_index:
             blob = build_sample_index(data, rel, vocab.eos_id)
-            index_rel = rel[:-len(".tar")] + SAMPLE_INDEX_SUFFIX
+            index_rel = f"index/test-{s:05d}{SAMPLE_INDEX_SUFFIX}"   # where the tokenize job puts it
+            (out / "index").mkdir(exist_ok=True)
             (out / index_rel).write_bytes(blob)
             shards[-1]["samples_index"] = {"path": index_rel, "bytes": len(blob),
                                            "sha256": hashlib.sha256(blob).hexdigest()}
