@@ -244,7 +244,8 @@ class SampleIndex:
         return int(self.offset.size)
 
     def task_names(self) -> list[str]:
-        return [self.tasks[i] for i in self.task.tolist()]
+        names = self.tasks
+        return [names[i] for i in self.task.tolist()]
 
 
 def _digest(data: bytes) -> bytes:
@@ -263,7 +264,8 @@ def build_sample_index(data: bytes, shard: str, eos_id: int) -> bytes:
                      _digest(data[start:end])))
     tasks = sorted({r[4] for r in rows})
     buf = io.BytesIO()
-    np.savez(buf, offset=np.array([r[0] for r in rows], dtype=np.uint64),
+    # compressed: ~16 bytes a sample instead of ~31; every rank reads every index it plans through
+    np.savez_compressed(buf, offset=np.array([r[0] for r in rows], dtype=np.uint64),
              size=np.array([r[1] for r in rows], dtype=np.uint32),
              tokens=np.array([r[2] for r in rows], dtype=np.uint32),
              tails=np.array([r[3] for r in rows], dtype=np.uint16),

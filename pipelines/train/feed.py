@@ -143,13 +143,16 @@ class SampleStore:
         return index
 
     def meta(self, shard: Shard) -> ShardMeta:
+        key = (shard.url, shard.sha256)
+        hit = self._meta.get(key)
+        if hit is not None:
+            self._meta.move_to_end(key)
+            return hit
         try:
             if shard.index is not None:
                 idx = self._sample_index(shard)
-                return ShardMeta(idx.task_names(), idx.tokens, idx.tails)
-            key = (shard.url, shard.sha256)
-            hit = self._meta.get(key)
-            if hit is None:
+                hit = ShardMeta(idx.task_names(), idx.tokens, idx.tails)
+            else:
                 if shard.set_uri not in self._warned:
                     self._warned.add(shard.set_uri)
                     log.warning("shard set %s: shards without a sample index (tokenized before indexes existed): "
@@ -159,9 +162,9 @@ class SampleStore:
                 hit = ShardMeta([r[1] for r in rows], np.array([r[2].size for r in rows], dtype=np.int64),
                                 np.array([int(eos_tail_spans(r[2], r[3], self.eos_id).sum()) for r in rows],
                                          dtype=np.int64))
-                self._meta[key] = hit
-                if len(self._meta) > INDEX_CACHE:
-                    self._meta.popitem(last=False)
+            self._meta[key] = hit
+            if len(self._meta) > INDEX_CACHE:
+                self._meta.popitem(last=False)
             return hit
         except DataError:
             raise

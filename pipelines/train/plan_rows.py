@@ -24,6 +24,7 @@ every source keeps its cursor (stage 2 continues t2i where stage 1 left it).
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -175,6 +176,7 @@ class RowPlanner:
         self.stages, self.seed = list(stages), seed
         self.seq_len, self.packing, self.max_tail, self.too_long = seq_len, packing, max_tail, too_long
         self.task_max_tail = dict(task_max_tail or {})
+        self._mixtures: dict[int, tuple[list[str], list[float]]] = {}
         self.state = state or StreamState()
         for name in self.sources:
             self.state.cursors.setdefault(name, [0, 0, 0])
@@ -184,12 +186,19 @@ class RowPlanner:
         if stage != self.state.stage:
             self.state.stage, self.state.draws = stage, 0
 
+    def _mixture(self, stage: int) -> tuple[list[str], list[float]]:
+        """A stage's source names and cumulative weights (np.cumsum's values: the draw compares against them)."""
+        hit = self._mixtures.get(stage)
+        if hit is None:
+            weights = self.stages[stage].weights
+            names = list(weights)
+            hit = self._mixtures[stage] = (names, np.cumsum([weights[n] for n in names]).tolist())
+        return hit
+
     def _draw(self, st: StreamState) -> tuple[PlannedSample, str, list[int]]:
-        weights = self.stages[st.stage].weights
+        names, cum = self._mixture(st.stage)
         rng = np.random.default_rng(_seed(self.seed, 1_000_003, st.stage, st.draws))
-        names = list(weights)
-        name = names[min(int(np.searchsorted(np.cumsum([weights[n] for n in names]), rng.random(), side="right")),
-                         len(names) - 1)]
+        name = names[min(bisect.bisect_right(cum, rng.random()), len(names) - 1)]
         (shard, meta, i), nxt = self.sources[name].draw(tuple(st.cursors[name]))
         task, tokens = meta.tasks[i], int(meta.tokens[i])
         max_tail = self.task_max_tail.get(task, self.max_tail)
