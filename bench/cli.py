@@ -1,4 +1,4 @@
-"""`omnidiff bench <tokenize|read|train|sample|fsdp|all> [--quick] [--out runs/bench]`: every stage against its
+"""`omnidiff bench <tokenize|read|train|sample|fsdp|ranks|all> [--quick] [--out runs/bench]`: every stage against its
 floor.
 
 Each benchmark (one module each in bench/) runs the pipeline's real code and, in the same process run, the bare
@@ -28,14 +28,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench import fsdp, read, sample, tokenize, train
+from bench import fsdp, ranks, read, sample, tokenize, train
 from common import cli
 from common.configlib import ConfigError
 from bench.common import Plan, Suite, cuda_available, host_info
 from bench.report import format_table, markdown_table
 
 RUNNERS: dict[str, Callable[[Suite], dict[str, Any]]] = {
-    "tokenize": tokenize.run, "read": read.run, "train": train.run, "sample": sample.run, "fsdp": fsdp.run}
+    "tokenize": tokenize.run, "read": read.run, "train": train.run, "sample": sample.run, "fsdp": fsdp.run,
+    "ranks": ranks.run}
 BENCHES = tuple(RUNNERS)
 
 
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
   sample    denoising step vs one plain forward; generated tokens/s at batch 1/4/16; MAGVIT-v2 encode/s
   fsdp      the trainer's FSDP2 step vs the plain module on one device, no Ray (runs on a bare GPU node):
             MFU, peak memory vs `omnidiff plan`, bf16 vs fp32 first-step loss
+  ranks     the dream-7b recipe's data path per rank at world 1..64 (one process, synthetic shards): bytes
+            and data seconds per rank per step vs 1/world, data time vs the estimated step time
   all       all of the above, Ray started once
 
 examples:

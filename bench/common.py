@@ -74,6 +74,11 @@ class Plan:
     big_vocab: bool = False               # Dream's 168k-id vocabulary instead of the demo's (GPU sizes)
     fsdp_overrides: tuple[str, ...] = ()  # TrainConfig overrides, e.g. train.activation_checkpointing=false
     fsdp_profile: bool = False            # profile 2 more FSDP2 steps: <out>/fsdp_profile.txt
+    # ranks: the dream-7b recipe's data path per rank at each world size, on synthetic shards
+    ranks_worlds: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    ranks_steps: int = 12                 # timed steps per rank, after one warm-up step
+    ranks_per_task: int = 1500            # synthetic samples per task (6 tasks)
+    ranks_shard_samples: int = 500        # samples per synthetic shard
 
     @classmethod
     def for_mode(cls, mode: str) -> "Plan":
@@ -84,7 +89,8 @@ class Plan:
                        tok_n={"text": 20000, "image-pixel": 12000, "image-magvit2-tiny": 2000,
                               "speech-encodec": 96},
                        tok_workers_modalities=("speech-encodec",), mem_n=300, demo_images=None,
-                       read_samples=1500, bare_steps=8, ray_steps=12, log_every=3,
+                       read_samples=1500, bare_steps=8, ray_steps=12, log_every=3, ranks_steps=4,
+                       ranks_per_task=600, ranks_shard_samples=300,
                        magvit_preset="tiny", magvit_repeats=2, matmul_n=1024)
         if mode == "tiny":
             return cls(mode="tiny", repeats=1,
@@ -94,7 +100,8 @@ class Plan:
                        sample_model="debug", sample_batches=(1, 2), prompt_len=8, gen_length=8, gen_steps=4,
                        magvit_preset="tiny", magvit_batches=(1, 2), magvit_repeats=1, matmul_n=256,
                        tok_n0_runs=1, fsdp_model="debug", fsdp_seq_len=128, fsdp_micro_batch=2, fsdp_steps=2,
-                       fsdp_distinct_batches=2)
+                       fsdp_distinct_batches=2, ranks_worlds=(1, 2, 4), ranks_steps=1, ranks_per_task=120,
+                       ranks_shard_samples=60)
         raise ValueError(f"unknown bench mode {mode!r}: full, quick or tiny")
 
     def for_device(self, cuda: bool) -> "Plan":

@@ -125,8 +125,25 @@ def _fsdp_rows(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def _ranks_rows(r: dict[str, Any]) -> list[Row]:
+    """Ranks: bytes and data time per rank per step against the world size."""
+    rows: list[Row] = []
+    for e in r["table"]:
+        rows.append((f"ranks: world {e['world']} ({e['grad_accum']} x {e['seq_len']} rows per rank): MB / data ms "
+                     f"per rank per step (x its 1/world share)",
+                     f"{e['bytes_per_rank'] / 1e6:.3f} / {e['seconds_per_rank'] * 1e3:.1f}",
+                     f"{e['bytes_vs_share']:.2f} / {e['seconds_vs_share']:.2f}", "~1 / ~1", ""))
+        rows.append((f"  world {e['world']}: plan ms (every rank plans the global step) / read + collate ms "
+                     f"(x share)", f"{e['plan_s_per_rank'] * 1e3:.1f} / {e['read_collate_s_per_rank'] * 1e3:.1f}",
+                     f"{e['read_collate_vs_share']:.2f}", "~1", ""))
+        rows.append((f"  world {e['world']}: data time / estimated step ({e['step_s_estimate']:.2f} s); "
+                     f"whole-shard reads MB", f"{e['whole_shard_bytes_rank0'] / 1e6:.3f}",
+                     f"{e['data_fraction_of_step']:.3f}", "< 0.05", _met({"met": e["data_fraction_of_step"] < 0.05})))
+    return rows
+
+
 ROWS = {"tokenize": _tokenize_rows, "read": _read_rows, "train": _train_rows, "sample": _sample_rows,
-        "fsdp": _fsdp_rows}
+        "fsdp": _fsdp_rows, "ranks": _ranks_rows}
 
 
 def table_rows(name: str, r: dict[str, Any]) -> list[Row]:

@@ -177,7 +177,8 @@ def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -
 
     def write(block_rows: list[dict[str, Any]]) -> None:
         nonlocal n_samples, n_tokens
-        for c in write_shards(block_rows, str(shards_dir), "bare", cfg.shards.max_samples, cfg.shards.max_bytes):
+        for c in write_shards(block_rows, str(shards_dir), "bare", cfg.shards.max_samples, cfg.shards.max_bytes,
+                              tokenize.vocab.eos_id):
             n_samples += c["samples"]
             n_tokens += sum(json.loads(c["counts"])["tokens_per_task"].values())
 

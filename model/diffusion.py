@@ -54,6 +54,24 @@ class TailPadded(NamedTuple):
     segment_ids: np.ndarray | None  # (L',) int64, or None when none were given
 
 
+def eos_tail_spans(ids: np.ndarray, answer_mask: np.ndarray, eos_id: int,
+                   segment_ids: np.ndarray | None = None) -> np.ndarray:
+    """(L,) bool: the last position of each answer span that does not already end in EOS, i.e. where
+    `append_eos_tail` inserts a tail. Its count is all a planner needs to know a sample's padded length
+    (the shard's sample index records it at tokenize time)."""
+    # Last position of each answer span: the next position is not an answer or lies in another segment.
+    next_answer = np.append(answer_mask[1:], False)
+    if segment_ids is not None:
+        next_answer &= np.append(segment_ids[1:] == segment_ids[:-1], False)
+    return answer_mask & ~next_answer & (ids != eos_id)
+
+
+def eos_tail_lengths(n_spans: int, max_tail: int, generator: np.random.Generator) -> np.ndarray:
+    """(n_spans,) int64 tail lengths in 1..max_tail: the one draw `append_eos_tail` makes, so a planner that
+    replays it on the same generator state gets the same lengths without the sample's tokens."""
+    return generator.integers(1, max_tail + 1, size=n_spans)
+
+
 def append_eos_tail(ids: np.ndarray, answer_mask: np.ndarray, segment_ids: np.ndarray | None = None, *,
                     eos_id: int, generator: np.random.Generator, max_tail: int = 16) -> TailPadded:
     """Insert 1..max_tail EOS tokens after every answer span of ONE sample that does not already end in EOS.
@@ -81,14 +99,9 @@ def append_eos_tail(ids: np.ndarray, answer_mask: np.ndarray, segment_ids: np.nd
     if seg is not None and seg.shape != ids.shape:
         raise ValueError(f"segment_ids shape {seg.shape} != ids shape {ids.shape}")
 
-    # Last position of each answer span: the next position is not an answer or lies in another segment.
-    next_answer = np.append(answer_mask[1:], False)
-    if seg is not None:
-        next_answer &= np.append(seg[1:] == seg[:-1], False)
-    span_end = answer_mask & ~next_answer & (ids != eos_id)
-
+    span_end = eos_tail_spans(ids, answer_mask, eos_id, seg)
     tail_len = np.zeros(ids.size, dtype=np.int64)
-    tail_len[span_end] = generator.integers(1, max_tail + 1, size=int(span_end.sum()))
+    tail_len[span_end] = eos_tail_lengths(int(span_end.sum()), max_tail, generator)
 
     # Every source position i becomes 1 + tail_len[i] output positions: itself, then its tail copies.
     repeats = 1 + tail_len

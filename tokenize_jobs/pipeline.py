@@ -305,15 +305,16 @@ def _media_order(name: str) -> int:
 # ---- the plan -------------------------------------------------------------------------------------------------
 
 def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
-          max_bytes: int, crash_once: str = "") -> dict[str, list]:
-    """Pack a block of tokenized inputs into shards and upload them with their indexes from this worker
-    (writer.write_shards): only their metadata rows go on to the driver."""
+          max_bytes: int, eos_id: int, crash_once: str = "") -> dict[str, list]:
+    """Pack a block of tokenized inputs into shards and upload them with their indexes (inputs and samples)
+    from this worker (writer.write_shards): only their metadata rows go on to the driver."""
     storage.set_policy(ctx["storage"])
-    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes, crash_once), COMMIT_COLUMNS)
+    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes, eos_id, crash_once),
+                    COMMIT_COLUMNS)
 
 
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
-                  out: str, run_id: str):
+                  out: str, run_id: str, eos_id: int):
     import ray
 
     job = configlib.to_dict(cfg)
@@ -342,6 +343,7 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     # under new names, and the files of the lost one are orphans (writer.clean_orphans).
     ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
                                           "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
+                                          "eos_id": eos_id,
                                           "crash_once": os.environ.get("OMNIDIFF_CRASH_WRITE_TASK_ONCE", "")},
                         batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus)
     # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list

@@ -225,7 +225,7 @@ def run_job(cfg: TokenizeJobConfig, kind: str, input_uri: str, output: str, *, p
             started_ray = _ensure_ray(cfg)
             ray.data.DataContext.get_current().enable_progress_bars = cfg.ray.progress_bars
             for wave in _chunks(todo, cfg.ray.units_per_wave):
-                ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id)
+                ds = build_dataset(wave, ctx, cfg, artifacts, out, run_id, tok.vocab.eos_id)
                 try:
                     # A row per shard the workers wrote (metadata, never samples or fingerprints), fetched
                     # COMMIT_FETCH_ROWS at a time: a run killed mid-wave loses at most that many written but

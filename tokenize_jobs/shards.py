@@ -6,6 +6,16 @@ Training, evaluation and benchmarks read what a tokenize job wrote through these
     manifest_vocab(out) -> Vocab          the vocabulary the shards were tokenized with
     shard_urls(out) -> list[str]          full paths/URIs of the committed shards
     iter_samples(out | urls)              {key, input_ids (int32), answer_mask (bool), meta (dict)} per sample
+    read_sample_index(entry)              a shard's sample index (below), or None for a shard without one
+    read_samples(url, index, wanted)      some samples of a shard by ranged reads, each checked by its digest
+
+The sample index (`index/<name>.samples.npz` for `shards/<name>.tar`, listed in the shard's manifest entry as `samples_index` with
+its size and sha256) holds one row per sample, in tar order: byte offset and size of its three members, token
+count, the number of EOS tails the trainer will insert (model/diffusion.eos_tail_spans), task, and a
+blake2b-64 digest of its bytes. A trainer plans packed rows from it without reading tokens and then fetches
+only its own samples; the digest (under the manifest's sha256 of the index) keeps a ranged read as checked as
+a whole-shard read. A shard written before the index existed has no `samples_index`; readers fall back to
+reading it whole.
 
 Shards are WebDataset tars (written by `webdataset.TarWriter`, tokenize_jobs/writer.py) and are read here with
 webdataset's own tar iterator and key grouping; `wds.WebDataset(urls)` reads them too.
@@ -24,7 +34,8 @@ import io
 import json
 import posixpath
 import tarfile
-from typing import Any, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -81,7 +92,10 @@ def shard_entries(out: str, manifest: dict[str, Any] | None = None) -> list[dict
     where = storage.join(out, MANIFEST)
     entries = []
     for s in manifest.get("shards", []):
-        entries.append({**s, "url": storage.join(out, _safe_relpath(s["path"], where))})
+        e = {**s, "url": storage.join(out, _safe_relpath(s["path"], where))}
+        if "samples_index" in s:
+            e["index_url"] = storage.join(out, _safe_relpath(s["samples_index"]["path"], where))
+        entries.append(e)
     return entries
 
 
@@ -131,23 +145,29 @@ def _make_sample(key: str, members: dict[str, bytes], shard: str) -> dict[str, A
     return {"key": key, "input_ids": ids, "answer_mask": mask.astype(np.bool_), "meta": meta}
 
 
-def _check_structure(data: bytes, shard: str) -> None:
+def _check_structure(data: bytes, shard: str) -> list[tuple[str, int, int]]:
     """Header pass over an in-memory tar, before any member's data is parsed: every member is a regular file with
-    a safe `<key>.<suffix>` name, and the archive ends with its end-of-archive marker."""
+    a safe `<key>.<suffix>` name, and the archive ends with its end-of-archive marker. -> (key, start, end) per
+    run of members sharing a key: the bytes [start, end) its members span, headers and padding included."""
     try:
         tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: not a readable tar archive ({e})") from None
+    spans: list[tuple[str, int, int]] = []
     end = 0
     try:
         for info in tf:
-            _member_key(info.name, shard)
+            key, _ = _member_key(info.name, shard)
             if not info.isreg():
                 raise ShardError(f"{shard}: member {info.name!r} is not a regular file "
                                  f"(type {info.type!r}); refusing the shard")
             end = info.offset_data + ((info.size + 511) // 512) * 512
             if end > len(data):
                 raise ShardError(f"{shard}: member {info.name!r} is truncated")
+            if spans and spans[-1][0] == key:
+                spans[-1] = (key, spans[-1][1], end)
+            else:
+                spans.append((key, info.offset, end))
     except tarfile.TarError as e:
         raise ShardError(f"{shard}: truncated or corrupt tar ({e})") from None
     # tarfile stops quietly when the data ends on a header boundary: the end-of-archive marker (two zero
@@ -155,15 +175,23 @@ def _check_structure(data: bytes, shard: str) -> None:
     tail = data[end:]
     if len(tail) < 1024 or tail.strip(b"\0"):
         raise ShardError(f"{shard}: truncated tar (no end-of-archive marker after the last member)")
+    return spans
 
 
 def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
-    """Samples of one in-memory tar (never written to disk): the structure is checked first
+    """Samples of one in-memory tar (never written to disk), checked member by member."""
+    for sample, _, _ in _parse_bounded(data, shard):
+        yield sample
+
+
+def _parse_bounded(data: bytes, shard: str) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """(sample, start, end) per sample of one in-memory tar: the structure is checked first
     (`_check_structure`), then webdataset's own tar iterator and key grouping read the members, and every
-    sample is checked (contiguous, complete, arrays of the documented types, no pickle)."""
+    sample is checked (contiguous, complete, arrays of the documented types, no pickle); its members span bytes
+    [start, end) of the tar."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    _check_structure(data, shard)
+    spans = iter(_check_structure(data, shard))
 
     def refuse(exn: Exception) -> bool:
         if isinstance(exn, ShardError):
@@ -179,7 +207,10 @@ def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
         if key in seen:
             raise ShardError(f"{shard}: members of sample {key!r} are not contiguous")
         seen.add(key)
-        yield _make_sample(key, group, shard)
+        span_key, start, end = next(spans)
+        if span_key != key:   # group_by_keys and the header pass split the members alike
+            raise ShardError(f"{shard}: sample {key!r} does not start where its members' headers say")
+        yield _make_sample(key, group, shard), start, end
 
 
 def _read_checked(entry: dict[str, Any], verify_sha: bool) -> bytes:
@@ -210,3 +241,125 @@ def iter_samples(out_or_urls: str | Iterable[str], verify_sha: bool = True) -> I
     for entry in entries:
         data = _read_checked(entry, verify_sha)
         yield from parse_shard(data, entry["url"])
+
+
+# ---- the sample index ---------------------------------------------------------------------------------------
+
+SAMPLE_INDEX_SUFFIX = ".samples.npz"
+DIGEST_BYTES = 8
+# Samples closer than this are fetched in one ranged read. Small: a rank's samples are spread through a shard
+# (shuffled), so merging across other ranks' samples would read their bytes too; reads run concurrently on S3.
+RANGE_GAP = 4 * 1024
+
+
+@dataclass(frozen=True)
+class SampleIndex:
+    """One row per sample of a shard, in tar order."""
+    offset: np.ndarray   # (N,) int64 byte offset of the sample's first member header
+    size: np.ndarray     # (N,) int64 bytes of its three members, headers and padding included
+    tokens: np.ndarray   # (N,) int64 len(input_ids)
+    tails: np.ndarray    # (N,) int64 EOS tails the trainer inserts (answer spans not ending in EOS)
+    task: np.ndarray     # (N,) int64 index into `tasks`
+    tasks: tuple[str, ...]
+    digest: np.ndarray   # (N, DIGEST_BYTES) uint8 blake2b of the sample's bytes
+
+    def __len__(self) -> int:
+        return int(self.offset.size)
+
+    def task_names(self) -> list[str]:
+        names = self.tasks
+        return [names[i] for i in self.task.tolist()]
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).digest()
+
+
+def build_sample_index(data: bytes, shard: str, eos_id: int) -> bytes:
+    """The sample index of one shard's bytes (written next to it by the tokenize job), as .npz bytes."""
+    from model.diffusion import eos_tail_spans   # the one rule for where tails go: trainer and index agree
+
+    rows = []
+    for s, start, end in _parse_bounded(data, shard):
+        ids = s["input_ids"].astype(np.int64)
+        tails = int(eos_tail_spans(ids, s["answer_mask"], eos_id).sum())
+        rows.append((start, end - start, ids.size, tails, str(s["meta"].get("task", "text")),
+                     _digest(data[start:end])))
+    tasks = sorted({r[4] for r in rows})
+    buf = io.BytesIO()
+    # compressed: ~16 bytes a sample instead of ~31; every rank reads every index it plans through
+    np.savez_compressed(buf, offset=np.array([r[0] for r in rows], dtype=np.uint64),
+             size=np.array([r[1] for r in rows], dtype=np.uint32),
+             tokens=np.array([r[2] for r in rows], dtype=np.uint32),
+             tails=np.array([r[3] for r in rows], dtype=np.uint16),
+             task=np.array([tasks.index(r[4]) for r in rows], dtype=np.uint8),
+             tasks=np.array(tasks, dtype=str),
+             digest=np.frombuffer(b"".join(r[5] for r in rows), dtype=np.uint8).reshape(len(rows), DIGEST_BYTES))
+    return buf.getvalue()
+
+
+def load_sample_index(blob: bytes, where: str, samples: int | None = None) -> SampleIndex:
+    """Parse and check .npz sample-index bytes; `samples`: the count the manifest gives for the shard."""
+    try:
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("offset", "size", "tokens", "tails", "task", "tasks", "digest")}
+    except Exception as e:
+        raise ShardError(f"{where}: not a valid sample index ({type(e).__name__}: {e}); re-tokenize the shard") \
+            from None
+    n = arrays["offset"].shape[0] if arrays["offset"].ndim == 1 else -1
+    shapes_ok = n >= 0 and all(arrays[k].shape == (n,) for k in ("size", "tokens", "tails", "task")) \
+        and arrays["digest"].shape == (n, DIGEST_BYTES) and arrays["tasks"].ndim == 1
+    if not shapes_ok or (n and int(arrays["task"].max()) >= arrays["tasks"].size):
+        raise ShardError(f"{where}: sample index arrays disagree in shape; re-tokenize the shard")
+    if samples is not None and n != samples:
+        raise ShardError(f"{where}: sample index lists {n} samples but the manifest says {samples}")
+    as64 = {k: arrays[k].astype(np.int64) for k in ("offset", "size", "tokens", "tails", "task")}
+    return SampleIndex(**as64, tasks=tuple(str(t) for t in arrays["tasks"].tolist()),
+                       digest=arrays["digest"].astype(np.uint8))
+
+
+def read_sample_index(entry: dict[str, Any]) -> tuple[SampleIndex, int] | None:
+    """(index, bytes read) of a shard entry (from `shard_entries`), checked against the manifest's size and
+    sha256 for it; None when the shard has no index (written before indexes existed)."""
+    url = entry.get("index_url")
+    if url is None:
+        return None
+    meta = entry["samples_index"]
+    data = _read_checked({"url": url, **{k: meta[k] for k in ("bytes", "sha256") if k in meta}}, verify_sha=True)
+    return load_sample_index(data, url, entry.get("samples")), len(data)
+
+
+def read_samples(url: str, index: SampleIndex, wanted: Sequence[int], max_gap: int = RANGE_GAP
+                 ) -> tuple[dict[int, dict[str, Any]], int]:
+    """Samples `wanted` (positions in the index) of the shard at `url` by ranged reads, nearby samples merged
+    into one read; each is checked against its digest before it is parsed. -> ({position: sample}, bytes
+    read)."""
+    order = sorted(set(int(i) for i in wanted))
+    runs: list[list[int]] = []
+    for i in order:
+        if runs and index.offset[i] - (index.offset[runs[-1][-1]] + index.size[runs[-1][-1]]) <= max_gap \
+                and index.offset[i] >= index.offset[runs[-1][-1]]:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    spans = [(int(index.offset[run[0]]), int(max(index.offset[i] + index.size[i] for i in run))) for run in runs]
+    try:
+        blobs = storage.read_ranges(url, spans)
+    except FileNotFoundError:
+        raise ShardError(f"shard {url} is listed in the manifest but does not exist") from None
+    out: dict[int, dict[str, Any]] = {}
+    nbytes = 0
+    for run, (lo, _), data in zip(runs, spans, blobs):
+        nbytes += len(data)
+        for i in run:
+            a, b = int(index.offset[i]) - lo, int(index.offset[i] + index.size[i]) - lo
+            where = f"{url} (sample {i}, bytes {a + lo}..{b + lo})"
+            piece = data[a:b]
+            if len(piece) != b - a or _digest(piece) != index.digest[i].tobytes():
+                raise ShardError(f"{where}: bytes do not match the sample index's digest (corrupt or replaced "
+                                 f"shard); re-tokenize or restore it")
+            got = [s for s, _, _ in _parse_bounded(piece + b"\0" * 1024, where)]
+            if len(got) != 1:
+                raise ShardError(f"{where}: holds {len(got)} samples, expected one")
+            out[i] = got[0]
+    return out, nbytes

@@ -7,6 +7,9 @@ Output layout (local folder or s3:// prefix):
     index/<run_id>-<uuid>.jsonl       the index of the shard of the same name (or of a commit with no shard: its
                                       inputs were all quarantined or done): one line per input, tokenized or
                                       quarantined, and one per listing unit whose new inputs this run expanded
+    index/<run_id>-<uuid>.samples.npz the sample index of the shard of the same name (tokenize_jobs/shards.py):
+                                      offset, size, tokens, EOS tails, task and digest per sample, so that a
+                                      training rank plans rows and reads only its own samples
     manifest.json                     vocab, tokenizers, job, shards, indexes, counts, runs (written last)
     quarantine.jsonl                  every quarantined input {source, reason, detail}, rebuilt at run end
     tokenizers/                       tokenizer artifacts (tokenizers.json, vocab.json, text.json, ...)
@@ -56,7 +59,7 @@ import numpy as np
 
 from common import storage
 from tokenize_jobs.lock import LockLost
-from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST
+from tokenize_jobs.shards import FORMAT_VERSION, MANIFEST, SAMPLE_INDEX_SUFFIX, build_sample_index
 
 SHARDS_DIR = "shards"
 INDEX_DIR = "index"
@@ -171,7 +174,7 @@ def unpack_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[
 
 # What a write task hands the driver per commit: a shard (or none) and its index, and what they hold.
 COMMIT_COLUMNS = ("shard", "samples", "bytes", "sha256", "index", "inputs", "tokenized", "quarantined", "counts",
-                  "quarantine")
+                  "quarantine", "samples_index")
 
 
 class _IndexPart:
@@ -206,13 +209,14 @@ class _IndexPart:
 
 
 def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int,
-                 crash_once: str = "") -> list[dict[str, Any]]:
+                 eos_id: int | None = None, crash_once: str = "") -> list[dict[str, Any]]:
     """Worker side of a commit: pack the tokenized inputs of `rows` (in order) into shards of at most
     `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit); upload each with
     the index of the inputs it closes (quarantined ones and unit lines included) under `<run_id>-<uuid>`, a name
     no other task or attempt can take, and return one `COMMIT_COLUMNS` row per shard, plus one for an index
     without a shard when inputs follow the last shard (or none was tokenized). The driver commits those rows;
     files it never commits (a failed or retried attempt, a killed run) are orphans `clean_orphans` deletes.
+    With `eos_id` (the vocabulary's), each shard also gets its sample index, built from the shard's own bytes.
     `crash_once` is fault injection (`crash_task_once`)."""
     commits: list[dict[str, Any]] = []
     shard, part = TarShard(), _IndexPart()
@@ -220,13 +224,19 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
     def close() -> None:
         nonlocal shard, part
         stem = f"{run_id}-{uuid.uuid4().hex[:12]}"
-        entry = {"shard": "", "samples": 0, "bytes": 0, "sha256": ""}
+        entry = {"shard": "", "samples": 0, "bytes": 0, "sha256": "", "samples_index": ""}
         if shard.samples:
             data = shard.close()
             rel = f"{SHARDS_DIR}/{stem}.tar"
+            if eos_id is not None:
+                blob = build_sample_index(data, rel, eos_id)
+                samples_rel = f"{INDEX_DIR}/{stem}{SAMPLE_INDEX_SUFFIX}"
+                storage.write_bytes_atomic(storage.join(out, samples_rel), blob)
+                entry["samples_index"] = json.dumps({"path": samples_rel, "bytes": len(blob),
+                                                     "sha256": hashlib.sha256(blob).hexdigest()})
             storage.write_bytes_atomic(storage.join(out, rel), data)
-            entry = {"shard": rel, "samples": shard.samples, "bytes": len(data),
-                     "sha256": hashlib.sha256(data).hexdigest()}
+            entry.update({"shard": rel, "samples": shard.samples, "bytes": len(data),
+                          "sha256": hashlib.sha256(data).hexdigest()})
         index_rel = f"{INDEX_DIR}/{stem}.jsonl"
         storage.write_text_atomic(storage.join(out, index_rel), "".join(line + "\n" for line in part.lines))
         commits.append({**entry, "index": index_rel, "inputs": part.tokenized + part.quarantined,
@@ -363,6 +373,7 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None, prefix: str = "") -
     if manifest:
         listed |= {e["path"] for e in manifest.get("shards", [])}
         listed |= {e["path"] for e in manifest.get("indexes", [])}
+        listed |= {e["samples_index"]["path"] for e in manifest.get("shards", []) if "samples_index" in e}
     removed = []
     for sub in (SHARDS_DIR, INDEX_DIR):
         folder = storage.join(out, sub)
@@ -456,8 +467,10 @@ class ShardWriter:
         self.check_lock()  # a run that lost its lock must not commit: the new owner may be writing
         tok, quar = int(row["tokenized"]), int(row["quarantined"])
         if shard:
-            self.shards.append({"path": shard, "samples": samples, "bytes": int(row["bytes"]),
-                                "sha256": row["sha256"]})
+            entry = {"path": shard, "samples": samples, "bytes": int(row["bytes"]), "sha256": row["sha256"]}
+            if row.get("samples_index"):
+                entry["samples_index"] = json.loads(row["samples_index"])
+            self.shards.append(entry)
         self.indexes.append({"path": row["index"], "shard": shard, "inputs": tok + quar, "run": self.run_id})
         for key, n in (("inputs_tokenized", tok), ("inputs_quarantined", quar), ("samples_written", samples)):
             self.totals[key] += n

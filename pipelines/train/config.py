@@ -57,11 +57,18 @@ class DataConfig:
     grad_accum: int = 1                        # micro-batches per optimizer step
     too_long: Literal["drop", "error"] = "drop"  # a sample longer than seq_len (after its EOS tail)
     validate: Literal["all", "lazy"] = "all"   # all: scan every shard's ids before training; lazy: on first read
+    # How a rank reads its samples (pipelines/train/feed.py): ranged reads of only its own samples, whole shards,
+    # or auto (whole shards on one rank, which needs every sample; ranged with several). Shards tokenized
+    # without a sample index are always read whole.
+    read: Literal["auto", "ranged", "shard"] = "auto"
+    prefetch: int = 2                          # steps planned, read and collated ahead by a thread; 0 = inline
 
     def __post_init__(self) -> None:
         for key in ("seq_len", "micro_batch", "grad_accum"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"data.{key}={getattr(self, key)} must be >= 1")
+        if self.prefetch < 0:
+            raise ConfigError(f"data.prefetch={self.prefetch} must be >= 0 (0 reads each step in the step loop)")
 
 
 @dataclass

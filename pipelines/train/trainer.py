@@ -43,7 +43,9 @@ from model.vocab import Modality, Vocab
 from pipelines.train import checkpoint as ckpt
 from pipelines.train.budget import BudgetProbe, TimeBudget
 from pipelines.train.config import TrainConfig
-from pipelines.train.data import Batch, Sample, StreamState, collate, eval_prompts, load_data, step_generator
+from pipelines.train.data import (Batch, Sample, StreamState, eval_prompts, load_data, step_batches,
+                                  step_generator)
+from pipelines.train.feed import StepFeeder
 
 # ---- model and optimizer ------------------------------------------------------------------------------------
 
@@ -353,7 +355,7 @@ def train_func(config: dict[str, Any]) -> None:
             latest_uri = "s3://" + latest_uri.lstrip("/")
     restored = ckpt.restore(state, run_uri, latest_uri, say=say)
     step = int(state.extra.get("step", 0))
-    stream = data.stream(cfg, StreamState.from_dict(state.extra["data"]) if restored is not None else None)
+    position = state.extra["data"] if restored is not None else None   # StreamState.to_dict()
     # a unique suffix per attempt: after a fallback to an older checkpoint, step numbers are reached again
     attempt = _broadcast(f"{int(time.time() * 1000):013x}")
 
@@ -370,7 +372,7 @@ def train_func(config: dict[str, Any]) -> None:
     tracker.log_shard_sets([(s.uri, s.manifest) for s in data.sets.values()], cfg.mlflow.tokenize_experiment)
     if restored is not None:
         tracker.log_metrics({"resumed_from_step": step, "world_size": world}, step)
-        say(f"[train] resumed from step {step} (stage {stream.state.stage + 1}, {stream.state.rows} rows "
+        say(f"[train] resumed from step {step} (stage {position['stage'] + 1}, {position['rows']} rows "
             f"consumed) on {world} worker(s)")
     else:
         say(f"[train] starting: {model.num_params() / 1e6:.2f}M parameters, {world} worker(s), "
@@ -389,57 +391,67 @@ def train_func(config: dict[str, Any]) -> None:
     flops_per_token = model.flops_per_token(cfg.data.seq_len)
     peak = tracking.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     window_t, window_tokens, window_steps, started = time.perf_counter(), 0, 0, time.perf_counter()
+    window_wait = window_data = 0.0
     probe = BudgetProbe(budget, step, started) if budget and not fitted else None
     last = None
-    while step < total:
-        stream.set_stage(cfg.stage_at(step))
-        rows = stream.step_rows(world, rank, cfg.data.micro_batch, cfg.data.grad_accum)
-        micro = [collate(r, cfg.data.seq_len, vocab) for r in rows]
-        last = train_step(model, optimizer, scheduler, micro, vocab=vocab, cfg=cfg, step=step, rank=rank,
-                          world=world, device=device)
-        step += 1
-        window_tokens += last.tokens
-        window_steps += 1
-        maybe_fail(cfg, step, rank, run_uri)
-        probed = probe.after_step(step, time.perf_counter(), total) if probe else None
-        if probed:
-            probe = None
-            # rank 0's measurement for every rank: all must stop at the same step
-            fitted, step_s = _broadcast((max(len(bounds), probed[0]), probed[1]))
-            say(f"[train] time budget {budget.seconds:.0f}s: {step_s:.3f}s a step -> {fitted} of {total} steps")
-            tracker.log_metrics({"budget/steps": fitted, "budget/step_time_s": step_s}, step)
-            cfg = cfg.with_steps(fitted)
-            refit_schedule(scheduler, cfg)
-            total, bounds = cfg.train.steps, cfg.stage_bounds()
+    feeder = StepFeeder(lambda st: data.stream(cfg, None if st is None else StreamState.from_dict(st)),
+                        lambda stream, s, stage: step_batches(stream, stage, cfg, world, rank),
+                        cfg.stage_at, start_step=step, state=position, depth=cfg.data.prefetch)
+    try:
+        while step < total:
+            fed = feeder.next(step, cfg.stage_at)
+            last = train_step(model, optimizer, scheduler, fed.micro, vocab=vocab, cfg=cfg, step=step, rank=rank,
+                              world=world, device=device)
+            window_wait += fed.wait_s
+            window_data += fed.data_s
+            step += 1
+            window_tokens += last.tokens
+            window_steps += 1
+            maybe_fail(cfg, step, rank, run_uri)
+            probed = probe.after_step(step, time.perf_counter(), total) if probe else None
+            if probed:
+                probe = None
+                # rank 0's measurement for every rank: all must stop at the same step
+                fitted, step_s = _broadcast((max(len(bounds), probed[0]), probed[1]))
+                say(f"[train] time budget {budget.seconds:.0f}s: {step_s:.3f}s a step -> {fitted} of {total} steps")
+                tracker.log_metrics({"budget/steps": fitted, "budget/step_time_s": step_s}, step)
+                cfg = cfg.with_steps(fitted)
+                refit_schedule(scheduler, cfg)
+                total, bounds = cfg.train.steps, cfg.stage_bounds()
 
-        if step % cfg.train.log_every == 0 or step == total:
-            elapsed = time.perf_counter() - window_t
-            tps = window_tokens / max(elapsed, 1e-9)
-            stage = stream.state.stage
-            values = {"loss": last.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": last.grad_norm,
-                      "tokens_per_s": tps, "step_time_s": elapsed / window_steps, "stage": stage,
-                      "masked_tokens": last.masked, "data/rows": stream.state.rows,
-                      "data/samples": stream.state.samples, "data/dropped": stream.state.dropped,
-                      **{f"loss/{t}": v for t, v in last.task_loss.items()}}
-            if peak:
-                values["mfu"] = flops_per_token * tps / (peak * world)
-            tracker.log_metrics(values, step)
-            eta = (total - step) * elapsed / window_steps
-            say(tracking.progress_line(step, total, stage, len(bounds), data.stages[stage].name, last.loss, tps, eta))
-            window_t, window_tokens, window_steps = time.perf_counter(), 0, 0
+            if step % cfg.train.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - window_t
+                tps = window_tokens / max(elapsed, 1e-9)
+                stage, pos = fed.stage, fed.state
+                values = {"loss": last.loss, "lr": scheduler.get_last_lr()[0], "grad_norm": last.grad_norm,
+                          "tokens_per_s": tps, "step_time_s": elapsed / window_steps, "stage": stage,
+                          "masked_tokens": last.masked, "data/rows": pos["rows"],
+                          "data/samples": pos["samples"], "data/dropped": pos["dropped"],
+                          # the loop's wait for data (~0 when the feeder keeps ahead) and the feeder's work per step
+                          "data/wait_s": window_wait / window_steps, "data/time_s": window_data / window_steps,
+                          **{f"loss/{t}": v for t, v in last.task_loss.items()}}
+                if peak:
+                    values["mfu"] = flops_per_token * tps / (peak * world)
+                tracker.log_metrics(values, step)
+                eta = (total - step) * elapsed / window_steps
+                say(tracking.progress_line(step, total, stage, len(bounds), data.stages[stage].name, last.loss, tps, eta))
+                window_t, window_tokens, window_steps, window_wait, window_data = time.perf_counter(), 0, 0, 0.0, 0.0
 
-        if step % cfg.train.checkpoint_every == 0 or step == total:
-            state.extra = {"step": step, "stage": stream.state.stage, "data": stream.state.to_dict(),
-                           "mlflow_run_id": _broadcast(tracker.run_id), "world_size": world}
-            if fitted:
-                state.extra["budget"] = {"steps": fitted, "max_steps": max_steps}
-            ckpt.report(state, {"step": step, "loss": last.loss, "stage": stream.state.stage}, rank=rank,
-                        world_size=world, attempt=attempt)
+            if step % cfg.train.checkpoint_every == 0 or step == total:
+                # the position after the step just trained (the feeder may have planned further)
+                state.extra = {"step": step, "stage": fed.stage, "data": fed.state,
+                               "mlflow_run_id": _broadcast(tracker.run_id), "world_size": world}
+                if fitted:
+                    state.extra["budget"] = {"steps": fitted, "max_steps": max_steps}
+                ckpt.report(state, {"step": step, "loss": last.loss, "stage": fed.stage}, rank=rank,
+                            world_size=world, attempt=attempt)
 
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
-            gens = run_eval(model, prompts, vocab, cfg, device)
-            if rank == 0:
-                tracking.log_generations(tracker, gens, tokenizers, step)
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total:
+                gens = run_eval(model, prompts, vocab, cfg, device)
+                if rank == 0:
+                    tracking.log_generations(tracker, gens, tokenizers, step)
+    finally:
+        feeder.close()
 
     export_uri = storage.join(cfg.run.run_dir, "export")
     ckpt.export(model, export_uri, rank=rank, model_cfg=cfg.model, vocab=vocab,

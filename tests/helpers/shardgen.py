@@ -20,6 +20,7 @@ import webdataset as wds
 
 from model.tasks import spec
 from model.vocab import Modality, Vocab
+from tokenize_jobs.shards import SAMPLE_INDEX_SUFFIX, build_sample_index
 
 
 def small_vocab() -> Vocab:
@@ -57,11 +58,14 @@ def make_sample(task: str, vocab: Vocab, key: int, *, media_len: int = 16, text_
 
 def write_shard_set(out: str | Path, vocab: Vocab, tasks: dict[str, int], *, samples_per_shard: int = 16,
                     seed: int = 0, media_len: int = 16, text_len: int = 6,
-                    corrupt: dict[str, int] | None = None, tokenizers_dir: str | Path | None = None) -> Path:
+                    corrupt: dict[str, int] | None = None, tokenizers_dir: str | Path | None = None,
+                    sample_index: bool = True) -> Path:
     """Write `tasks` (task -> number of samples) as shards under `out`; returns `out`.
 
     corrupt: {"shard": i} puts an out-of-range id (vocab.size) into a sample of shard i (a vocabulary mismatch
-    that slipped through tokenization). tokenizers_dir: a saved TokenizerSet to copy into `out/tokenizers`."""
+    that slipped through tokenization). tokenizers_dir: a saved TokenizerSet to copy into `out/tokenizers`.
+    sample_index: write each shard's sample index as the tokenize job does (False: shards as written before
+    indexes existed, which the trainer reads whole)."""
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -86,6 +90,13 @@ def write_shard_set(out: str | Path, vocab: Vocab, tasks: dict[str, int], *, sam
         (out / rel).write_bytes(data)
         shards.append({"path": rel, "samples": min(samples_per_shard, len(items) - start), "bytes": len(data),
                        "sha256": hashlib.sha256(data).hexdigest()})
+        if sample_index:
+            blob = build_sample_index(data, rel, vocab.eos_id)
+            index_rel = f"index/test-{s:05d}{SAMPLE_INDEX_SUFFIX}"   # where the tokenize job puts it
+            (out / "index").mkdir(exist_ok=True)
+            (out / index_rel).write_bytes(blob)
+            shards[-1]["samples_index"] = {"path": index_rel, "bytes": len(blob),
+                                           "sha256": hashlib.sha256(blob).hexdigest()}
     if tokenizers_dir is not None:
         import shutil
         shutil.copytree(tokenizers_dir, out / "tokenizers", dirs_exist_ok=True)

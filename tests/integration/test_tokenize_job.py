@@ -435,7 +435,8 @@ def test_a_write_task_whose_worker_dies_is_retried_and_its_files_are_orphans(tok
     assert _sample_set(dst) == want
     m = json.loads((dst / "manifest.json").read_text())
     assert {f"shards/{p.name}" for p in (dst / "shards").iterdir()} == {e["path"] for e in m["shards"]}
-    assert {f"index/{p.name}" for p in (dst / "index").iterdir()} == {e["path"] for e in m["indexes"]}
+    assert {f"index/{p.name}" for p in (dst / "index").iterdir()} == (
+        {e["path"] for e in m["indexes"]} | {e["samples_index"]["path"] for e in m["shards"]})
     assert m["counts"]["inputs_seen"] == 8 == m["counts"]["inputs_tokenized"] + m["counts"]["inputs_quarantined"]
 
 

@@ -213,3 +213,70 @@ def test_library_written_shards_with_pickle_or_escaping_names_are_refused(tmp_pa
         with pytest.raises(ShardError, match=rf"{name}\.tar: .*(not a valid \.npy|contains '\.\.')"):
             list(shards.iter_samples([url]))
     assert not (tmp_path.parent.parent / "evil.meta.json").exists()
+
+
+# ---- the sample index -------------------------------------------------------------------------------------------
+
+def _tokenized_rows(n_inputs: int = 6) -> list[dict]:
+    """Rows as the tokenize actors hand them to write_shards: each input's samples packed, + their stats."""
+    rows = []
+    for i in range(n_inputs):
+        samples = [(ids, mask, {**meta, "task": ("asr", "t2i")[j % 2], "n_tokens": len(ids)})
+                   for j, (_, ids, mask, meta) in enumerate(_samples(3))]
+        stats = [{"task": meta["task"], "n_tokens": len(ids), "n_answer": int(mask.sum())}
+                 for ids, mask, meta in samples]
+        rows.append({"fp": f"fp{i}", "file": "a.jsonl", "unit": "u", "source": f"a.jsonl:{i}", "unit_new": 0,
+                     "status": "ok", "reason": "", "detail": "", "stats": json.dumps(stats),
+                     **pack_samples(samples)})
+    return rows
+
+
+def test_written_shards_carry_a_sample_index_that_ranged_reads_use(tmp_path):
+    from model.diffusion import eos_tail_spans
+    from tokenize_jobs.writer import OutputState, ShardWriter, clean_orphans, write_shards
+
+    out, eos = str(tmp_path / "out"), 7
+    commits = write_shards(_tokenized_rows(), out, "run1", max_samples=9, max_bytes=2**30, eos_id=eos)
+    header = {"vocab": Vocab(text_size=300).to_dict(), "job": {"kind": "text", "input": "x"}}
+    w = ShardWriter(out, "run1", header, OutputState.load(out))
+    for c in commits:
+        w.add_commit(c)
+    w.finish()
+    (tmp_path / "out" / "index" / "run1-stray.samples.npz").write_bytes(b"orphan")
+    entries = shards.shard_entries(out)
+    assert len(entries) == 2 and all("index_url" in e for e in entries)
+    assert clean_orphans(out, shards.read_manifest(out)) == ["index/run1-stray.samples.npz"]  # listed ones stay
+    for e in entries:
+        index, nbytes = shards.read_sample_index(e)
+        assert nbytes == e["samples_index"]["bytes"] and len(index) == e["samples"] == 9
+        whole = list(shards.iter_samples([e["url"]], verify_sha=False))
+        assert index.task_names() == [s["meta"]["task"] for s in whole]
+        assert index.tokens.tolist() == [s["input_ids"].size for s in whole]
+        assert index.tails.tolist() == [int(eos_tail_spans(s["input_ids"], s["answer_mask"], eos).sum())
+                                        for s in whole]
+        got, read = shards.read_samples(e["url"], index, [7, 1, 2], max_gap=0)
+        assert sorted(got) == [1, 2, 7] and read == sum(int(index.size[i]) for i in (1, 2, 7))   # only theirs
+        near, read_near = shards.read_samples(e["url"], index, [7, 1, 2], max_gap=2**20)   # gaps merged: one read
+        assert read_near == int(index.offset[7] + index.size[7] - index.offset[1]) and near.keys() == got.keys()
+        for i, s in got.items():
+            assert s["key"] == whole[i]["key"] and np.array_equal(s["input_ids"], whole[i]["input_ids"])
+
+
+def test_a_damaged_sample_or_index_is_refused_naming_the_shard(tmp_path):
+    from tokenize_jobs.writer import write_shards
+
+    out = str(tmp_path / "out")
+    shard_row = [r for r in write_shards(_tokenized_rows(3), out, "r", 100, 2**30, eos_id=7) if r["shard"]][0]
+    meta = json.loads(shard_row["samples_index"])
+    url = str(tmp_path / "out" / shard_row["shard"])
+    entry = {"url": url, "samples": 9, "index_url": str(tmp_path / "out" / meta["path"]), "samples_index": meta}
+    index, _ = shards.read_sample_index(entry)
+    data = bytearray(Path(url).read_bytes())
+    data[int(index.offset[4]) + 600] ^= 0xFF                      # a byte inside sample 4's input_ids
+    Path(url).write_bytes(bytes(data))
+    shards.read_samples(url, index, [3])                          # the others still read
+    with pytest.raises(ShardError, match=r"s?r-.*\.tar \(sample 4.*digest"):
+        shards.read_samples(url, index, [4])
+    Path(entry["index_url"]).write_bytes(b"not an index")
+    with pytest.raises(ShardError, match=r"\.samples\.npz.*(sha256|bytes)"):
+        shards.read_sample_index(entry)
