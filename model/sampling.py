@@ -30,6 +30,8 @@ Schedule = Literal["even", "dream"]
 SCHEDULES = ("even", "dream")
 PenaltyOn = Literal["confidence", "logits"]
 Ties = Literal["topk", "first"]
+Floor = Literal["one", "schedule"]
+FLOORS = ("one", "schedule")
 
 
 class Block(NamedTuple):
@@ -206,13 +208,12 @@ def confidence(probs: torch.Tensor, x0: torch.Tensor, alg: Alg,
 
 
 def threshold_transfer(conf: torch.Tensor, p_x0: torch.Tensor, candidates: torch.Tensor, threshold: float,
-                       alg_temp: float = 0.0, generator: torch.Generator | None = None,
+                       k: torch.Tensor, alg_temp: float = 0.0, generator: torch.Generator | None = None,
                        ties: Ties = "topk") -> torch.Tensor:
     """Confidence-threshold parallel decoding (Fast-dLLM §3.3): every candidate whose predicted token has
-    probability above `threshold`, and at least one per row that has a candidate (its most confident by `conf`,
-    chosen as `select_positions` chooses). conf, p_x0 (B, N) float, candidates (B, N) bool -> (B, N) bool.
-    A threshold >= 1 never passes: one position per row per step."""
-    k = candidates.any(1).long()                                                  # (B,) 1 where a row has one
+    probability above `threshold`, and at least the row's k (B,) most confident by `conf` (chosen as
+    `select_positions` chooses). conf, p_x0 (B, N) float, candidates (B, N) bool -> (B, N) bool. A threshold
+    >= 1 never passes: k positions per row."""
     best = select_positions(conf.masked_fill(~candidates, float("-inf")), k, alg_temp, generator, ties)
     return candidates & ((p_x0 > threshold) | best)
 
@@ -267,6 +268,7 @@ def generate(
     subset_head: bool = True,
     kv_cache: CacheMode = "off",
     unmask_threshold: float | None = None,
+    unmask_floor: Floor = "one",
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate `gen_length` tokens after each prompt by iterative unmasking; returns the canvas (B, gen_length).
 
@@ -344,16 +346,16 @@ def generate(
         canvas), call the model with `vocab_rows=` those ids after the first step, so the head, the softmax and
         the sampling run over them alone; the result is the same as masking the rest to -inf. The model must
         then accept `vocab_rows` (Transformer does). False = always the full rows.
-    kv_cache: block-wise key/value cache (Fast-dLLM; model/kvcache.py), the model must accept `kv=` and
-        `window=` (Transformer does). "off": every step is a full forward. "prefix": a block's first step is a
-        full forward that fills the cache; its later steps run the block and the canvas after it against the
-        cached prompt and finished blocks. "dual": the later steps run the block alone, the canvas after it
-        cached too. Approximate: cached keys and values of the rest are those of the block's first step, though
-        bidirectional attention would let them change as the block fills. Pays off with several blocks.
+    kv_cache: block-wise key/value cache (Fast-dLLM; model/kvcache.py; the model must accept `kv=`, `window=`).
+        "off": full forwards. "prefix" / "dual": a block's first step is a full forward that fills the cache, its
+        later steps run the block and the canvas after it / the block alone against the cached rest.
+        Approximate: the cached rest is that of the block's first step (bidirectional attention would update it).
     unmask_threshold: confidence-threshold parallel decoding (Fast-dLLM) in place of the schedule: each step
-        unmasks every masked position of the block whose token probability exceeds it, and at least the most
-        confident one per row (`threshold_transfer`); a block takes as many steps as it needs (at most its
-        length; `steps` only shapes the blocks). None = the schedule. >= 1.0 = one position per step.
+        unmasks every masked position of the block whose token probability exceeds it, and at least the row's
+        floor (`threshold_transfer`); a block takes the steps it needs. None = the schedule.
+    unmask_floor: with a threshold, the least a step unmasks per row: "one" (Fast-dLLM; at most the block's
+        length in steps, a threshold >= 1 is one a step) or "schedule" (what the schedule leaves for the block's
+        remaining steps: ceil(masked / steps left) for "even", Dream's count; a threshold >= 1 is the schedule).
     """
     if alg not in ALGS:
         raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
@@ -367,6 +369,8 @@ def generate(
         raise ValueError(f"alg_temp={alg_temp} must be >= 0 and top_k={top_k} None or >= 1")
     if kv_cache not in CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}; expected one of {CACHE_MODES}")
+    if unmask_floor not in FLOORS:
+        raise ValueError(f"unmask_floor={unmask_floor!r}; expected one of {FLOORS}")
     if unmask_threshold is not None and (alg == "origin" or unmask_threshold <= 0):
         raise ValueError(f"unmask_threshold={unmask_threshold} must be > 0 and needs a confidence alg, not "
                          f"alg={alg!r}")
@@ -435,12 +439,15 @@ def generate(
         even = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), block.steps)  # (B, S)
         cache = None   # refilled by the block's first forward
         # with a threshold, at least one position per row per step: the block is full after hi - lo steps
-        for step in range(block.steps if unmask_threshold is None else hi - lo):
+        one_floor = unmask_threshold is not None and unmask_floor == "one"
+        for step in range(hi - lo if one_floor else block.steps):
             n_masked = (canvas[:, lo:hi] == mask_id).sum(1)                    # (B,)
-            if unmask_threshold is not None:
+            if one_floor:
                 k = n_masked.clamp(max=1)          # a row's floor; the threshold adds more below
                 if int(k.max()) == 0:
                     break
+            elif unmask_threshold is not None and schedule == "even":
+                k = -(-n_masked // (block.steps - step))   # the even split of what the threshold left
             elif alg == "origin":
                 k = n_masked                       # an upper bound: the draw below decides
             elif schedule == "dream":
@@ -521,8 +528,8 @@ def generate(
                     conf = penalize(conf, factor)
                 if unmask_threshold is not None:
                     p_x0 = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)            # (B, Lb)
-                    transfer = threshold_transfer(conf, p_x0, candidates, unmask_threshold, alg_temp, generator,
-                                                  ties)
+                    transfer = threshold_transfer(conf, p_x0, candidates, unmask_threshold, k, alg_temp,
+                                                  generator, ties)
                 else:
                     conf = conf.masked_fill(~candidates, float("-inf"))
                     transfer = select_positions(conf, k, alg_temp, generator, ties) & candidates

@@ -170,10 +170,31 @@ def test_threshold_transfer_is_per_row():
     conf = torch.tensor([[0.1, 0.9, 0.5, 0.95], [0.2, 0.3, 0.1, 0.0]])
     p = torch.tensor([[0.1, 0.9, 0.5, 0.95], [0.2, 0.3, 0.1, 0.0]])
     cand = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    got = threshold_transfer(conf, p, cand, 0.4)
+    got = threshold_transfer(conf, p, cand, 0.4, torch.tensor([1, 1]))
     assert got.tolist() == [[False, True, True, False], [False, True, False, False]]   # row 2: its best alone
+    got = threshold_transfer(conf, p, cand, 0.4, torch.tensor([1, 2]))                  # a floor of 2 in row 2
+    assert got.tolist() == [[False, True, True, False], [True, True, False, False]]
     none = torch.zeros(2, 4, dtype=torch.bool)
-    assert not threshold_transfer(conf, p, none, 0.4).any()
+    assert not threshold_transfer(conf, p, none, 0.4, torch.tensor([0, 0])).any()
+
+
+@pytest.mark.parametrize("schedule", ["even", "dream"])
+def test_schedule_floor_never_unmasks_less_than_the_schedule(schedule):
+    """unmask_floor="schedule": a threshold that never passes is the schedule itself; a low one fills blocks in
+    fewer steps, never more than the schedule's."""
+    model = debug_model(init_std=0.2)
+    ids, mask, _ = padded_batch([4, 6])
+    kw = {"vocab": VOCAB, "gen_length": 12, "steps": 6, "block_length": 4, "prompt_mask": mask,
+          "modality": Modality.TEXT, "schedule": schedule, "return_history": True}
+    ref, ref_hist = generate(model, ids, **kw)
+    out, hist = generate(model, ids, unmask_threshold=1.0, unmask_floor="schedule", kv_cache="dual", **kw)
+    plain_dual, _ = generate(model, ids, kv_cache="dual", **kw)
+    assert torch.equal(out, plain_dual) and len(hist) == len(ref_hist) == 6
+    assert [int((h != VOCAB.mask_id).sum()) for h in hist] == [int((h != VOCAB.mask_id).sum()) for h in ref_hist]
+    out, hist = generate(model, ids, unmask_threshold=0.3, unmask_floor="schedule", **kw)
+    done = [int((h != VOCAB.mask_id).sum()) for h in hist]
+    assert all(d >= r for d, r in zip(done, [int((h != VOCAB.mask_id).sum()) for h in ref_hist]))
+    assert done[-1] == 24 and not (out == VOCAB.mask_id).any()
 
 
 def test_low_threshold_fills_a_block_per_step_and_padded_rows_match_single_runs():
