@@ -16,6 +16,10 @@ Logit convention. `forward` always returns *aligned* logits: position i holds th
    token i+1. We re-align as Dream's own `generate` does: out[i] = raw[i-1], and out at the first token of a
    sequence (of every segment when packed) = raw there. The loss and the sampler therefore never need to know
    which backbone they talk to.
+
+Cached decoding. `forward(kv=KVCache())` also records every layer's keys and values; `forward(kv=, window=(a,
+b))` then runs columns [a, b) alone against them, through the same attention (model/kvcache.py; the sampler's
+`kv_cache` option).
 """
 from __future__ import annotations
 
