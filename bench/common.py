@@ -22,6 +22,7 @@ GOALS = {
     "read.reader_vs_training": (">=", 10.0),
     "train.ray_vs_bare": (">=", 0.90),
     "sample.step_vs_forward": ("<=", 1.15),
+    "sample.fast_media_speedup": (">=", 3.0),
     "fsdp.sharded_vs_bare": (">=", 0.90),
 }
 
@@ -57,6 +58,7 @@ class Plan:
     prompt_len: int = 32
     gen_length: int = 64
     gen_steps: int = 16
+    fast_batch: int = 2                   # rows of the fast-sampling comparison (bench/sample.py)
     magvit_preset: str = "public"
     magvit_batches: tuple[int, ...] = (1, 16)
     magvit_repeats: int = 1

@@ -90,9 +90,30 @@ def _sample_rows(r: dict[str, Any]) -> list[Row]:
     rows.append((f"sample B={im['batch']} image canvas: head over {im['image_ids']:,} image ids vs all "
                  f"{im['vocab_rows']:,} rows (s per step)",
                  f"{fmt(im['subset_step_s'])} vs {fmt(im['full_step_s'])}", fmt(im["subset_vs_full"]), "", ""))
+    rows += _fast_rows(r.get("fast"))
     m = r["magvit2_encode"]
     for bs, v in m["images_per_s"].items():
         rows.append((f"MAGVIT-v2 {m['preset']} encode 256x256, batch {bs} (images/s)", fmt(v), "", "", ""))
+    return rows
+
+
+def _fast_rows(f: dict[str, Any] | None) -> list[Row]:
+    """Fast sampling per canvas: tokens/s of the cache and cache + threshold vs the plain sampler, and each
+    one's cost in full forwards per generated token."""
+    rows: list[Row] = []
+    for name, c in (f or {}).get("canvases", {}).items():
+        plain = c["plain"]
+        for setting in ("cache", "cache+threshold"):
+            e = c[setting]
+            g = (goal_check("sample.fast_media_speedup", e["speedup"]["median"]) if name != "text"
+                 else {"goal": "", "met": None})
+            label = (f"sample fast, {name} canvas {c['gen_length']} after {c['prompt_len']}, B={f['batch']}: "
+                     f"{setting} vs plain (tokens/s)")
+            rows.append((label, f"{fmt(e['tokens_per_s'])} vs {fmt(plain['tokens_per_s'])}",
+                         fmt(e["speedup"]), g["goal"], _met(g) if g["met"] is not None else ""))
+        rows.append((f"  {name}: full forwards per token, plain / cache / cache+threshold",
+                     " / ".join(f"{c[k]['forwards_per_token']:.3f}" for k in ("plain", "cache", "cache+threshold")),
+                     "", "", ""))
     return rows
 
 

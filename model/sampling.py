@@ -3,7 +3,8 @@
 One batched function, `generate`, whose keyword arguments are its configuration, and a few small helpers
 (the unmask schedules, the logit filters and penalties, confidence scores, position selection, adaptive output
 lengths). No per-row Python loop: every row of a batch shares the canvas layout, so each step unmasks the same
-number of positions per row.
+number of positions per row (with `unmask_threshold`, each row as many as pass it). `kv_cache` reuses keys and
+values across a block's steps (model/kvcache.py).
 
 Its defaults are this project's sampler; options select the reference Omni-Diffusion / Dream rules one by one
 (`schedule="dream"`, `filter_greedy`, `top_k`, `position_penalty_on="logits"`, `alg="origin"` and
@@ -20,6 +21,7 @@ from typing import Literal, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from model.kvcache import CACHE_MODES, CacheMode, KVCache, decode_window
 from model.vocab import Modality, Vocab
 
 Alg = Literal["entropy", "maskgit_plus", "topk_margin", "random", "origin", "entropy-penalty"]
@@ -28,6 +30,8 @@ Schedule = Literal["even", "dream"]
 SCHEDULES = ("even", "dream")
 PenaltyOn = Literal["confidence", "logits"]
 Ties = Literal["topk", "first"]
+Floor = Literal["one", "schedule"]
+FLOORS = ("one", "schedule")
 
 
 class Block(NamedTuple):
@@ -203,6 +207,17 @@ def confidence(probs: torch.Tensor, x0: torch.Tensor, alg: Alg,
     raise ValueError(f"unknown confidence alg {alg!r}; expected one of {ALGS}")
 
 
+def threshold_transfer(conf: torch.Tensor, p_x0: torch.Tensor, candidates: torch.Tensor, threshold: float,
+                       k: torch.Tensor, alg_temp: float = 0.0, generator: torch.Generator | None = None,
+                       ties: Ties = "topk") -> torch.Tensor:
+    """Confidence-threshold parallel decoding (Fast-dLLM §3.3): every candidate whose predicted token has
+    probability above `threshold`, and at least the row's k (B,) most confident by `conf` (chosen as
+    `select_positions` chooses). conf, p_x0 (B, N) float, candidates (B, N) bool -> (B, N) bool. A threshold
+    >= 1 never passes: k positions per row."""
+    best = select_positions(conf.masked_fill(~candidates, float("-inf")), k, alg_temp, generator, ties)
+    return candidates & ((p_x0 > threshold) | best)
+
+
 def position_penalty_factor(is_masked: torch.Tensor, penalty: float, start: int = 100) -> torch.Tensor:
     """Raster-order bias for image canvases (reference Omni-Diffusion `max_position_penalty`).
 
@@ -251,6 +266,9 @@ def generate(
     generator: torch.Generator | None = None,
     return_history: bool = False,
     subset_head: bool = True,
+    kv_cache: CacheMode = "off",
+    unmask_threshold: float | None = None,
+    unmask_floor: Floor = "one",
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """Generate `gen_length` tokens after each prompt by iterative unmasking; returns the canvas (B, gen_length).
 
@@ -328,6 +346,16 @@ def generate(
         canvas), call the model with `vocab_rows=` those ids after the first step, so the head, the softmax and
         the sampling run over them alone; the result is the same as masking the rest to -inf. The model must
         then accept `vocab_rows` (Transformer does). False = always the full rows.
+    kv_cache: block-wise key/value cache (Fast-dLLM; model/kvcache.py; the model must accept `kv=`, `window=`).
+        "off": full forwards. "prefix" / "dual": a block's first step is a full forward that fills the cache, its
+        later steps run the block and the canvas after it / the block alone against the cached rest.
+        Approximate: the cached rest is that of the block's first step (bidirectional attention would update it).
+    unmask_threshold: confidence-threshold parallel decoding (Fast-dLLM) in place of the schedule: each step
+        unmasks every masked position of the block whose token probability exceeds it, and at least the row's
+        floor (`threshold_transfer`); a block takes the steps it needs. None = the schedule.
+    unmask_floor: with a threshold, the least a step unmasks per row: "one" (Fast-dLLM; at most the block's
+        length in steps, a threshold >= 1 is one a step) or "schedule" (what the schedule leaves for the block's
+        remaining steps: ceil(masked / steps left) for "even", Dream's count; a threshold >= 1 is the schedule).
     """
     if alg not in ALGS:
         raise ValueError(f"unknown alg {alg!r}; expected one of {ALGS}")
@@ -339,6 +367,13 @@ def generate(
         raise ValueError(f"ties={ties!r}; expected 'topk' or 'first'")
     if alg_temp < 0 or (top_k is not None and top_k < 1):
         raise ValueError(f"alg_temp={alg_temp} must be >= 0 and top_k={top_k} None or >= 1")
+    if kv_cache not in CACHE_MODES:
+        raise ValueError(f"kv_cache={kv_cache!r}; expected one of {CACHE_MODES}")
+    if unmask_floor not in FLOORS:
+        raise ValueError(f"unmask_floor={unmask_floor!r}; expected one of {FLOORS}")
+    if unmask_threshold is not None and (alg == "origin" or unmask_threshold <= 0):
+        raise ValueError(f"unmask_threshold={unmask_threshold} must be > 0 and needs a confidence alg, not "
+                         f"alg={alg!r}")
     if prompt_ids.dim() != 2:
         raise ValueError(f"prompt_ids must be (B, P), got shape {tuple(prompt_ids.shape)}")
     G = gen_length
@@ -402,9 +437,18 @@ def generate(
         block_temperature = temperature if block.temperature is None else block.temperature
         block_segments = segments if segments is None or block_cfg else segments[:B]
         even = num_transfer_tokens((canvas[:, lo:hi] == mask_id).sum(1), block.steps)  # (B, S)
-        for step in range(block.steps):
+        cache = None   # refilled by the block's first forward
+        # with a threshold, at least one position per row per step: the block is full after hi - lo steps
+        one_floor = unmask_threshold is not None and unmask_floor == "one"
+        for step in range(hi - lo if one_floor else block.steps):
             n_masked = (canvas[:, lo:hi] == mask_id).sum(1)                    # (B,)
-            if alg == "origin":
+            if one_floor:
+                k = n_masked.clamp(max=1)          # a row's floor; the threshold adds more below
+                if int(k.max()) == 0:
+                    break
+            elif unmask_threshold is not None and schedule == "even":
+                k = -(-n_masked // (block.steps - step))   # the even split of what the threshold left
+            elif alg == "origin":
                 k = n_masked                       # an upper bound: the draw below decides
             elif schedule == "dream":
                 k = dream_transfer_count(n_masked, step, block.steps, eps)
@@ -422,6 +466,11 @@ def generate(
             only = torch.zeros(x.shape, dtype=torch.bool, device=device)
             only[:, P + lo:P + hi] = True  # the head runs on the block's columns only
             extra = {} if rows is None else {"vocab_rows": rows}
+            if kv_cache != "off":
+                if cache is None:
+                    cache = extra["kv"] = KVCache()          # the block's first step: full forward, fills it
+                else:
+                    extra.update(kv=cache, window=decode_window(kv_cache, P + lo, P + hi, P + G))
             logits = model(x, block_segments, only=only, **extra).float()         # (N, V) or (N, C)
             logits = logits.view(x.shape[0], hi - lo, -1)                         # (B or 2B, Lb, V or C)
             if block_cfg:
@@ -477,8 +526,13 @@ def generate(
                 conf = confidence(probs, x0, alg, generator)  # (B, Lb)
                 if position_penalty != 1.0 and position_penalty_on == "confidence":
                     conf = penalize(conf, factor)
-                conf = conf.masked_fill(~candidates, float("-inf"))
-                transfer = select_positions(conf, k, alg_temp, generator, ties) & candidates
+                if unmask_threshold is not None:
+                    p_x0 = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)            # (B, Lb)
+                    transfer = threshold_transfer(conf, p_x0, candidates, unmask_threshold, k, alg_temp,
+                                                  generator, ties)
+                else:
+                    conf = conf.masked_fill(~candidates, float("-inf"))
+                    transfer = select_positions(conf, k, alg_temp, generator, ties) & candidates
             if rows is not None:
                 x0 = rows[x0]   # columns -> ids
             canvas[:, lo:hi] = torch.where(transfer, x0, canvas[:, lo:hi])

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from common.configlib import ConfigError
-from model.sampling import ALGS, SCHEDULES, Alg, PenaltyOn, Schedule, Ties
+from model.kvcache import CACHE_MODES, CacheMode
+from model.sampling import ALGS, FLOORS, SCHEDULES, Alg, Floor, PenaltyOn, Schedule, Ties
 from model.vocab import Modality, PromptFormat
 
 IMAGE_PLACEHOLDER = "<|image|>"
@@ -72,6 +73,9 @@ class TaskSampler:
     transcript: int = 0          # media answers: text tokens written before the media (chain of modalities)
     speech_answer: bool = False  # text answers: the answer is text then speech (begin-of-audio pre-infilled)
     boa_fraction: float = 0.2    # where <boa> is pre-infilled when speech_answer
+    kv_cache: CacheMode = "off"  # block-wise key/value cache: "prefix" or "dual" (model/kvcache.py)
+    unmask_threshold: float = 0.0   # > 0: unmask every position above this confidence, >= 1 a step; 0 = schedule
+    unmask_floor: Floor = "one"     # with a threshold, at least one position a step, or the schedule's count
 
     def __post_init__(self) -> None:
         for key in ("length", "min_length", "max_length", "block_length", "penalty_start", "transcript"):
@@ -83,11 +87,15 @@ class TaskSampler:
             raise ConfigError(f"sampler temperature={self.temperature} must be >= 0 and top_p={self.top_p} in (0, 1]")
         if not 0 < self.boa_fraction < 1:
             raise ConfigError(f"sampler boa_fraction={self.boa_fraction} must be in (0, 1)")
+        if self.unmask_threshold < 0 or (self.unmask_threshold > 0 and self.alg == "origin"):
+            raise ConfigError(f"sampler unmask_threshold={self.unmask_threshold} must be >= 0 (0 = off) and needs "
+                              f"a confidence alg, not alg={self.alg!r}")
         if self.top_k < 0 or self.alg_temp < 0 or not 0 < self.eps < 1:
             raise ConfigError(f"sampler top_k={self.top_k} and alg_temp={self.alg_temp} must be >= 0, "
                               f"eps={self.eps} in (0, 1)")
         for key, allowed in (("alg", ALGS), ("schedule", SCHEDULES), ("uncond", UNCONDS), ("ties", ("topk", "first")),
-                             ("position_penalty_on", ("confidence", "logits"))):
+                             ("position_penalty_on", ("confidence", "logits")), ("kv_cache", CACHE_MODES),
+                             ("unmask_floor", FLOORS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"sampler {key}={getattr(self, key)!r}; expected one of {list(allowed)}")
 

@@ -16,6 +16,10 @@ Logit convention. `forward` always returns *aligned* logits: position i holds th
    token i+1. We re-align as Dream's own `generate` does: out[i] = raw[i-1], and out at the first token of a
    sequence (of every segment when packed) = raw there. The loss and the sampler therefore never need to know
    which backbone they talk to.
+
+Cached decoding. `forward(kv=KVCache())` also records every layer's keys and values; `forward(kv=, window=(a,
+b))` then runs columns [a, b) alone against them, through the same attention (model/kvcache.py; the sampler's
+`kv_cache` option).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from torch import nn
 
 from common.configlib import ConfigError
 from model.config import ModelConfig
+from model.kvcache import KVCache, LayerKV
 
 
 class RMSNorm(nn.Module):
@@ -115,13 +120,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv: LayerKV | None = None, start: int | None = None) -> torch.Tensor:
+        """x (B, L, dim) -> (B, L, dim). kv: this layer's cache; a full forward (start None) fills it with its
+        keys and values; with `start`, x holds the columns [start, start + L) of a longer cached sequence: their
+        keys and values replace the cached ones there and the queries attend over the whole cache (mask then
+        (B, 1, L, L_cache))."""
         B, L, _ = x.shape
         q = self.wq(x).view(B, L, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, L, D)
         k = self.wk(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         v = self.wv(x).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, L, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            k, v = kv.merge(k, v, start)                                              # (B, Hkv, L_cache, D)
         rep = self.n_heads // self.n_kv_heads
         if mask is None:
             # No mask: flash attention takes grouped K/V directly.
@@ -130,8 +141,8 @@ class Attention(nn.Module):
             # With a mask, repeat K/V to all heads so the memory-efficient kernel (which takes masks) applies
             # on every backend instead of the L x L math fallback.
             if rep > 1:
-                k = k.repeat_interleave(rep, dim=1)                                   # (B, H, L, D)
-                v = v.repeat_interleave(rep, dim=1)                                   # (B, H, L, D)
+                k = k.repeat_interleave(rep, dim=1)                                   # (B, H, L_kv, D)
+                v = v.repeat_interleave(rep, dim=1)                                   # (B, H, L_kv, D)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = out.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim)        # (B, L, H * D)
         return self.wo(out)
@@ -159,10 +170,10 @@ class Block(nn.Module):
         self.mlp = FeedForward(cfg.dim, cfg.hidden_dim)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                kv: LayerKV | None = None, start: int | None = None) -> torch.Tensor:
         # F.dropout is the identity when p == 0 or in eval mode; activation checkpointing replays the same RNG
-        h = x + F.dropout(self.attn(self.attn_norm(x), cos, sin, mask), self.dropout, self.training)
+        h = x + F.dropout(self.attn(self.attn_norm(x), cos, sin, mask, kv, start), self.dropout, self.training)
         return h + F.dropout(self.mlp(self.mlp_norm(h)), self.dropout, self.training)
 
 
@@ -218,7 +229,8 @@ class Transformer(nn.Module):
             nn.init.normal_(self.output.weight, std=std)
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor | None = None, *,
-                only: torch.Tensor | None = None, vocab_rows: torch.Tensor | None = None) -> torch.Tensor:
+                only: torch.Tensor | None = None, vocab_rows: torch.Tensor | None = None,
+                kv: KVCache | None = None, window: tuple[int, int] | None = None) -> torch.Tensor:
         """input_ids (B, L) int64, segment_ids (B, L) int or None -> aligned logits (B, L, V) float32.
         See the module docstring for the segment and logit conventions.
 
@@ -227,19 +239,36 @@ class Transformer(nn.Module):
         and the sampler at canvas positions only; the head is V x dim per position, so skipping the rest
         saves a large share of a small model's FLOPs.
         vocab_rows: optional (C,) int64 ids; the head then computes only those rows' logits, (..., C) with column
-        j = id vocab_rows[j]. The sampler passes the ids its canvas may emit (8,192 image codes of 176k ids)."""
+        j = id vocab_rows[j]. The sampler passes the ids its canvas may emit (8,192 image codes of 176k ids).
+        kv: a `model.kvcache.KVCache`; without `window` this forward (re)fills it with every layer's keys and
+        values; with window=(a, b) only the columns [a, b) of input_ids run (at their true RoPE positions, with
+        the segment mask's rows of those columns), against the cached keys and values of the others, and the
+        result is (B, b - a, V) logits of those columns, or (N, V) at `only` (which must lie inside the window).
+        A "shifted" model also runs column a - 1, whose raw output is column a's aligned logit."""
         B, L = input_ids.shape
         positions, mask, starts = positions_and_mask(segment_ids, B, L, input_ids.device)
-        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
-        h = self.tok_embeddings(input_ids)                                  # (B, L, dim)
+        media = None
         if self.media_pos is not None:
             if self.media_markers is None:
                 raise ValueError("model.media_positions > 0 but the model was built without media_markers: "
                                  "pass Transformer(..., media_markers=vocab.media_markers)")
-            rows = media_index(input_ids, starts, self.media_markers, self.cfg.media_positions)  # (B, L)
-            h = h + self.media_pos(rows) * (rows > 0)[..., None].to(h.dtype)
-        for block in self.layers:
-            h = block(h, cos, sin, mask)
+            media = media_index(input_ids, starts, self.media_markers, self.cfg.media_positions)  # (B, L)
+        start, window_shape = None, None
+        if window is not None:
+            window_shape = (B, window[1] - window[0]) if only is None else None   # whole window: (B, Lw, V)
+            only, start = self._window(window, only, kv, B, L)
+            cols = slice(start, window[1])
+            input_ids, positions = input_ids[:, cols], positions[:, cols]          # (B, Lw)
+            media = None if media is None else media[:, cols]                       # (B, Lw)
+            starts = None if starts is None else starts[:, cols]                    # (B, Lw)
+            mask = None if mask is None else mask[:, :, cols]                       # (B, 1, Lw, L)
+            B, L = input_ids.shape
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta)
+        h = self.tok_embeddings(input_ids)                                  # (B, L, dim)
+        if media is not None:
+            h = h + self.media_pos(media) * (media > 0)[..., None].to(h.dtype)
+        for i, block in enumerate(self.layers):
+            h = block(h, cos, sin, mask, None if kv is None else kv.layer(i), start)
         h = self.norm(h)
         head = self.tok_embeddings.weight if self.output is None else self.output.weight
         if vocab_rows is not None:
@@ -250,9 +279,10 @@ class Transformer(nn.Module):
             rows, cols = only.nonzero(as_tuple=True)                         # (N,), (N,)
             if self.cfg.logits == "shifted":
                 # aligned out[i] = raw[i-1], except at a sequence's (segment's) first token: raw there
-                first = cols == 0 if starts is None else starts[rows, cols]
+                first = cols + (start or 0) == 0 if starts is None else starts[rows, cols]
                 cols = torch.where(first, cols, cols - 1)
-            return F.linear(h[rows, cols], head).float()                     # (N, V)
+            out = F.linear(h[rows, cols], head).float()                      # (N, V)
+            return out if window_shape is None else out.view(*window_shape, -1)  # (B, b - a, V)
         raw = F.linear(h, head).float()                                     # (B, L, V)
         if self.cfg.logits == "aligned":
             return raw
@@ -261,6 +291,23 @@ class Transformer(nn.Module):
             return shifted
         # Within a packed row, a segment's first token must not read the previous segment's last output.
         return torch.where(starts[..., None], raw, shifted)
+
+    def _window(self, window: tuple[int, int], only: torch.Tensor | None, kv: KVCache | None, B: int,
+                L: int) -> tuple[torch.Tensor, int]:
+        """Check a cached forward's window -> (only over the columns that run (B, Lw), first column run)."""
+        a, b = window
+        if kv is None or not kv.filled or kv.length != L:
+            raise ValueError(f"window={window} needs kv= a KVCache filled by a full forward over these {L} "
+                             f"columns (cached: {0 if kv is None else kv.length})")
+        if not 0 <= a < b <= L:
+            raise ValueError(f"window={window} must satisfy 0 <= a < b <= {L}")
+        if only is None:
+            only = torch.zeros(B, L, dtype=torch.bool, device=kv.layers[0].k.device)
+            only[:, a:b] = True
+        elif only.shape != (B, L) or bool(only[:, :a].any()) or bool(only[:, b:].any()):
+            raise ValueError(f"only must be (B, L) = {(B, L)} and True inside window={window} alone")
+        start = a - 1 if self.cfg.logits == "shifted" and a > 0 else a   # raw[a - 1] is a's aligned logit
+        return only[:, start:b], start
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameter count; exclude_embedding drops the input embedding table (a lookup, not a matmul).

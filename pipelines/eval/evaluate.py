@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--asr-model", default="", help="local Whisper model folder to judge TTS (needs transformers)")
     p.add_argument("--clip-model", default="", help="local CLIP model folder for t2i clip_score (needs "
                                                     "transformers)")
-    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo")
+    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo | fast | "
+                   "demo-fast (fast sampling: key/value cache, confidence threshold; docs/inference.md)")
     p.add_argument("--sampler-config", default=None, help="YAML file of SamplerPresets overrides")
     p.add_argument("--device", default="auto")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: one per GPU, else 1)")

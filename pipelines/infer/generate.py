@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (local or s3://)")
     p.add_argument("--actors", type=int, default=None, help="actor pool size (default: one per GPU, else 1)")
     p.add_argument("--device", default="auto", help="device inside each actor: auto, cpu, cuda")
-    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo")
+    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo | fast | "
+                   "demo-fast (fast sampling: key/value cache, confidence threshold; docs/inference.md)")
     p.add_argument("--sampler-config", default=None, help="YAML file of SamplerPresets overrides")
     p.add_argument("--local", action="store_true", help="run in this process, without Ray")
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS or a local one)")

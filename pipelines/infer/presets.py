@@ -8,6 +8,9 @@ Presets:
                top_p 0.9, top_k 50 (filtered at temperature 0 too), Dream's schedule, the position penalty on
                logits, and its per-task lengths, steps, algs and penalties
     demo       the project settings sized for the CPU demo
+    fast       project + fast sampling (`FAST_TEXT`, `FAST_MEDIA`): a key/value cache and a confidence threshold
+               for every task, blocks of 32 and the schedule as the threshold's floor for image and speech
+    demo-fast  demo + the same fast sampling
 """
 from __future__ import annotations
 
@@ -18,7 +21,15 @@ from typing import Any, Sequence
 from common import configlib
 from model.tasks import TASKS, TaskSampler, default_sampler, spec
 
-PRESETS = ("project", "reference", "demo")
+PRESETS = ("project", "reference", "demo", "fast", "demo-fast")
+
+# Fast sampling (Fast-dLLM; docs/inference.md): the dual key/value cache and every position above 0.9 confidence
+# unmasked at once (Fast-dLLM's threshold). Image and speech canvases decode in blocks of 32 so the cache pays off
+# (one block would recompute the whole canvas each step) and keep the schedule as the floor: their codes are
+# rarely 0.9-confident, and with a floor of one a threshold that seldom passes is one token a step.
+FAST_TEXT = {"kv_cache": "dual", "unmask_threshold": 0.9}
+FAST_MEDIA = {"kv_cache": "dual", "block_length": 32, "unmask_threshold": 0.9, "unmask_floor": "schedule"}
+MEDIA_ANSWERS = ("t2i", "s2i", "tts")
 
 # Every task of the reference inference script: temperature=0.0 and top_p=0.9 passed to generate, top_k=50 from
 # the generation config (transformers' default), eps 1e-3, alg_temp 0, Dream's schedule, one block; equal
@@ -81,6 +92,12 @@ class SamplerPresets:
             p.svqa = TaskSampler(length=16, steps=16)
             p.batch_size = 16
             return p
+        if name in ("fast", "demo-fast"):
+            p = cls.preset("project" if name == "fast" else "demo")
+            for task in TASKS:
+                fast = FAST_MEDIA if task in MEDIA_ANSWERS else FAST_TEXT
+                setattr(p, task, dataclasses.replace(getattr(p, task), **fast))
+            return p
         raise configlib.ConfigError(f"unknown sampler preset {name!r}; presets: {list(PRESETS)}")
 
     def for_task(self, task: str) -> TaskSampler:
@@ -98,7 +115,8 @@ def generate_kwargs(s: TaskSampler) -> dict[str, Any]:
             "temperature": s.temperature,
             "top_p": s.top_p if s.top_p < 1.0 else None, "top_k": s.top_k or None, "filter_greedy": s.filter_greedy,
             "cfg_scale": s.cfg_scale, "position_penalty": s.position_penalty, "penalty_start": s.penalty_start,
-            "position_penalty_on": s.position_penalty_on, "repetition_penalty": s.repetition_penalty}
+            "position_penalty_on": s.position_penalty_on, "repetition_penalty": s.repetition_penalty,
+            "kv_cache": s.kv_cache, "unmask_threshold": s.unmask_threshold or None, "unmask_floor": s.unmask_floor}
 
 
 def load_presets(preset: str = "project", path: str | None = None, overrides: Sequence[str] = (),

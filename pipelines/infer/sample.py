@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio", default=None, help="audio file (asr, s2i, svqa, sqa)")
     p.add_argument("--out", default=None, help="folder (local or s3://) for answer.txt / image.png / speech.wav")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo")
+    p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo | fast | "
+                   "demo-fast (fast sampling: key/value cache, confidence threshold; docs/inference.md)")
     p.add_argument("--sampler-config", default=None, help="YAML file of SamplerPresets overrides")
     p.add_argument("overrides", nargs="*", help="sampler overrides, e.g. steps=32 temperature=0.5")
     return p

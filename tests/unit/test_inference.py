@@ -212,6 +212,23 @@ def test_block_length_and_seq_len_limits(loaded):
         predictor(loaded, "text.length=100000").prepare(Request("text", text="hi"))
 
 
+def test_image_blocks_and_the_fast_presets(loaded, media):
+    """block_length on an image canvas (codes + <eoi><im_end>, rarely a multiple): blocks of that length, the last
+    shorter, steps in proportion; the fast preset decodes every task's canvas with the cache on."""
+    n = loaded.tokenizers.image.tokens_per_image
+    p = predictor(loaded, "t2i.block_length=32", "t2i.steps=16")
+    c = p.prepare(Request("t2i", text="seven")).canvas
+    blocks = p.blocks(c)
+    assert [b.length for b in blocks] == [32] * ((n + 2) // 32) + [(n + 2) % 32] * bool((n + 2) % 32)
+    assert sum(b.steps for b in blocks) == 16 and min(b.steps for b in blocks) >= 1
+    fast = predictor(loaded, "t2i.steps=8", "tts.max_length=64", preset="demo-fast")
+    assert fast.presets.t2i.kv_cache == "dual" and fast.presets.vqa.unmask_threshold == 0.9
+    for req in (Request("t2i", text="seven"), Request("tts", text="seven"),
+                Request("i2t", images=[str(media["seven.png"])])):
+        out = fast.run([fast.prepare(req)])[0]
+        assert (out.canvas != loaded.vocab.mask_id).all(), req.task
+
+
 def test_decoders_cut_at_stop_tokens(loaded):
     p = predictor(loaded)
     v, tok = loaded.vocab, loaded.tokenizers.text
@@ -250,9 +267,10 @@ def test_demo_and_project_presets_sample_what_they_sampled_before(loaded, media,
 
     def before(model, ids, **kw):
         new = {k: kw.pop(k) for k in ("schedule", "eps", "alg_temp", "ties", "top_k", "filter_greedy",
-                                      "position_penalty_on")}
+                                      "position_penalty_on", "kv_cache", "unmask_threshold", "unmask_floor")}
         assert new == {"schedule": "even", "eps": 1e-3, "alg_temp": 0.0, "ties": "topk", "top_k": None,
-                       "filter_greedy": False, "position_penalty_on": "confidence"} and kw["alg"] in sampling_v1.ALGS
+                       "filter_greedy": False, "position_penalty_on": "confidence", "kv_cache": "off",
+                       "unmask_threshold": None, "unmask_floor": "one"} and kw["alg"] in sampling_v1.ALGS
         return sampling_v1.generate(model, ids, **kw)
 
     monkeypatch.setattr(predictor_module, "generate", before)
