@@ -107,3 +107,24 @@ def test_training_set_from_jsonl_reads_each_answer_recording_once(clips, tmp_pat
     codes, labels = speech_training_set(str(path), Tokenizers())
     assert labels.tolist() == [c.digit for c in index]
     assert all(c.shape[0] == 1 and c.shape[1] > 10 for c in codes)
+
+
+def test_eval_scores_tts_by_the_judge_beside_its_real_ceiling():
+    """`omnidiff eval`'s tts row: judge_accuracy over every labelled item (a failed generation is wrong),
+    judge_real_accuracy on the reference recordings, and the own-ASR metrics unchanged."""
+    from pipelines.eval.evaluate import task_metrics
+
+    rng = np.random.default_rng(0)
+    clip = lambda d: (d * 3 + rng.integers(0, 3, size=(1, 20))).astype(np.int64)  # digit d: codes 3d..3d+2
+    judge = fit_speech_classifier([clip(d) for d in range(4) for _ in range(5)], np.repeat(np.arange(4), 5), 12)
+    items = [{"idx": i, "task": "tts", "label": d, "spoken": ["zero", "one", "two", "three"][d]}
+             for i, d in enumerate([0, 1, 2, 3])]
+    preds = [{"ok": True, "audio_codes": clip(0).tolist(), "transcript": "zero"},
+             {"ok": True, "audio_codes": clip(2).tolist(), "transcript": "one"},    # says two: wrong
+             {"ok": True, "audio_codes": clip(2).tolist(), "transcript": "two"},
+             {"ok": False}]                                                       # failed: wrong
+    real = {0: clip(0), 1: clip(1), 2: clip(2), 3: clip(1)}                     # one real clip misheard
+    m = task_metrics("tts", items, preds, speech_judge=judge, real_speech=real)
+    assert m["judge_accuracy"] == 0.5 and m["judge_real_accuracy"] == 0.75
+    assert m["exact_match"] == 0.75 and m["n"] == 4 and m["n_failed"] == 1
+    assert "judge_accuracy" not in task_metrics("tts", items, preds)            # no judge given: own ASR only
