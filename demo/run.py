@@ -412,12 +412,12 @@ def summarize(eval_results: dict) -> tuple[dict[str, dict], float | None, float 
 
 
 def format_results(results: dict) -> str:
-    lines = [f"{'task':<6} {'accuracy':>9} {'bar':>6}  {'n':>4}  judged by", "-" * 70]
+    lines = [f"{'task':<7} {'accuracy':>8} {'bar':>6}  {'n':>4}  judged by", "-" * 70]
     for task, m in results["tasks"].items():
         acc = m["accuracy"]
         bar = QUALITY_BAR.get(task)
         mark = "" if bar is None or acc is None else ("  ok" if acc >= bar else "  BELOW")
-        lines.append(f"{task:<6} {'-' if acc is None else f'{100 * acc:8.1f}%'} "
+        lines.append(f"{task:<7}{'-' if acc is None else f'{100 * acc:8.1f}%'} "
                      f"{'' if bar is None else f'{100 * bar:5.0f}%'}{mark:<6} {m.get('n', 0):>4}  "
                      f"{ACCURACY_MEANING[task]}"
                      + (f" (its transcript, written first: {100 * m['transcript_exact_match']:.1f}% right)"
