@@ -105,6 +105,7 @@ def speech_training_set(data: str, tokenizers: Any, tasks: Sequence[str] = ("tts
                         ) -> tuple[list[np.ndarray], np.ndarray]:
     """Real labelled clips (codes (n_q, T)) of `data`: the answer recordings of `tasks` lines/samples that carry
     an integer "label" (the answer says its label), each recording once."""
+    # evaluate imports this module: its helpers are imported at call time
     from pipelines.eval.evaluate import _label, is_shards
 
     clips: list[np.ndarray] = []
