@@ -44,10 +44,15 @@ from tokenize_jobs.config import TokenizeJobConfig
 REPO = Path(__file__).resolve().parents[1]
 DEMO_YAML = REPO / "configs" / "demo" / "demo.yaml"
 TASK_ORDER = ("i2t", "asr", "t2i", "s2i", "tts", "svqa")
+# TTS is scored by the speech-code judge fitted on real recordings (pipelines/eval/speech_judge.py); the model's
+# own ASR on its generated codes is the second row, `tts_asr` (not independent: one model on both sides).
+OWN_ASR_ROW = "tts_asr"
 # The quality bar of the demo, as fractions; each task's "accuracy" is checked against it.
 QUALITY_BAR = {"i2t": 0.95, "asr": 0.90, "t2i": 0.85, "s2i": 0.85, "tts": 0.80}
 ACCURACY_MEANING = {"i2t": "exact digit word", "asr": "exact transcript", "svqa": "exact digit word",
-                    "tts": "own ASR on generated speech tokens", "t2i": "digit classifier on generated image",
+                    "tts": "speech-code classifier (fitted on training voices) on generated codes",
+                    OWN_ASR_ROW: "the model's own ASR on its generated speech codes",
+                    "t2i": "digit classifier on generated image",
                     "s2i": "digit classifier on generated image"}
 
 
@@ -274,7 +279,8 @@ def evaluate(demo: DemoConfig, export: str, corpus: dict, out: Path, eval_limit:
 
     return ev.evaluate(export, corpus["test"], out=str(out / "eval"), presets=demo.sampler,
                        classifier_train_data=corpus["train"], limit=eval_limit or None, local=False,
-                       actors=demo.eval_actors, device="cpu", verbose=False, return_predictions=True)
+                       actors=demo.eval_actors, device="cpu", verbose=False, return_predictions=True,
+                       speech_judge_data=str(out / "tok"))   # the training voices' clips, already as codes
 
 
 # ---- gallery -------------------------------------------------------------------------------------------------
@@ -384,29 +390,34 @@ def _write_gallery(demo: DemoConfig, export: str, corpus: dict, out: Path, sampl
 
 # ---- results -------------------------------------------------------------------------------------------------
 
-def summarize(eval_results: dict) -> tuple[dict[str, dict], float | None]:
-    """`omnidiff eval`'s per-task metrics -> the demo's tasks table (each with "accuracy") and the classifier's
-    accuracy on the real held-out images."""
-    tasks, real = {}, []
+def summarize(eval_results: dict) -> tuple[dict[str, dict], float | None, float | None]:
+    """`omnidiff eval`'s per-task metrics -> the demo's tasks table (each with "accuracy"), the image
+    classifier's accuracy on the real held-out images and the speech judge's on the real held-out clips. TTS
+    reads the judge's accuracy; its own-ASR accuracy is the row OWN_ASR_ROW."""
+    tasks, real, real_speech = {}, [], None
     for task in TASK_ORDER:
         m = eval_results["tasks"].get(task)
         if m is None:
             continue
-        acc = m.get(spec(task).metric)
-        tasks[task] = {"accuracy": None if acc is None else round(float(acc), 4),
-                       **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}}
+        acc = m.get("judge_accuracy", m.get(spec(task).metric))
+        row = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+        tasks[task] = {"accuracy": None if acc is None else round(float(acc), 4), **row}
+        if "judge_accuracy" in m:
+            own = m.get(spec(task).metric)
+            tasks[OWN_ASR_ROW] = {"accuracy": None if own is None else round(float(own), 4), **row}
+            real_speech = round(float(m["judge_real_accuracy"]), 4) if "judge_real_accuracy" in m else None
         if "real_accuracy" in m:
             real.append(m["real_accuracy"])
-    return tasks, (round(float(np.mean(real)), 4) if real else None)
+    return tasks, (round(float(np.mean(real)), 4) if real else None), real_speech
 
 
 def format_results(results: dict) -> str:
-    lines = [f"{'task':<6} {'accuracy':>9} {'bar':>6}  {'n':>4}  judged by", "-" * 70]
+    lines = [f"{'task':<7} {'accuracy':>8} {'bar':>6}  {'n':>4}  judged by", "-" * 70]
     for task, m in results["tasks"].items():
         acc = m["accuracy"]
         bar = QUALITY_BAR.get(task)
         mark = "" if bar is None or acc is None else ("  ok" if acc >= bar else "  BELOW")
-        lines.append(f"{task:<6} {'-' if acc is None else f'{100 * acc:8.1f}%'} "
+        lines.append(f"{task:<7}{'-' if acc is None else f'{100 * acc:8.1f}%'} "
                      f"{'' if bar is None else f'{100 * bar:5.0f}%'}{mark:<6} {m.get('n', 0):>4}  "
                      f"{ACCURACY_MEANING[task]}"
                      + (f" (its transcript, written first: {100 * m['transcript_exact_match']:.1f}% right)"
@@ -414,6 +425,9 @@ def format_results(results: dict) -> str:
     real = results["classifier_accuracy_on_real_heldout"]
     if real is not None:
         lines.append(f"digit classifier (fitted on training images) on REAL held-out images: {100 * real:.1f}%")
+    real = results.get("tts_judge_real")
+    if real is not None:
+        lines.append(f"speech-code classifier (fitted on training voices) on REAL held-out clips: {100 * real:.1f}%")
     return "\n".join(lines)
 
 
@@ -462,11 +476,12 @@ def run_demo(demo: DemoConfig, out: Path, *, small: bool = False, steps: int | N
                 ray.shutdown()
 
     tracking_uri = resolve_tracking_uri(cfg.mlflow.tracking_uri, cfg.run.run_dir)
-    tasks, real = summarize(ev)
+    tasks, real, real_speech = summarize(ev)
     results = {
         "wall_seconds": round(time.perf_counter() - t0, 1),
         "tasks": tasks,
         "classifier_accuracy_on_real_heldout": real,
+        "tts_judge_real": real_speech,
         "quality_bar": {t: {"bar": b, "passed": tasks.get(t, {}).get("accuracy") is not None
                             and tasks[t]["accuracy"] >= b} for t, b in QUALITY_BAR.items()},
         "stage_seconds": timings,

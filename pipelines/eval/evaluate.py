@@ -17,7 +17,10 @@ word WER with jiwer):
     tts              wer of the generated speech transcribed by a judge: by default this model's own ASR direction
                      applied to the speech TOKENS it generated (the demo's offline EnCodec has an untrained
                      decoder, so re-encoding its audio would judge noise); `--asr-model <whisper dir>` transcribes
-                     the decoded waveform with a local Whisper model instead (pipelines/eval/whisper.py)
+                     the decoded waveform with a local Whisper model instead (pipelines/eval/whisper.py);
+                     with `--speech-judge-data` also judge_accuracy: a classifier of speech codes fitted on real
+                     labelled recordings only names the generated clip's label (pipelines/eval/speech_judge.py),
+                     next to judge_real_accuracy, the same classifier on the real held-out recordings
     i2t vqa svqa text  exact_match; option_accuracy for lines with "options" (multiple choice)
     sqa              exact_match of the text of the spoken answer (the text before its <boa>)
     t2i s2i          class_accuracy: generated images classified by an image classifier fitted on real images of
@@ -53,6 +56,11 @@ from model.tokenizers.base import BadInput
 from model.vocab import Modality
 from pipelines import export as export_format
 from pipelines.eval import benchmarks, scoring
+from pipelines.eval.speech_judge import (
+    encode_clips,
+    fit_speech_classifier,
+    speech_training_set,
+)
 from pipelines.eval.whisper import WhisperJudge
 from pipelines.infer.generate import input_base_dir, map_with_actors
 from pipelines.infer.predictor import (
@@ -113,6 +121,9 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
                 said = answer[: int(np.argmax(answer == vocab.boi_id))] if (answer == vocab.boi_id).any() else []
                 if len(said):   # an s2i transcript before the image
                     item["ref_text"] = tokenizers.text.decode([int(t) for t in said if t < vocab.text_size])
+            elif spec(task).judge == Judge.SPEECH:
+                lo, hi = vocab.audio_range()
+                item["ref_audio"] = vocab.audio_codes(answer[(answer >= lo) & (answer < hi)]).tolist()  # (n_q, T)
             counts[task] += 1
             items.append(item)
     else:
@@ -138,6 +149,8 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
                     "spoken": spoken_text(templates.get(req.task, tokenizers.vocab.prompt_format), users[-1]) if users else ""}
             if spec(req.task).judge == Judge.IMAGE and ref.images:
                 item["ref_image"] = ref.images[0]
+            if spec(req.task).judge == Judge.SPEECH and ref.audios:
+                item["ref_audio"] = ref.audios[-1]
             counts[req.task] += 1
             items.append(item)
     return items
@@ -335,7 +348,8 @@ def clip_score(images: Sequence[np.ndarray], texts: Sequence[str], model_dir: st
 # ---- metrics ----------------------------------------------------------------------------------------------
 
 def task_metrics(task: str, items: list[dict], preds: list[dict], *, classifier: Any = None,
-                 real_images: dict[int, np.ndarray] | None = None, clip_model: str = "") -> dict[str, float]:
+                 real_images: dict[int, np.ndarray] | None = None, clip_model: str = "",
+                 speech_judge: Any = None, real_speech: dict[int, np.ndarray] | None = None) -> dict[str, float]:
     """Metrics of one task from its items and their predictions (same order). Items whose generation failed
     count as wrong (empty hypothesis)."""
     out: dict[str, Any] = {"n": len(items), "n_failed": sum(not p["ok"] for p in preds)}
@@ -360,6 +374,15 @@ def task_metrics(task: str, items: list[dict], preds: list[dict], *, classifier:
         if scored:
             out["wer"] = scoring.wer([r for r, _ in scored], [h for _, h in scored])
             out["exact_match"] = scoring.exact_match([r for r, _ in scored], [h for _, h in scored])
+        labeled = [(it, p) for it, p in zip(items, preds) if it.get("label") is not None]
+        if speech_judge is not None and labeled:
+            # a failed or empty generation is an empty clip: the judge names no label for it
+            gen = [np.asarray(p.get("audio_codes") or np.zeros((1, 0)), dtype=np.int64) for _, p in labeled]
+            out["judge_accuracy"] = speech_judge.accuracy(gen, [it["label"] for it, _ in labeled])
+            reals = [(real_speech[it["idx"]], it["label"]) for it, _ in labeled
+                     if real_speech and it["idx"] in real_speech]
+            if reals:
+                out["judge_real_accuracy"] = speech_judge.accuracy([r for r, _ in reals], [y for _, y in reals])
     elif judge == Judge.IMAGE:
         labeled = [(it, p) for it, p in zip(items, preds) if it.get("label") is not None]
         if classifier is not None and labeled:
@@ -400,8 +423,8 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
              out: str | None = None, presets: SamplerPresets | None = None, classifier_train_data: str = "",
              asr_model: str = "", clip_model: str = "", local: bool | None = None, actors: int | None = None,
              device: str = "auto", mlflow: bool = True, mlflow_tracking_uri: str = "", verbose: bool = True,
-             return_predictions: bool = False, benchmark: str = "", images: str = "", prompt: str = "reference"
-             ) -> dict:
+             return_predictions: bool = False, benchmark: str = "", images: str = "", prompt: str = "reference",
+             speech_judge_data: str = "") -> dict:
     """Evaluate `checkpoint` on `data` (messages JSONL or shards folder; with `benchmark`, that benchmark's
     public layout: pipelines/eval/benchmarks.py, `images` and `prompt` as it says). Returns the results dict
     written to <out>/results.json: {"tasks": {row: {metric: value, "n": n, "n_failed": k}}, "checkpoint",
@@ -439,6 +462,19 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
                     and it.get("label") is not None:
                 real[it["idx"]] = real_image(it["ref_image"], tokenizers, base)
 
+    speech_judge, real_speech = None, {}
+    speech_items = [it for it in items if spec(it["task"]).judge == Judge.SPEECH and it.get("label") is not None]
+    if speech_judge_data and speech_items:
+        clips, labels = speech_training_set(speech_judge_data, tokenizers)
+        speech_judge = fit_speech_classifier(clips, labels, tokenizers.vocab.audio_codebook_size)
+        refs = [it for it in speech_items if it.get("ref_audio") is not None]
+        paths = [it for it in refs if isinstance(it["ref_audio"], str)]
+        for it in refs:
+            if not isinstance(it["ref_audio"], str):
+                real_speech[it["idx"]] = np.asarray(it["ref_audio"], dtype=np.int64)   # (n_q, T) from shards
+        wavs = [tokenizers.speech.load(read_media(it["ref_audio"], base, "audio"), source=it["ref_audio"])
+                for it in paths]
+        real_speech.update(zip([it["idx"] for it in paths], encode_clips(tokenizers.speech, wavs)))
     # actors load the export by its own URI: on another node the local cache path above does not exist
     preds = run_predictions(checkpoint, items, presets, base_dir=base, device=device, asr_model=asr_model,
                             local=local, actors=actors)
@@ -449,7 +485,8 @@ def evaluate(checkpoint: str, data: str, *, tasks: Sequence[str] | None = None, 
         for i, it in enumerate(items):
             by_task[it["task"]].append(i)
         table = {task: task_metrics(task, [items[i] for i in idx], [preds[i] for i in idx], classifier=classifier,
-                                    real_images=real, clip_model=clip_model)
+                                    real_images=real, clip_model=clip_model, speech_judge=speech_judge,
+                                    real_speech=real_speech)
                  for task, idx in sorted(by_task.items(), key=lambda kv: TASKS.index(kv[0]))}
     run = export_format.mlflow_run(export.config, checkpoint, mlflow_tracking_uri) if mlflow else None
     results = {"tasks": table, "checkpoint": checkpoint, "data": data, "benchmark": benchmark or None,
@@ -496,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-train-data", default="", help="labeled real images (JSONL or shards) to fit "
                                                                "the t2i/s2i image classifier on")
     p.add_argument("--asr-model", default="", help="local Whisper model folder to judge TTS (needs transformers)")
+    p.add_argument("--speech-judge-data", default="", help="labelled real TTS recordings (JSONL or shards) to fit "
+                                                           "the speech-code classifier that also judges TTS")
     p.add_argument("--clip-model", default="", help="local CLIP model folder for t2i clip_score (needs "
                                                     "transformers)")
     p.add_argument("--preset", default="project", help="sampler preset: project (default) | reference | demo | fast | "
@@ -524,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(args.ray_address)
     evaluate(args.checkpoint, args.data, tasks=args.tasks, limit=args.limit, out=args.out, presets=presets,
              classifier_train_data=args.classifier_train_data, asr_model=args.asr_model, clip_model=args.clip_model,
+             speech_judge_data=args.speech_judge_data,
              local=args.local, actors=args.actors, device=args.device, mlflow=not args.no_mlflow,
              benchmark=args.benchmark, images=args.images, prompt=args.prompt,
              mlflow_tracking_uri=args.mlflow_tracking_uri)

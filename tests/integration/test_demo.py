@@ -13,7 +13,7 @@ import ray
 
 from demo import run as demo
 
-TASKS = {"i2t", "asr", "t2i", "s2i", "tts", "svqa"}
+TASKS = {"i2t", "asr", "t2i", "s2i", "tts", "tts_asr", "svqa"}   # tts_asr: TTS by its own ASR
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def test_results_json_has_the_agreed_keys(small_demo):
         assert 0.0 <= metrics["accuracy"] <= 1.0, task
         assert metrics["n"] == 10, task            # small.eval_limit items of each task were judged
     assert 0.0 <= results["classifier_accuracy_on_real_heldout"] <= 1.0
+    assert 0.0 <= results["tts_judge_real"] <= 1.0   # the speech judge on the real held-out clips
+    assert "judge_accuracy" in results["tasks"]["tts"] and "exact_match" in results["tasks"]["tts_asr"]
     # speech-to-image writes the transcript first (corpus.s2i_transcript); the eval scores it beside the image
     assert 0.0 <= results["tasks"]["s2i"]["transcript_exact_match"] <= 1.0
     assert results["train"]["steps"] == 24 and results["train"]["max_steps"] == 40
