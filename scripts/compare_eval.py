@@ -2,9 +2,11 @@
 
 For checking a faster sampler preset against the one it replaces (docs/inference.md, "Fast sampling"):
 
-    omnidiff eval --checkpoint $CK --data $TEST --classifier-train-data $TRAIN --preset demo      --out runs/demo/eval-plain
-    omnidiff eval --checkpoint $CK --data $TEST --classifier-train-data $TRAIN --preset demo-fast --out runs/demo/eval-fast
-    python scripts/compare_eval.py runs/demo/eval-plain runs/demo/eval-fast
+    omnidiff eval --checkpoint $CK --data $TEST --classifier-train-data $TRAIN --preset project --out /tmp/ev-plain
+    omnidiff eval --checkpoint $CK --data $TEST --classifier-train-data $TRAIN --preset fast    --out /tmp/ev-fast
+    python scripts/compare_eval.py /tmp/ev-plain /tmp/ev-fast
+
+(A finished demo run: `python -m demo.compare runs/demo`, which uses the demo's own sampler settings.)
 
 Prints one line per task: the metric (`Task.metric`: class_accuracy for images, exact_match otherwise) of each
 run, their difference, and each run's wall time in seconds.

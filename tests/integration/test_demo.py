@@ -106,3 +106,17 @@ def test_gallery_has_a_row_per_digit(small_demo):
     for word, p in first.items():
         assert heard[word] == {"frames": p["speech_frames"], "asr_hears": p["transcript"]}
         assert len(p["audio_codes"][0]) == p["speech_frames"]
+
+
+def test_compare_evaluates_the_run_with_the_plain_and_the_fast_sampler(small_demo, capsys):
+    from demo import compare
+
+    _, out = small_demo
+    assert compare.main([str(out)]) == 0
+    got = json.loads((out / "compare.json").read_text())
+    assert set(got["plain"]) == set(got["fast"]) == {"i2t", "asr", "t2i", "s2i", "tts", "svqa"}
+    for task, metrics in got["plain"].items():
+        assert metrics["n"] == got["fast"][task]["n"] == 10 and metrics["n_failed"] == 0, task
+    printed = capsys.readouterr().out
+    assert all(f"\n{task} " in printed for task in got["plain"]) and "seconds: plain" in printed
+    assert (out / "eval-fast" / "results.json").is_file()

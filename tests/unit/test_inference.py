@@ -214,7 +214,8 @@ def test_block_length_and_seq_len_limits(loaded):
 
 def test_image_blocks_and_the_fast_presets(loaded, media):
     """block_length on an image canvas (codes + <eoi><im_end>, rarely a multiple): blocks of that length, the last
-    shorter, steps in proportion; the fast preset decodes every task's canvas with the cache on."""
+    shorter, steps in proportion; the fast preset decodes every task's canvas, with the cache and threshold on
+    image canvases, the threshold alone on text answers and speech answers as in its base preset."""
     n = loaded.tokenizers.image.tokens_per_image
     p = predictor(loaded, "t2i.block_length=32", "t2i.steps=16")
     c = p.prepare(Request("t2i", text="seven")).canvas
@@ -223,6 +224,9 @@ def test_image_blocks_and_the_fast_presets(loaded, media):
     assert sum(b.steps for b in blocks) == 16 and min(b.steps for b in blocks) >= 1
     fast = predictor(loaded, "t2i.steps=8", "tts.max_length=64", preset="demo-fast")
     assert fast.presets.t2i.kv_cache == "dual" and fast.presets.vqa.unmask_threshold == 0.9
+    assert fast.presets.vqa.kv_cache == "off" and fast.presets.s2i.block_length == 32
+    tts = fast.presets.tts                                                          # speech answers: unchanged
+    assert (tts.kv_cache, tts.unmask_threshold, tts.block_length) == ("off", 0.0, 0)
     for req in (Request("t2i", text="seven"), Request("tts", text="seven"),
                 Request("i2t", images=[str(media["seven.png"])])):
         out = fast.run([fast.prepare(req)])[0]
