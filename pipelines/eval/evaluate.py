@@ -44,7 +44,7 @@ import sys
 import time
 import traceback
 from collections import defaultdict
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -154,6 +154,18 @@ def load_items(data: str, tokenizers: Any, *, tasks: Sequence[str] | None = None
             counts[req.task] += 1
             items.append(item)
     return items
+
+
+def jsonl_objects(data: str, what: str) -> Iterator[dict]:
+    """The JSON objects of a JSONL file; a line that does not parse is skipped with a line on stderr."""
+    for n, raw in enumerate(storage.read_text(data).splitlines(), start=1):
+        try:
+            line = json.loads(raw) if raw.strip() else None
+        except json.JSONDecodeError as e:
+            print(f"eval: {what} {data} line {n} skipped: {e}", file=sys.stderr)
+            continue
+        if isinstance(line, dict):
+            yield line
 
 
 def _label(value: Any) -> int | None:
@@ -304,14 +316,7 @@ def classifier_training_set(data: str, tokenizers: Any) -> tuple[np.ndarray, np.
     else:
         base = input_base_dir(data)
         seen: set[str] = set()
-        for n, raw in enumerate(storage.read_text(data).splitlines(), start=1):
-            try:
-                line = json.loads(raw) if raw.strip() else None
-            except json.JSONDecodeError as e:
-                print(f"eval: classifier data {data} line {n} skipped: {e}", file=sys.stderr)
-                continue
-            if not isinstance(line, dict):
-                continue
+        for line in jsonl_objects(data, "classifier data"):
             label = _label(line.get("label", (line.get("meta") or {}).get("label")))
             for ref in line.get("images", []) if label is not None else []:
                 if ref not in seen:

@@ -15,15 +15,12 @@ answer's recording, encoded by the export's speech tokenizer, each file once) or
 """
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from common import storage
 
 SEGMENTS = 2   # 1, 2, 3, 4, 6 slices: 95.0, 95.0, 94.2, 95.8, 95.0% on the demo's held-out voices
 
@@ -106,7 +103,7 @@ def speech_training_set(data: str, tokenizers: Any, tasks: Sequence[str] = ("tts
     """Real labelled clips (codes (n_q, T)) of `data`: the answer recordings of `tasks` lines/samples that carry
     an integer "label" (the answer says its label), each recording once."""
     # evaluate imports this module: its helpers are imported at call time
-    from pipelines.eval.evaluate import _label, is_shards
+    from pipelines.eval.evaluate import _label, is_shards, jsonl_objects
 
     clips: list[np.ndarray] = []
     labels: list[int] = []
@@ -135,13 +132,8 @@ def speech_training_set(data: str, tokenizers: Any, tasks: Sequence[str] = ("tts
 
         base = input_base_dir(data)
         paths: dict[str, int] = {}
-        for n, raw in enumerate(storage.read_text(data).splitlines(), start=1):
-            try:
-                line = json.loads(raw) if raw.strip() else None
-            except json.JSONDecodeError as e:
-                print(f"eval: speech judge data {data} line {n} skipped: {e}", file=sys.stderr)
-                continue
-            if not isinstance(line, dict) or line.get("task") not in tasks:
+        for line in jsonl_objects(data, "speech judge data"):
+            if line.get("task") not in tasks:
                 continue
             label = _label(line.get("label"))
             audios = line.get("audios") or []
