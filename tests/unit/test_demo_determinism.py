@@ -1,7 +1,7 @@
 """The demo's training and sampling are a function of their seeds: the demo's own model and diffusion settings
 (configs/train/demo.yaml), trained a few steps twice from train.seed on the same shards, take bit-identical
 steps and then sample bit-identical canvases (random order at temperature 1, as the demo's TTS sampler does).
-The whole demo, Ray and two gloo workers included, twice: tests/slow/test_demo_determinism.py."""
+The whole demo, Ray and two gloo workers included, twice: tests/slow/test_small_demo_repeats.py."""
 from __future__ import annotations
 
 from pathlib import Path
