@@ -149,10 +149,10 @@ def pack_samples(samples: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]) -
             "metas": "\n".join(json.dumps(s[2], sort_keys=True, ensure_ascii=False) for s in samples)}
 
 
-def unpack_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[int] | None = None
-                   ) -> Iterator[dict[str, Any]]:
-    """`pack_samples` -> WebDataset samples `<key>_<j>`. `lengths` (each sample's n_tokens, when the caller has
-    them) saves parsing the meta lines."""
+def split_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[int] | None = None
+                  ) -> Iterator[tuple[str, np.ndarray, np.ndarray, str]]:
+    """`pack_samples` -> (`<key>_<j>`, input_ids, answer_mask, meta JSON line) per sample. `lengths` (each
+    sample's n_tokens, when the caller has them) saves parsing the meta lines."""
     all_ids = np.frombuffer(ids, dtype=np.int32)
     all_mask = np.frombuffer(mask, dtype=np.bool_)
     lines = metas.split("\n") if metas else []
@@ -163,11 +163,18 @@ def unpack_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[
     start = 0
     for j, (line, n) in enumerate(zip(lines, lengths)):
         end = start + n
-        yield wds_sample(f"{key}_{j}", all_ids[start:end], all_mask[start:end], line.encode("utf-8"))
+        yield f"{key}_{j}", all_ids[start:end], all_mask[start:end], line
         start = end
     if start != all_ids.size or all_ids.size != all_mask.size:
         raise ValueError(f"input {key}: {all_ids.size} ids / {all_mask.size} mask values for samples of "
                          f"{start} tokens")
+
+
+def unpack_samples(key: str, ids: bytes, mask: bytes, metas: str, lengths: list[int] | None = None
+                   ) -> Iterator[dict[str, Any]]:
+    """`pack_samples` -> WebDataset samples `<key>_<j>`."""
+    for k, sample_ids, sample_mask, line in split_samples(key, ids, mask, metas, lengths):
+        yield wds_sample(k, sample_ids, sample_mask, line.encode("utf-8"))
 
 
 # ---- shards and indexes, written by the workers ----------------------------------------------------------------
@@ -220,16 +227,17 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
     `crash_once` is fault injection (`crash_task_once`)."""
     commits: list[dict[str, Any]] = []
     shard, part = TarShard(), _IndexPart()
+    written: list[tuple[str, np.ndarray, np.ndarray, str]] = []   # the shard's samples, for its sample index
 
     def close() -> None:
-        nonlocal shard, part
+        nonlocal shard, part, written
         stem = f"{run_id}-{uuid.uuid4().hex[:12]}"
         entry = {"shard": "", "samples": 0, "bytes": 0, "sha256": "", "samples_index": ""}
         if shard.samples:
             data = shard.close()
             rel = f"{SHARDS_DIR}/{stem}.tar"
             if eos_id is not None:
-                blob = build_sample_index(data, rel, eos_id)
+                blob = build_sample_index(data, rel, eos_id, written)
                 samples_rel = f"{INDEX_DIR}/{stem}{SAMPLE_INDEX_SUFFIX}"
                 storage.write_bytes_atomic(storage.join(out, samples_rel), blob)
                 entry["samples_index"] = json.dumps({"path": samples_rel, "bytes": len(blob),
@@ -243,15 +251,18 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
                         "tokenized": part.tokenized, "quarantined": part.quarantined,
                         "counts": json.dumps({k: dict(v) for k, v in part.counts.items()}, ensure_ascii=False),
                         "quarantine": "\n".join(part.quarantine)})
-        shard, part = TarShard(), _IndexPart()
+        shard, part, written = TarShard(), _IndexPart(), []
         if crash_once:
             crash_task_once(crash_once)
 
     for row in rows:
         if row["status"] == "ok":
-            lengths = [st["n_tokens"] for st in json.loads(row["stats"])]
-            for sample in unpack_samples(row["fp"], row["ids"], row["mask"], row["metas"], lengths):
-                shard.write(sample)
+            stats = json.loads(row["stats"])
+            for (k, ids, mask, line), st in zip(split_samples(row["fp"], row["ids"], row["mask"], row["metas"],
+                                                              [st["n_tokens"] for st in stats]), stats):
+                shard.write(wds_sample(k, ids, mask, line.encode("utf-8")))
+                if eos_id is not None:
+                    written.append((k, ids, mask, st["task"]))
         part.add(row)
         if shard.samples >= max_samples or shard.size >= max_bytes:
             close()

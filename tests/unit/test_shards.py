@@ -248,6 +248,8 @@ def test_written_shards_carry_a_sample_index_that_ranged_reads_use(tmp_path):
     assert clean_orphans(out, shards.read_manifest(out)) == ["index/run1-stray.samples.npz"]  # listed ones stay
     for e in entries:
         index, nbytes = shards.read_sample_index(e)
+        # the writer built it from the samples it wrote and the tar's headers: the same bytes as a full parse
+        assert Path(e["index_url"]).read_bytes() == shards.build_sample_index(Path(e["url"]).read_bytes(), "s", eos)
         assert nbytes == e["samples_index"]["bytes"] and len(index) == e["samples"] == 9
         whole = list(shards.iter_samples([e["url"]], verify_sha=False))
         assert index.task_names() == [s["meta"]["task"] for s in whole]
