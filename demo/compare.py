@@ -15,21 +15,18 @@ import time
 from pathlib import Path
 
 from common import cli, configlib
-from demo.run import DEMO_YAML, DemoConfig, start_ray
+from demo.run import DEMO_YAML, DemoConfig, evaluate, start_ray
 from model.tasks import TASKS, spec
 from pipelines.infer.presets import with_fast_sampling
 
 
-def evaluate_run(run: Path, demo: DemoConfig, out: Path) -> tuple[dict, float]:
-    from pipelines.eval import evaluate as ev
-
+def evaluate_run(run: Path, demo: DemoConfig, folder: str) -> tuple[dict, float]:
     for need in ("train/export", "corpus/test.jsonl", "corpus/train.jsonl", "tok"):
         if not (run / need).exists():
             raise configlib.ConfigError(f"{run / need}: missing; pass the --out folder of a finished demo run")
+    corpus = {"test": str(run / "corpus/test.jsonl"), "train": str(run / "corpus/train.jsonl")}
     t = time.perf_counter()
-    res = ev.evaluate(str(run / "train/export"), str(run / "corpus/test.jsonl"), out=str(out), presets=demo.sampler,
-                      classifier_train_data=str(run / "corpus/train.jsonl"), local=False, actors=demo.eval_actors,
-                      device="cpu", verbose=False, mlflow=False, speech_judge_data=str(run / "tok"))
+    res = evaluate(demo, str(run / "train/export"), corpus, run, 0, folder=folder, mlflow=False)
     return res["tasks"], time.perf_counter() - t
 
 
@@ -60,9 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = configlib.load(DemoConfig, args.config, args.demo_overrides)
     started = start_ray()
     try:
-        plain, t_plain = evaluate_run(run, demo, run / "eval-plain")
+        plain, t_plain = evaluate_run(run, demo, "eval-plain")
         demo.sampler = with_fast_sampling(demo.sampler)
-        fast, t_fast = evaluate_run(run, demo, run / "eval-fast")
+        fast, t_fast = evaluate_run(run, demo, "eval-fast")
     finally:
         if started:
             import ray

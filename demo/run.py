@@ -274,12 +274,16 @@ def loss_history(tracking_uri: str, run_id: str) -> dict[str, Any]:
     return out
 
 
-def evaluate(demo: DemoConfig, export: str, corpus: dict, out: Path, eval_limit: int) -> dict:
+def evaluate(demo: DemoConfig, export: str, corpus: dict, out: Path, eval_limit: int, folder: str = "eval",
+             mlflow: bool = True) -> dict:
+    """The held-out evaluation of a run in `out`, written to <out>/<folder> (and to the training run's MLflow run
+    with `mlflow`)."""
     from pipelines.eval import evaluate as ev
 
-    return ev.evaluate(export, corpus["test"], out=str(out / "eval"), presets=demo.sampler,
+    return ev.evaluate(export, corpus["test"], out=str(out / folder), presets=demo.sampler,
                        classifier_train_data=corpus["train"], limit=eval_limit or None, local=False,
                        actors=demo.eval_actors, device="cpu", verbose=False, return_predictions=True,
+                       mlflow=mlflow,
                        speech_judge_data=str(out / "tok"))   # the training voices' clips, already as codes
 
 
