@@ -91,6 +91,8 @@ class SpeechTokenizerConfig:
     bandwidth: float = 1.5      # kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks
     codebooks: int = 0          # keep the first N of those residual codebooks (0 = all)
     codebook_size: int = 1024   # codes per codebook; smaller (a power of two) only with weights=offline
+    # encoder frames averaged into one code (75 a second): 3 = 25 codes a second; > 1 only with weights=offline
+    frame_stride: int = 1
     # "offline" = random EnCodec + k-means codebooks fitted on the corpus (saved beside the shards);
     # "pretrained" = published weights from the torch hub cache; or a local/s3:// path to encodec_24khz-d7cc33bc.th
     weights: str = "offline"
@@ -113,13 +115,17 @@ class SpeechTokenizerConfig:
             raise ConfigError(f"speech.max_seconds={self.max_seconds} must be > 0")
         if self.kind == "glm4voice":
             return   # codes come precomputed: bandwidth, weights and codebooks do not apply
-        from model.tokenizers.speech import CODEBOOK_SIZE, check_codebook_size, check_codebooks
+        from model.tokenizers.speech import CODEBOOK_SIZE, check_codebook_size, check_codebooks, check_frame_stride
 
         try:
             check_codebooks(self.bandwidth, self.codebooks)
             check_codebook_size(self.codebook_size)
+            check_frame_stride(self.frame_stride)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.frame_stride != 1 and self.weights != "offline":
+            raise ConfigError(f"speech.frame_stride={self.frame_stride} needs speech.weights=offline: the published "
+                              "codebooks are fitted on single encoder frames")
         if self.codebook_size != CODEBOOK_SIZE and self.weights != "offline":
             raise ConfigError(f"speech.codebook_size={self.codebook_size} needs speech.weights=offline: the published "
                               f"EnCodec has {CODEBOOK_SIZE} codes per codebook")
@@ -248,7 +254,7 @@ class TokenizerSet:
             speech = EncodecTokenizer.fit_offline(
                 list(itertools.islice(wavs, s.fit_samples)), bandwidth=s.bandwidth, codebooks=s.codebooks,
                 codebook_size=s.codebook_size, kmeans_iters=s.kmeans_iters, fit_samples=s.fit_samples,
-                max_seconds=s.max_seconds)
+                max_seconds=s.max_seconds, frame_stride=s.frame_stride)
         else:
             speech = _build_speech(s, artifacts_dir)
         out = cls(cfg, text, image, speech)
@@ -363,7 +369,8 @@ def _build_speech(cfg: SpeechTokenizerConfig, artifacts_dir: str) -> SpeechToken
             raise FileNotFoundError(f"{path} is missing (speech.weights=offline saves the fitted EnCodec there): "
                                     "tokenize again into a new output")
         return EncodecTokenizer.load_offline(path, bandwidth=cfg.bandwidth, codebooks=cfg.codebooks,
-                                             codebook_size=cfg.codebook_size, max_seconds=cfg.max_seconds)
+                                             codebook_size=cfg.codebook_size, max_seconds=cfg.max_seconds,
+                                             frame_stride=cfg.frame_stride)
     return EncodecTokenizer.from_config(cfg)
 
 

@@ -4,7 +4,9 @@ The bandwidth picks how many residual codebooks are kept: 1.5 kbps = 2, 3 = 4, 6
 codebooks of 1,024 codes each. `codebooks` keeps only the first N of those (residual VQ: the first codebook alone
 is a coarser code of the same frame). Offline weights may also use smaller codebooks (`codebook_size`, a power of
 two): a corpus of a few minutes cannot place 1,024 centroids per codebook meaningfully (the demo's 27 s of fitting
-audio gave two frames per code), and a model then has to learn an embedding for each of ~1,500 rare ids.
+audio gave two frames per code), and a model then has to learn an embedding for each of ~1,500 rare ids. Offline weights may also code several encoder
+frames as one (`frame_stride`: their mean is quantized, and decoding repeats it): 3 gives 25 codes a second, so a
+spoken word is a third as many ids for a model to generate.
 
 Weights (`speech.weights`):
 - "pretrained": the published `encodec_24khz-d7cc33bc.th`, from the torch hub cache
@@ -90,6 +92,12 @@ def check_codebook_size(size: int) -> int:
     return size
 
 
+def check_frame_stride(stride: int) -> int:
+    if not 1 <= stride <= 75:
+        raise ValueError(f"speech.frame_stride={stride} must be in [1, 75] (encoder frames per code; 75 a second)")
+    return stride
+
+
 def _new_model(pretrained: bool, repository: Path | None = None,
                codebook_size: int = CODEBOOK_SIZE) -> "EncodecModel":
     from encodec import EncodecModel  # heavy import (torchaudio) only when speech is used
@@ -124,8 +132,9 @@ class EncodecTokenizer:
     sample_rate = SAMPLE_RATE
 
     def __init__(self, model: "EncodecModel", *, bandwidth: float = 1.5, codebooks: int = 0,
-                 offline: bool = False, max_seconds: float = 30.0):
+                 offline: bool = False, max_seconds: float = 30.0, frame_stride: int = 1):
         self.n_q = check_codebooks(bandwidth, codebooks)
+        self.frame_stride = check_frame_stride(frame_stride)
         self.codebook_size = int(model.quantizer.bins)
         model.set_target_bandwidth(bandwidth)
         model.eval()
@@ -133,9 +142,12 @@ class EncodecTokenizer:
         self.bandwidth = bandwidth
         self.offline = offline
         self.max_seconds = max_seconds
-        self.frame_rate = int(model.frame_rate)          # 75
-        self.hop_length = SAMPLE_RATE // self.frame_rate  # 320 samples per frame
+        rate = int(model.frame_rate)                     # 75 encoder frames a second
+        # codes a second: 75 / frame_stride (an int where the stride divides 75)
+        self.frame_rate = rate // frame_stride if rate % frame_stride == 0 else rate / frame_stride
+        self.hop_length = SAMPLE_RATE // rate * frame_stride  # 320 samples per encoder frame
         shape = "" if (codebooks == 0 and self.codebook_size == CODEBOOK_SIZE) else f"-{self.n_q}x{self.codebook_size}"
+        shape += f"-s{frame_stride}" if frame_stride > 1 else ""
         self.name = f"encodec_24khz{'-offline' if offline else ''}@{bandwidth:g}kbps{shape}"
         self._fingerprint: str | None = None
 
@@ -149,7 +161,11 @@ class EncodecTokenizer:
                 raise ValueError("speech.weights=offline: pass the saved encodec.safetensors, or fit one with "
                                  "EncodecTokenizer.fit_offline (TokenizerSet.prepare does this)")
             return cls.load_offline(offline_state, bandwidth=cfg.bandwidth, codebooks=cfg.codebooks,
-                                    codebook_size=cfg.codebook_size, max_seconds=cfg.max_seconds)
+                                    codebook_size=cfg.codebook_size, max_seconds=cfg.max_seconds,
+                                    frame_stride=cfg.frame_stride)
+        if cfg.frame_stride != 1:
+            raise ValueError(f"speech.frame_stride={cfg.frame_stride} needs speech.weights=offline: the published "
+                             "codebooks are fitted on single encoder frames")
         if cfg.codebook_size != CODEBOOK_SIZE:
             raise ValueError(f"speech.codebook_size={cfg.codebook_size} needs speech.weights=offline: the published "
                              f"EnCodec has {CODEBOOK_SIZE} codes per codebook")
@@ -207,9 +223,10 @@ class EncodecTokenizer:
     @classmethod
     def fit_offline(cls, wavs: Sequence[np.ndarray], *, bandwidth: float = 1.5, codebooks: int = 0,
                     codebook_size: int = CODEBOOK_SIZE, kmeans_iters: int = 1, fit_samples: int = 64, seed: int = 0,
-                    max_seconds: float = 30.0, max_frames: int = 0) -> "EncodecTokenizer":
+                    max_seconds: float = 30.0, max_frames: int = 0, frame_stride: int = 1) -> "EncodecTokenizer":
         """A seeded random EnCodec whose first n_q codebooks (of `codebook_size` codes) are initialised by
-        EnCodec's k-means on the encoder outputs of up to `fit_samples` waveforms (float32 (N,) at 24 kHz).
+        EnCodec's k-means on the encoder outputs of up to `fit_samples` waveforms (float32 (N,) at 24 kHz),
+        averaged over `frame_stride` frames as `encode` averages them.
         Same inputs + seed -> same state. `max_frames` (0 = as many as fit KMEANS_MAX_FRAMES x 1,024 distances)
         subsamples the frames k-means sees."""
         wavs = [np.asarray(w, dtype=np.float32).reshape(-1) for w in list(wavs)[:fit_samples]]
@@ -222,8 +239,11 @@ class EncodecTokenizer:
         with torch.random.fork_rng(devices=[]), torch.no_grad():  # seeded without disturbing the caller's RNG
             torch.manual_seed(seed)
             model = _new_model(pretrained=False, codebook_size=codebook_size)
-            signal = torch.from_numpy(np.concatenate(wavs)).view(1, 1, -1)  # (B=1, C=1, N)
-            frames = model.encoder(signal)[0].T  # (1, D, T) -> (T, D)
+            hop = SAMPLE_RATE // int(model.frame_rate) * check_frame_stride(frame_stride)
+            # each clip zero-padded to whole codes, so the pooled frames line up with the clips as `encode` cuts them
+            padded = [np.pad(w, (0, -w.size % hop)) for w in wavs]
+            signal = torch.from_numpy(np.concatenate(padded)).view(1, 1, -1)  # (B=1, C=1, N)
+            frames = _pool(model.encoder(signal), frame_stride)[0].T  # (1, D, T) -> (T, D)
             if frames.shape[0] > max_frames:
                 frames = frames[torch.randperm(frames.shape[0])[:max_frames].sort().values]  # (max_frames, D)
             # Residual VQ: codebook q is fitted on what codebooks 0..q-1 leave unexplained.
@@ -232,7 +252,8 @@ class EncodecTokenizer:
                 x = layer.project_in(residual)  # identity for the 24 kHz model
                 _init_codebook(layer._codebook, x, kmeans_iters)
                 residual = residual - layer.project_out(layer._codebook.decode(layer._codebook.encode(x)))
-        tok = cls(model, bandwidth=bandwidth, codebooks=codebooks, offline=True, max_seconds=max_seconds)
+        tok = cls(model, bandwidth=bandwidth, codebooks=codebooks, offline=True, max_seconds=max_seconds,
+                  frame_stride=frame_stride)
         probe = tok.encode(wavs[0])
         if not probe.any():
             raise RuntimeError("EnCodec k-means fitting left every code at 0 (codebooks not initialised): "
@@ -241,7 +262,7 @@ class EncodecTokenizer:
 
     @classmethod
     def load_offline(cls, uri: str, bandwidth: float = 1.5, codebooks: int = 0, codebook_size: int = CODEBOOK_SIZE,
-                     max_seconds: float = 30.0) -> "EncodecTokenizer":
+                     max_seconds: float = 30.0, frame_stride: int = 1) -> "EncodecTokenizer":
         """Load a state saved by `save_offline` (encodec.safetensors, local or s3://)."""
         from safetensors.torch import load as load_safetensors
 
@@ -260,7 +281,8 @@ class EncodecTokenizer:
         if not all(fitted):
             raise ValueError(f"{uri} has {sum(fitted)} fitted codebooks but speech.bandwidth={bandwidth} needs {n_q}: "
                              "fit it again at this bandwidth (new tokenizers dir) or lower speech.bandwidth")
-        return cls(model, bandwidth=bandwidth, codebooks=codebooks, offline=True, max_seconds=max_seconds)
+        return cls(model, bandwidth=bandwidth, codebooks=codebooks, offline=True, max_seconds=max_seconds,
+                   frame_stride=frame_stride)
 
     def save_offline(self, uri: str) -> None:
         """Whole state dict as safetensors (no pickle), atomically."""
@@ -328,8 +350,16 @@ class EncodecTokenizer:
         """float32 (N,) at 24 kHz -> int64 codes (n_q, ceil(N / 320))."""
         wav = self._check_wav(wav)
         x = self._padded(wav, self.n_frames(wav.size) * self.hop_length).view(1, 1, -1)  # (B=1, C=1, N)
-        (codes, _scale), = self.model.encode(x)  # one frame: the 24 kHz model does not segment
-        return codes[0, : self.n_q].to(torch.int64).numpy()  # (n_q, T): the first n_q residual codebooks
+        return self._codes(x)[0, : self.n_q].to(torch.int64).numpy()  # (n_q, T): the first n_q residual codebooks
+
+    def _codes(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, N), N a multiple of the hop -> codes (B, n_q', N / hop) of every codebook the bandwidth uses."""
+        if self.frame_stride == 1:
+            (codes, _scale), = self.model.encode(x)  # one frame: the 24 kHz model does not segment
+            return codes
+        emb = _pool(self.model.encoder(x), self.frame_stride)  # (B, D, N / hop)
+        # the codebook count for the bandwidth at the encoder's own frame rate, as at stride 1
+        return self.model.quantizer.encode(emb, self.model.frame_rate, self.bandwidth).transpose(0, 1)
 
     @torch.inference_mode()
     def encode_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -340,21 +370,20 @@ class EncodecTokenizer:
         MIN_BATCH_FRAMES frames (~0.09 s) would see the padding; those are encoded alone."""
         wavs = [self._check_wav(w) for w in wavs]
         out: list[np.ndarray | None] = [None] * len(wavs)
-        batched = [i for i, w in enumerate(wavs) if self.n_frames(w.size) >= MIN_BATCH_FRAMES]
+        batched = [i for i, w in enumerate(wavs) if self.n_frames(w.size) * self.frame_stride >= MIN_BATCH_FRAMES]
         for i in set(range(len(wavs))) - set(batched):
             out[i] = self.encode(wavs[i])
         if batched:
             n = max(self.n_frames(wavs[i].size) for i in batched) * self.hop_length
             x = torch.stack([self._padded(wavs[i], n) for i in batched]).unsqueeze(1)  # (B, C=1, N)
-            (codes, _scale), = self.model.encode(x)  # (B, n_q', T_max), n_q' >= n_q
-            codes = codes[:, : self.n_q].to(torch.int64).numpy()  # (B, n_q, T_max)
+            codes = self._codes(x)[:, : self.n_q].to(torch.int64).numpy()  # (B, n_q' >= n_q, T_max) -> (B, n_q, T_max)
             for row, i in enumerate(batched):
                 out[i] = codes[row, :, : self.n_frames(wavs[i].size)].copy()  # (n_q, T_i)
         return out  # type: ignore[return-value]
 
     @torch.inference_mode()
     def decode(self, codes: np.ndarray) -> np.ndarray:
-        """int codes (n_q, T) -> float32 waveform (T * 320,) at 24 kHz."""
+        """int codes (n_q, T) -> float32 waveform (T * hop,) at 24 kHz (a strided code's vector held for its frames)."""
         codes = np.asarray(codes)
         if codes.ndim != 2 or codes.shape[0] != self.n_q:
             raise ValueError(f"{self.name}: expected codes (n_q={self.n_q}, T), got {codes.shape}")
@@ -363,7 +392,11 @@ class EncodecTokenizer:
         if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(f"{self.name}: codes outside [0, {self.codebook_size})")
         c = torch.from_numpy(codes.astype(np.int64)).unsqueeze(0)  # (B=1, n_q, T)
-        wav = self.model.decode([(c, None)])  # (1, 1, T * 320)
+        if self.frame_stride == 1:
+            wav = self.model.decode([(c, None)])  # (1, 1, T * 320)
+        else:
+            emb = self.model.quantizer.decode(c.transpose(0, 1))  # (n_q, 1, T) -> (1, D, T)
+            wav = self.model.decoder(emb.repeat_interleave(self.frame_stride, dim=-1))  # (1, D, T * s) -> (1, 1, N)
         return wav[0, 0].float().numpy()
 
     def fingerprint(self) -> str:
@@ -375,6 +408,14 @@ class EncodecTokenizer:
 
     def __repr__(self) -> str:
         return f"EncodecTokenizer({self.name}, n_q={self.n_q})"
+
+
+def _pool(emb: torch.Tensor, stride: int) -> torch.Tensor:
+    """Encoder frames (B, D, T * stride) -> their means over each `stride` consecutive frames (B, D, T)."""
+    if stride == 1:
+        return emb
+    b, d, t = emb.shape
+    return emb.view(b, d, t // stride, stride).mean(-1)  # (B, D, T * s) -> (B, D, T, s) -> (B, D, T)
 
 
 def _kmeans(x: torch.Tensor, k: int, iters: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -231,3 +231,48 @@ def test_weights_path_errors(hub_dir, tmp_path):
     with pytest.raises(MissingWeights, match="not EnCodec's published"):
         EncodecTokenizer.from_path(str(fake))
     assert not (hub_dir / CHECKPOINT).exists()
+
+
+def test_frame_stride_codes_the_mean_of_encoder_frames(fit_wavs, tmp_path):
+    """frame_stride 3: one code per 3 encoder frames (25 a second), the nearest centroid to their mean."""
+    strided = EncodecTokenizer.fit_offline(fit_wavs, bandwidth=1.5, codebooks=1, codebook_size=16, kmeans_iters=3,
+                                           frame_stride=3)
+    assert (strided.frame_rate, strided.hop_length) == (25, 960)
+    assert strided.name == "encodec_24khz-offline@1.5kbps-1x16-s3"
+    probe = clip(21, 0.3)                      # 7,200 samples -> 7.5 codes -> 8, the last over zero padding
+    codes = strided.encode(probe)
+    assert codes.shape == (1, 8) and len(np.unique(codes)) > 1
+    # independently: encoder frames of the zero-padded clip, averaged in threes, nearest row of the codebook
+    x = torch.zeros(8 * 960)
+    x[: probe.size] = torch.from_numpy(probe)
+    with torch.no_grad():
+        frames = strided.model.encoder(x.view(1, 1, -1))[0]                 # (D, 24)
+        means = frames.view(frames.shape[0], 8, 3).mean(-1).T                # (D, 24) -> (D, 8, 3) -> (8, D)
+        embed = strided.model.quantizer.vq.layers[0]._codebook.embed          # (16, D)
+        nearest = torch.cdist(means, embed).argmin(1).numpy()                 # (8,)
+    assert (nearest == codes[0]).mean() >= 0.85, (nearest, codes)       # float rounding may flip a near-tie
+    batched = strided.encode_batch([clip(22, 0.02), probe, clip(23, 0.5)])
+    assert [b.shape[1] for b in batched] == [1, 8, 13]
+    assert (batched[1] == codes).mean() >= 0.85
+    assert strided.decode(codes).shape == (8 * 960,)
+    path = str(tmp_path / "encodec.safetensors")
+    strided.save_offline(path)
+    again = EncodecTokenizer.load_offline(path, bandwidth=1.5, codebooks=1, codebook_size=16, frame_stride=3)
+    np.testing.assert_array_equal(again.encode(probe), codes)
+    assert again.fingerprint() == strided.fingerprint()
+    # the same weights read at another stride are another tokenizer
+    single = EncodecTokenizer.load_offline(path, bandwidth=1.5, codebooks=1, codebook_size=16)
+    assert single.encode(probe).shape == (1, 23) and single.fingerprint() != strided.fingerprint()
+    with pytest.raises(ValueError, match="frame_stride=0"):
+        EncodecTokenizer.fit_offline(fit_wavs, frame_stride=0)
+
+
+def test_frame_stride_config_needs_offline_weights():
+    from common.configlib import ConfigError
+    from model.tokenizers import SpeechTokenizerConfig
+
+    assert SpeechTokenizerConfig(frame_stride=3).frame_stride == 3
+    with pytest.raises(ConfigError, match="needs speech.weights=offline"):
+        SpeechTokenizerConfig(frame_stride=3, weights="pretrained")
+    with pytest.raises(ConfigError, match="frame_stride=0"):
+        SpeechTokenizerConfig(frame_stride=0)
