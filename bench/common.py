@@ -35,7 +35,8 @@ class Plan:
     smoke test's (numbers meaningless, every code path runs)."""
     mode: str = "full"
     repeats: int = 5
-    # tokenize: inputs per corpus (a one-batch corpus of `tok_n0` inputs measures the job's fixed cost)
+    # tokenize: inputs per corpus (a one-batch corpus of `tok_n0` inputs measures the job's fixed cost). Speech
+    # comes in blocks of one 16-clip batch: 320 clips give each of 2 actors 10 blocks, enough to compare 2 vs 1.
     tok_n: dict[str, int] = field(default_factory=lambda: {
         "text": 60000, "image-pixel": 30000, "image-magvit2-tiny": 4000, "speech-encodec": 640})
     tok_shard_samples: int = 2000         # shards.max_samples of the tokenize bench jobs (and its bare loop)

@@ -99,8 +99,8 @@ class RayConfig:
         # Speech (EnCodec ~17 ms a clip on a CPU core): one batch is ~0.3 s of work, so a block per batch.
         if kind == "speech-text":
             return batch
-        # Text, pixel images (tens of us an input), MAGVIT-v2 (~0.8 ms an image for the tiny preset) and
-        # messages lines (mostly text, some media): a batch is 10-50 ms of work, so four batches a block.
+        # Text, pixel images (tens of us an input), MAGVIT-v2 (~0.8 ms an image for the tiny preset; 4 or 32
+        # batches a block measured the same) and messages lines (mostly text, some media): four batches.
         return 4 * batch
 
 
