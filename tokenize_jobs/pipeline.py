@@ -102,8 +102,8 @@ EXPAND_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason"
 
 def expand(batch, ctx: dict[str, Any], input_cfg: dict[str, Any], rows_per_block: int
            ) -> Iterator[dict[str, list[Any]]]:
-    """Listed units (a pyarrow batch) -> their input rows, `rows_per_block` at a time (a JSONL file of millions
-    of lines is never held whole)."""
+    """Listed units (a pyarrow batch) -> their input rows, handed on `rows_per_block` at a time: a JSONL file of
+    millions of lines is never a list here."""
     from tokenize_jobs.config import InputConfig
 
     storage.set_policy(ctx["storage"])
