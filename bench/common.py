@@ -35,9 +35,10 @@ class Plan:
     smoke test's (numbers meaningless, every code path runs)."""
     mode: str = "full"
     repeats: int = 5
-    # tokenize: inputs per corpus (a one-batch corpus of `tok_n0` inputs measures the job's fixed cost)
+    # tokenize: inputs per corpus (a one-batch corpus of `tok_n0` inputs measures the job's fixed cost). Speech
+    # comes in blocks of one 16-clip batch: 320 clips give each of 2 actors 10 blocks, enough to compare 2 vs 1.
     tok_n: dict[str, int] = field(default_factory=lambda: {
-        "text": 60000, "image-pixel": 30000, "image-magvit2-tiny": 4000, "speech-encodec": 240})
+        "text": 60000, "image-pixel": 30000, "image-magvit2-tiny": 4000, "speech-encodec": 640})
     tok_shard_samples: int = 2000         # shards.max_samples of the tokenize bench jobs (and its bare loop)
     tok_n0: int = 16
     tok_n0_runs: int = 2                  # runs on the one-batch corpus; the fastest one is the fixed cost
@@ -89,7 +90,7 @@ class Plan:
         if mode == "quick":
             return cls(mode="quick", repeats=3,
                        tok_n={"text": 20000, "image-pixel": 12000, "image-magvit2-tiny": 2000,
-                              "speech-encodec": 96},
+                              "speech-encodec": 320},
                        tok_workers_modalities=("speech-encodec",), mem_n=300, demo_images=None,
                        read_samples=1500, bare_steps=8, ray_steps=12, log_every=3, ranks_steps=4,
                        ranks_per_task=600, ranks_shard_samples=300,

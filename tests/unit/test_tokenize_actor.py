@@ -30,3 +30,35 @@ def test_repeated_clips_are_encoded_once_and_get_the_same_codes(tmp_path, monkey
         assert np.array_equal(first[key], direct[i])
     assert np.array_equal(second["e"], direct[1]) and np.array_equal(second["f"], direct[2])
     assert isinstance(second["g"], Exception)
+
+
+def test_expand_cuts_a_large_file_into_blocks_of_rows_per_block(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from tokenize_jobs import sources
+    from tokenize_jobs.config import InputConfig
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(7)))
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one more"}) + "\n")
+    ctx = sources.corpus_context("text", str(tmp_path))
+    units = sources.list_units(ctx, InputConfig())
+    expected = [r for u in units for r in sources.expand_unit(ctx, dict(u), InputConfig(), set())]
+    batch = pa.Table.from_pylist([{**u, "done": []} for u in units])
+
+    out = list(pipeline.expand(batch, ctx, configlib.to_dict(InputConfig()), rows_per_block=3))
+
+    assert [len(b["fp"]) for b in out] == [3, 3, 3, 1]          # 8 inputs + 2 unit rows, 3 at a time
+    rows = [{k: b[k][i] for k in pipeline.EXPAND_COLUMNS} for b in out for i in range(len(b["fp"]))]
+    assert rows == expected
+    assert [r["status"] for r in rows].count("unit") == 2
+
+
+def test_blocks_hold_one_speech_batch_and_four_cheap_batches():
+    from tokenize_jobs.config import TokenizeJobConfig
+
+    cfg = TokenizeJobConfig()
+    speech, text = (cfg.ray.udf_batch_size(k, cfg.tokenizers) for k in ("speech-text", "text"))
+    assert cfg.ray.rows_per_block("speech-text", cfg.tokenizers) == speech
+    assert cfg.ray.rows_per_block("text", cfg.tokenizers) == 4 * text
