@@ -323,14 +323,6 @@ def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max
                     COMMIT_COLUMNS)
 
 
-def _tasks(actors: int) -> int:
-    """Concurrent `expand` and `write` tasks: one each per actor. Every concurrent task holds a worker process
-    that imports the tokenizer stack (torch: ~1.5 s of CPU); unbounded, a 20,000-line text job started three of
-    them per run. Bounded, it ran at 0.80 of the bare loop per core against 0.68 unbounded (interleaved runs,
-    2 cores, load 1.3-2.5); MAGVIT-v2 tiny was unchanged (0.62 either way)."""
-    return actors
-
-
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
                   out: str, run_id: str, eos_id: int):
     import ray
@@ -347,8 +339,11 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     # `expand` turns one unit (a whole JSONL/parquet file) into all its inputs, `per_block` rows at a time, and
     # the streaming repartition (no shuffle, no barrier) cuts them into blocks of `per_block` rows: one large
     # file still feeds every actor.
+    # `expand` and `write` run at most one task each per actor: every concurrent task holds a worker process that
+    # imports the tokenizer stack (torch: ~1.5 s of CPU), and unbounded a 20,000-line text job started three of
+    # them a run. Bounded, text ran at 0.80 of the bare loop per core against 0.68 (interleaved, 2 cores).
     ds = ds.map_batches(expand, fn_kwargs={"ctx": ctx, "input_cfg": job["input"], "rows_per_block": per_block},
-                        batch_size=None, batch_format="pyarrow", num_cpus=r.decode_cpus, concurrency=_tasks(r.actors))
+                        batch_size=None, batch_format="pyarrow", num_cpus=r.decode_cpus, concurrency=r.actors)
     ds = ds.repartition(target_num_rows_per_block=per_block)
     ds = ds.map_batches(
         Tokenize, fn_constructor_kwargs={"artifacts_dir": artifacts_dir, "tokenizers": job["tokenizers"],
@@ -364,7 +359,7 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
                                           "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
                                           "eos_id": eos_id,
                                           "crash_once": os.environ.get("OMNIDIFF_CRASH_WRITE_TASK_ONCE", "")},
-                        batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus, concurrency=_tasks(r.actors))
+                        batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus, concurrency=r.actors)
     # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
     # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.
     ds.context.execution_options.preserve_order = True

@@ -4,9 +4,9 @@ The bandwidth picks how many residual codebooks are kept: 1.5 kbps = 2, 3 = 4, 6
 codebooks of 1,024 codes each. `codebooks` keeps only the first N of those (residual VQ: the first codebook alone
 is a coarser code of the same frame). Offline weights may also use smaller codebooks (`codebook_size`, a power of
 two): a corpus of a few minutes cannot place 1,024 centroids per codebook meaningfully (the demo's 27 s of fitting
-audio gave two frames per code), and a model then has to learn an embedding for each of ~1,500 rare ids. Offline weights may also code several encoder
-frames as one (`frame_stride`: their mean is quantized, and decoding repeats it): 3 gives 25 codes a second, so a
-spoken word is a third as many ids for a model to generate.
+audio gave two frames per code), and a model then has to learn an embedding for each of ~1,500 rare ids.
+Offline weights may also code several encoder frames as one (`frame_stride`: their mean is quantized, and
+decoding repeats it): 3 gives 25 codes a second, so a spoken word is a third as many ids for a model to generate.
 
 Weights (`speech.weights`):
 - "pretrained": the published `encodec_24khz-d7cc33bc.th`, from the torch hub cache
@@ -353,12 +353,11 @@ class EncodecTokenizer:
         return self._codes(x)[0, : self.n_q].to(torch.int64).numpy()  # (n_q, T): the first n_q residual codebooks
 
     def _codes(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, N), N a multiple of the hop -> codes (B, n_q', N / hop) of every codebook the bandwidth uses."""
-        if self.frame_stride == 1:
-            (codes, _scale), = self.model.encode(x)  # one frame: the 24 kHz model does not segment
-            return codes
+        """(B, 1, N), N a multiple of the hop -> codes (B, n_q', N / hop) of every codebook the bandwidth uses.
+        What `EncodecModel.encode` does for the 24 kHz model (one segment, no normalisation), with the encoder
+        frames pooled in between."""
         emb = _pool(self.model.encoder(x), self.frame_stride)  # (B, D, N / hop)
-        # the codebook count for the bandwidth at the encoder's own frame rate, as at stride 1
+        # the codebook count for the bandwidth at the encoder's own frame rate, whatever the stride
         return self.model.quantizer.encode(emb, self.model.frame_rate, self.bandwidth).transpose(0, 1)
 
     @torch.inference_mode()
@@ -393,11 +392,10 @@ class EncodecTokenizer:
         if codes.min() < 0 or codes.max() >= self.codebook_size:
             raise ValueError(f"{self.name}: codes outside [0, {self.codebook_size})")
         c = torch.from_numpy(codes.astype(np.int64)).unsqueeze(0)  # (B=1, n_q, T)
-        if self.frame_stride == 1:
-            wav = self.model.decode([(c, None)])  # (1, 1, T * 320)
-        else:
-            emb = self.model.quantizer.decode(c.transpose(0, 1))  # (n_q, 1, T) -> (1, D, T)
-            wav = self.model.decoder(emb.repeat_interleave(self.frame_stride, dim=-1))  # (1, D, T * s) -> (1, 1, N)
+        emb = self.model.quantizer.decode(c.transpose(0, 1))  # (n_q, 1, T) -> (1, D, T)
+        if self.frame_stride > 1:
+            emb = emb.repeat_interleave(self.frame_stride, dim=-1)  # (1, D, T) -> (1, D, T * s)
+        wav = self.model.decoder(emb)  # (1, 1, T * hop)
         return wav[0, 0].float().numpy()
 
     def fingerprint(self) -> str:
