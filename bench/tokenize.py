@@ -156,7 +156,9 @@ def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -
     loading excluded, reported as start-up), samples and tokens."""
     from common import configlib
     from tokenize_jobs import sources
-    from tokenize_jobs.pipeline import Tokenize, _columns, _rows
+    import pyarrow as pa
+
+    from tokenize_jobs.pipeline import EXPAND_SCHEMA, Tokenize
     from tokenize_jobs.writer import write_shards
 
     cfg = job_config(mod, 1)
@@ -186,7 +188,7 @@ def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -
         batch = [r for _, r in zip(range(batch_size), rows)]
         if not batch:
             break
-        pending += _rows(tokenize(_columns(batch, tuple(batch[0]))))
+        pending += tokenize(pa.Table.from_pylist(batch, schema=EXPAND_SCHEMA)).to_pylist()
         while len(pending) >= block:          # the job's blocks of `shards.max_samples` rows
             write(pending[:block])
             pending = pending[block:]

@@ -16,12 +16,9 @@ full forward at every block boundary.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-CacheMode = Literal["off", "prefix", "dual"]
-CACHE_MODES = ("off", "prefix", "dual")
+from model.sampler_options import CacheMode
 
 
 class LayerKV:

@@ -16,22 +16,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from model.kvcache import CACHE_MODES, CacheMode, KVCache, decode_window
+from model.kvcache import KVCache, decode_window
+from model.sampler_options import (ALGS, CACHE_MODES, FLOORS, SCHEDULES, Alg, CacheMode, Floor,
+                                   PenaltyOn, Schedule, Ties)
 from model.vocab import Modality, Vocab
-
-Alg = Literal["entropy", "maskgit_plus", "topk_margin", "random", "origin", "entropy-penalty"]
-ALGS = ("entropy", "maskgit_plus", "topk_margin", "random", "origin", "entropy-penalty")
-Schedule = Literal["even", "dream"]
-SCHEDULES = ("even", "dream")
-PenaltyOn = Literal["confidence", "logits"]
-Ties = Literal["topk", "first"]
-Floor = Literal["one", "schedule"]
-FLOORS = ("one", "schedule")
 
 
 class Block(NamedTuple):

@@ -32,10 +32,12 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from enum import Enum, IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:   # torch is imported by the two sampler views below: the tokenize job's workers never load it
+    import torch
 
 # Names of the special tokens, in id order. Their string forms (for templates and debugging) are `<|name|>`.
 SPECIALS = (
@@ -257,6 +259,8 @@ class Vocab:
     # ---- modality views (for the sampler's logit masks and for evaluation) ------------------------------
     def modality_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Modality of each id (same shape, int64 of `Modality`)."""
+        import torch
+
         out = torch.full_like(ids, int(Modality.SPECIAL))
         out[(ids >= 0) & (ids < self.text_size)] = int(Modality.TEXT)
         out[(ids >= self.audio_offset) & (ids < self.image_offset)] = int(Modality.AUDIO)
@@ -273,6 +277,8 @@ class Vocab:
         rows = vocab_rows or self.size
         if rows < self.size:
             raise ValueError(f"model has {rows} embedding rows but the vocabulary needs {self.size}")
+        import torch
+
         allowed = torch.zeros(rows, dtype=torch.bool)
         if modality == Modality.TEXT:
             allowed[: self.text_size] = True

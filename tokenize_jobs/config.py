@@ -71,12 +71,16 @@ MODEL_BATCH = 16    # for inputs a neural tokenizer encodes (EnCodec, MAGVIT-v2)
 
 @dataclass
 class RayConfig:
-    """Ray Data execution. Fractional CPUs keep a 2-CPU machine from deadlocking: actors at 1 CPU each would
-    take every CPU and the read tasks would wait forever."""
+    """Ray Data execution. The actors must leave one CPU free: Ray Data's shard-sized repartition tasks take a
+    whole CPU each, and so do the write tasks. Fractional actors keep a 2-CPU machine from deadlocking."""
     actors: int = 1                 # tokenizer actor pool size
     actor_cpus: float = 0.5
     gpus_per_actor: float = 1.0     # used only when the cluster has GPUs; 0 keeps actors on CPU
-    decode_cpus: float = 0.5        # per read/decode task
+    decode_cpus: float = 0.5        # per expand task (a listing with a unit too large for one actor)
+    # Per write task: a core's worth of Python (tar headers, sha256, the sample index). On 2 CPUs at 0.5, a write
+    # ran beside a repartition task and Ray started a worker for it mid-job (its imports ~1 s): text tokenized
+    # at 0.68 of the bare loop per core against 0.85 at 1 CPU.
+    write_cpus: float = 1.0
     # Inputs per UDF call; 0 = by the tokenizers' cost (`udf_batch_size`).
     batch_size: int = 0
     num_cpus: int = 0               # CPUs of a local Ray started by the job; 0 = all of this machine
@@ -92,9 +96,9 @@ class RayConfig:
         return CHEAP_BATCH if _cheap(kind, tokenizers) else MODEL_BATCH
 
     def rows_per_block(self, kind: str, tokenizers: TokenizerConfig) -> int:
-        """Inputs per block handed to a tokenizer actor (one actor task): enough work to amortize the task
-        (~5-20 ms of Ray Data work per block), small enough that the blocks of a corpus spread evenly over
-        the actors."""
+        """Inputs per block `expand` hands on: within an actor, the rows it tokenizes at a time; through the
+        streaming split (a unit too large for one actor), one actor task, so enough work to amortize the task
+        (~5-20 ms of Ray Data work per block) and small enough that the blocks spread evenly over the actors."""
         batch = self.udf_batch_size(kind, tokenizers)
         # Speech (EnCodec ~17 ms a clip on a CPU core): one batch is ~0.3 s of work, so a block per batch; 2 actors
         # ran 1.62x one actor on 320 clips (2 cores).

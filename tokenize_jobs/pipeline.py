@@ -1,8 +1,10 @@
 """The Ray Data plan: listed units -> inputs -> decoded media -> token ids -> shards -> rows the driver commits.
 
     from_items(units, blocks)               driver: the listing (plain dicts), one wave at a time, in few blocks
-    .map_batches(expand)                    tasks: open JSONL/parquet/transcripts, one row per new input
-    .repartition(rows per block)            streaming split: one big JSONL/parquet unit feeds every actor
+    .map_batches(expand)                    actors (fused with Tokenize): open JSONL/parquet/transcripts, one row
+                                            per new input; where one unit is too large a share for one actor,
+                                            tasks instead, then
+      .repartition(rows per block)          a streaming split: one big JSONL/parquet unit feeds every actor
     .map_batches(Tokenize, ActorPool)       actors: read + decode media (image/speech `load`), parse records,
                                             encode media and text (batched), chat layout -> samples per input
     .repartition(inputs per shard)          streaming: blocks the size of a shard
@@ -13,8 +15,9 @@
 
 Each stage passes every input on, tokenized or with a quarantine reason, so the indexes account for all of them.
 Tokenizers are built once per actor from the artifacts the driver saved in `<out>/tokenizers/`, so every worker
-tokenizes with the very same files. Rows carry only scalars (str, int, bytes): an input's samples leave the
-actors as concatenated arrays (`writer.pack_samples`) and become tar members in the write tasks.
+tokenizes with the very same files. Rows carry only scalars (str, int, bytes) in typed Arrow tables
+(`EXPAND_SCHEMA`, `OUT_SCHEMA`): an input's samples leave the actors as concatenated arrays
+(`writer.pack_samples`) and become tar members in the write tasks.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from collections import OrderedDict
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from common import configlib, storage
 from model.prompts import count_placeholders, encode_messages
@@ -36,12 +40,22 @@ from tokenize_jobs import sources
 from tokenize_jobs.config import TokenizeJobConfig
 from tokenize_jobs.writer import COMMIT_COLUMNS, pack_samples, write_shards
 
-OUT_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "ids", "mask", "metas",
-               "stats")
+# Rows between the stages, typed: Ray Data takes and hands on these Arrow tables as they are, with no per-batch
+# conversion to numpy object arrays and back (that cost ~10 ms per 64-row MAGVIT-v2 block, a fifth of the work).
+_ROW_FIELDS = [("fp", pa.string()), ("file", pa.string()), ("unit", pa.string()), ("source", pa.string()),
+               ("unit_new", pa.int64()), ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+EXPAND_SCHEMA = pa.schema(_ROW_FIELDS + [("spec", pa.string()), ("data", pa.binary())])
+OUT_SCHEMA = pa.schema(_ROW_FIELDS + [("ids", pa.binary()), ("mask", pa.binary()), ("metas", pa.string()),
+                                      ("stats", pa.string())])
+EXPAND_COLUMNS = tuple(EXPAND_SCHEMA.names)
+OUT_COLUMNS = tuple(OUT_SCHEMA.names)
 
-# Listed units per `expand` task: expanding a unit is ~0.1-1 ms of work (fingerprint an image pair, or scan a
-# JSONL file's lines), scheduling a task ~0.1-0.3 s on a busy node.
+# Listed units per `expand` task or actor block, at most: expanding a unit is ~0.1-1 ms of work (fingerprint an
+# image pair, or scan a JSONL file's lines), scheduling a task ~0.1-0.3 s on a busy node.
 UNITS_PER_EXPAND_TASK = 256
+# Blocks of whole units per tokenizer actor, at least: the last blocks to finish leave the other actors idle, so
+# a block is at most a sixteenth of an actor's share (a speech listing of 20 files spread over 2 actors at 1.8x one).
+ACTOR_BLOCKS_PER_ACTOR = 16
 
 # Speech codes kept per Tokenize actor, keyed by the decoded waveform's digest: (n_q, T) int64 is ~1 KB per
 # second of audio, so 8,192 clips of a few seconds stay in tens of MB.
@@ -97,11 +111,8 @@ def _unexpected(row: dict[str, Any], e: Exception, stage: str) -> dict[str, Any]
 
 # ---- stage 1: expand units -------------------------------------------------------------------------------------
 
-EXPAND_COLUMNS = ("fp", "file", "unit", "source", "unit_new", "status", "reason", "detail", "spec", "data")
-
-
-def expand(batch, ctx: dict[str, Any], input_cfg: dict[str, Any], rows_per_block: int
-           ) -> Iterator[dict[str, list[Any]]]:
+def expand(batch: pa.Table, ctx: dict[str, Any], input_cfg: dict[str, Any], rows_per_block: int
+           ) -> Iterator[pa.Table]:
     """Listed units (a pyarrow batch) -> their input rows, handed on `rows_per_block` at a time: a JSONL file of
     millions of lines is never a list here."""
     from tokenize_jobs.config import InputConfig
@@ -114,10 +125,10 @@ def expand(batch, ctx: dict[str, Any], input_cfg: dict[str, Any], rows_per_block
         for row in sources.expand_unit(ctx, unit, cfg, done):
             rows.append(row)
             if len(rows) >= rows_per_block:
-                yield _columns(rows, EXPAND_COLUMNS)
+                yield pa.Table.from_pylist(rows, schema=EXPAND_SCHEMA)
                 rows = []
     if rows:
-        yield _columns(rows, EXPAND_COLUMNS)
+        yield pa.Table.from_pylist(rows, schema=EXPAND_SCHEMA)
 
 
 # ---- read + decode (inside the tokenize actors) ------------------------------------------------------------------
@@ -153,7 +164,7 @@ class Tokenize:
     then text and chat layout per sample; emits each input's samples as arrays (`writer.pack_samples`)."""
 
     def __init__(self, artifacts_dir: str, tokenizers: dict[str, Any], max_tokens: int, audio_batch: int = 8,
-                 ctx: dict[str, Any] | None = None, job: dict[str, Any] | None = None):
+                 ctx: dict[str, Any] | None = None, job: dict[str, Any] | None = None, batch_size: int = 0):
         # The text tokenizer's encode_batch threads (a Rust pool, sized at its first use) follow the actor's CPU
         # share, as torch's do: Ray sets OMP_NUM_THREADS from num_cpus.
         os.environ.setdefault("RAYON_NUM_THREADS", os.environ.get("OMP_NUM_THREADS") or "1")
@@ -163,6 +174,7 @@ class Tokenize:
         self.vocab = self.tok.vocab
         self.max_tokens = max_tokens
         self.audio_batch = audio_batch
+        self.batch_size = batch_size            # inputs per tokenizer call; 0 = the whole block
         self._audio_cache: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.audio_cache_hits = 0
 
@@ -227,11 +239,20 @@ class Tokenize:
                         out[k] = e
         return out
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+    def __call__(self, block: pa.Table) -> pa.Table:
+        """Expanded input rows (`EXPAND_SCHEMA`) -> the same inputs tokenized or quarantined (`OUT_SCHEMA`), in
+        tokenizer calls of `batch_size` inputs. The block is batched here, not by Ray Data: Ray bundles an
+        actor's input blocks up to its batch size counted in the rows that reach the actor, which are listed
+        units when `expand` runs in it, so a text job's whole listing became one actor task."""
         if self.ctx is None or self.cfg is None:
             raise RuntimeError("Tokenize needs ctx= and job= to decode inputs (build_dataset passes them)")
         storage.set_policy(self.ctx["storage"])
-        rows = _rows(batch)
+        step = self.batch_size or max(1, block.num_rows)
+        return pa.concat_tables([self._tokenize(block.slice(i, step)) for i in range(0, block.num_rows, step)]
+                                or [OUT_SCHEMA.empty_table()])
+
+    def _tokenize(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
         pending = decode_inputs(rows, self.ctx, self.cfg, self.tok)
         results = self.encode_inputs([(rows[i], record, media) for i, record, media in pending])
         for (i, _, _), (row, samples) in zip(pending, results):
@@ -244,8 +265,8 @@ class Tokenize:
         for row in rows:
             for k, empty in (("ids", b""), ("mask", b""), ("metas", ""), ("stats", "[]")):
                 row.setdefault(k, empty)
-            out.append({k: row[k] for k in OUT_COLUMNS})
-        return _columns(out, OUT_COLUMNS)
+            out.append(row)
+        return pa.Table.from_pylist(out, schema=OUT_SCHEMA)   # columns not in the schema (spec, data) dropped
 
     def encode_inputs(self, items: list[tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]]
                       ) -> list[tuple[dict[str, Any], list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]]]:
@@ -314,13 +335,20 @@ def _media_order(name: str) -> int:
 
 # ---- the plan -------------------------------------------------------------------------------------------------
 
-def write(batch: dict[str, Any], ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
+def write(batch: pa.Table, ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
           max_bytes: int, eos_id: int, crash_once: str = "") -> dict[str, list]:
     """Pack a block of tokenized inputs into shards and upload them with their indexes (inputs and samples)
     from this worker (writer.write_shards): only their metadata rows go on to the driver."""
     storage.set_policy(ctx["storage"])
-    return _columns(write_shards(_rows(batch), out, run_id, max_samples, max_bytes, eos_id, crash_once),
+    return _columns(write_shards(batch.to_pylist(), out, run_id, max_samples, max_bytes, eos_id, crash_once),
                     COMMIT_COLUMNS)
+
+
+def expand_in_actors(units: list[dict[str, Any]], actors: int) -> bool:
+    """Whether the tokenizer actors expand the units themselves: yes unless some unit is too large a share of the
+    listing to go to one actor whole (more than half of one actor's share of the listed bytes)."""
+    sizes = [sum(f["size"] for f in u["files"]) for u in units]
+    return actors == 1 or max(sizes, default=0) * 2 * actors <= sum(sizes)
 
 
 def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: TokenizeJobConfig, artifacts_dir: str,
@@ -332,34 +360,43 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     gpus = r.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
     batch_size = r.udf_batch_size(ctx["kind"], cfg.tokenizers)
     per_block = r.rows_per_block(ctx["kind"], cfg.tokenizers)
-    # One block per unit (Ray's default for a short list) costs an `expand` task per image pair or text file.
-    # Group units, but keep two blocks per actor so that expanding a few large files still runs in parallel.
-    n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), 2 * r.actors))
-    ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
-    # `expand` turns one unit (a whole JSONL/parquet file) into all its inputs, `per_block` rows at a time, and
-    # the streaming repartition (no shuffle, no barrier) cuts them into blocks of `per_block` rows: one large
-    # file still feeds every actor.
-    # `expand` and `write` run at most one task each per actor: every concurrent task holds a worker process that
-    # imports the tokenizer stack (torch: ~1.5 s of CPU), and unbounded a 20,000-line text job started three of
-    # them a run. Bounded, text ran at 0.80 of the bare loop per core against 0.68 (interleaved, 2 cores).
-    ds = ds.map_batches(expand, fn_kwargs={"ctx": ctx, "input_cfg": job["input"], "rows_per_block": per_block},
-                        batch_size=None, batch_format="pyarrow", num_cpus=r.decode_cpus, concurrency=r.actors)
-    ds = ds.repartition(target_num_rows_per_block=per_block)
+    expand_kwargs = {"ctx": ctx, "input_cfg": job["input"], "rows_per_block": per_block}
+    if expand_in_actors(units, r.actors):
+        # Units go to the actors whole, `ACTOR_BLOCKS_PER_ACTOR` blocks each (more where the listing is long):
+        # Ray fuses `expand` into the actor map that follows it (same resources), so an input is expanded,
+        # decoded and encoded in one process, with no task or block between. Against separate expand tasks and a
+        # repartition, MAGVIT-v2 tiny went from 0.62-0.69 of the bare loop per core to 0.80-0.91 (2 cores).
+        n_blocks = max(-(-len(units) // UNITS_PER_EXPAND_TASK), ACTOR_BLOCKS_PER_ACTOR * r.actors)
+        ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), n_blocks)))
+        ds = ds.map_batches(expand, fn_kwargs=expand_kwargs, batch_size=None, batch_format="pyarrow",
+                            num_cpus=r.actor_cpus, num_gpus=gpus)
+    else:
+        # A unit too large for one actor (a big JSONL or parquet file): expand tasks turn it into inputs,
+        # `per_block` rows at a time, and a streaming repartition (no shuffle, no barrier) deals them out in
+        # blocks of `per_block` rows, so one file feeds every actor. At most one expand task per actor: each
+        # holds a worker process of its own.
+        n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), 2 * r.actors))
+        ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
+        ds = ds.map_batches(expand, fn_kwargs=expand_kwargs, batch_size=None, batch_format="pyarrow",
+                            num_cpus=r.decode_cpus, concurrency=r.actors)
+        ds = ds.repartition(target_num_rows_per_block=per_block)
     ds = ds.map_batches(
         Tokenize, fn_constructor_kwargs={"artifacts_dir": artifacts_dir, "tokenizers": job["tokenizers"],
-                                         "max_tokens": cfg.input.max_tokens, "ctx": ctx, "job": job},
-        compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=batch_size, batch_format="numpy",
+                                         "max_tokens": cfg.input.max_tokens, "ctx": ctx, "job": job,
+                                         "batch_size": batch_size},
+        compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=None, batch_format="pyarrow",
         num_cpus=r.actor_cpus, num_gpus=gpus)
     # A block per shard (strict: small blocks are combined, not only large ones split): an input gives one
     # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
     ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
     # A write task whose worker dies is retried by Ray (system failures: without limit); the new attempt writes
-    # under new names, and the files of the lost one are orphans (writer.clean_orphans).
+    # under new names, and the files of the lost one are orphans (writer.clean_orphans). At most one write task
+    # per actor: each holds a worker process of its own, and webdataset imports torch (~1 s) in each.
     ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
                                           "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
                                           "eos_id": eos_id,
                                           "crash_once": os.environ.get("OMNIDIFF_CRASH_WRITE_TASK_ONCE", "")},
-                        batch_size=None, batch_format="numpy", num_cpus=r.decode_cpus, concurrency=r.actors)
+                        batch_size=None, batch_format="pyarrow", num_cpus=r.write_cpus, concurrency=r.actors)
     # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
     # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.
     ds.context.execution_options.preserve_order = True

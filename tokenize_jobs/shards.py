@@ -178,6 +178,26 @@ def _check_structure(data: bytes, shard: str) -> list[tuple[str, int, int]]:
     return spans
 
 
+def _written_spans(data: bytes, keys: Sequence[str], shard: str) -> list[tuple[str, int, int]]:
+    """`_check_structure` of a tar just written from `keys` (`SUFFIXES` members each, plain ustar headers), read
+    off each header's name and size fields: a tenth of tarfile's parse, which was a third of the write stage's
+    time. Bytes laid out any other way (a pax header, other members) take the full check."""
+    spans: list[tuple[str, int, int]] = []
+    off = 0
+    for key in keys:
+        start = off
+        for suffix in SUFFIXES:
+            header = data[off:off + 512]
+            if (len(header) < 512 or header[:100].rstrip(b"\0") != f"{key}.{suffix}".encode()
+                    or header[156:157] not in (b"0", b"\0")):
+                return _check_structure(data, shard)
+            off += 512 + -(-int(header[124:136].rstrip(b"\0 ") or b"0", 8) // 512) * 512
+        spans.append((key, start, off))
+    if len(data) - off < 1024 or data[off:].strip(b"\0"):
+        return _check_structure(data, shard)
+    return spans
+
+
 def parse_shard(data: bytes, shard: str) -> Iterator[dict[str, Any]]:
     """Samples of one in-memory tar (never written to disk), checked member by member."""
     for sample, _, _ in _parse_bounded(data, shard):
@@ -287,7 +307,7 @@ def build_sample_index(data: bytes, shard: str, eos_id: int,
         bounded = [((s["key"], s["input_ids"], s["answer_mask"], str(s["meta"].get("task", "text"))), start, end)
                    for s, start, end in _parse_bounded(data, shard)]
     else:
-        spans = _check_structure(data, shard)
+        spans = _written_spans(data, [k for k, _, _, _ in samples], shard)
         if [k for k, _, _ in spans] != [k for k, _, _, _ in samples]:
             raise ShardError(f"{shard}: its samples are not the {len(samples)} samples the index is built from")
         bounded = [(sample, start, end) for sample, (_, start, end) in zip(samples, spans)]

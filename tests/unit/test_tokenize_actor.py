@@ -49,8 +49,9 @@ def test_expand_cuts_a_large_file_into_blocks_of_rows_per_block(tmp_path):
 
     out = list(pipeline.expand(batch, ctx, configlib.to_dict(InputConfig()), rows_per_block=3))
 
-    assert [len(b["fp"]) for b in out] == [3, 3, 3, 1]          # 8 inputs + 2 unit rows, 3 at a time
-    rows = [{k: b[k][i] for k in pipeline.EXPAND_COLUMNS} for b in out for i in range(len(b["fp"]))]
+    assert [b.num_rows for b in out] == [3, 3, 3, 1]            # 8 inputs + 2 unit rows, 3 at a time
+    assert all(b.schema == pipeline.EXPAND_SCHEMA for b in out)
+    rows = [row for b in out for row in b.to_pylist()]
     assert rows == expected
     assert [r["status"] for r in rows].count("unit") == 2
 
@@ -62,3 +63,50 @@ def test_blocks_hold_one_speech_batch_and_four_cheap_batches():
     speech, text = (cfg.ray.udf_batch_size(k, cfg.tokenizers) for k in ("speech-text", "text"))
     assert cfg.ray.rows_per_block("speech-text", cfg.tokenizers) == speech
     assert cfg.ray.rows_per_block("text", cfg.tokenizers) == 4 * text
+
+
+def test_actors_expand_units_unless_one_unit_is_too_large_a_share():
+    def unit(size):
+        return {"files": [{"rel": "f", "size": size, "version": ""}]}
+
+    assert pipeline.expand_in_actors([unit(10)], actors=1)              # one actor takes everything anyway
+    assert not pipeline.expand_in_actors([unit(10)], actors=2)          # one file: expand tasks deal it out
+    assert pipeline.expand_in_actors([unit(10)] * 8, actors=2)          # eight even files spread over two
+    assert not pipeline.expand_in_actors([unit(100)] + [unit(10)] * 8, actors=2)   # 100 > 180 / 4
+
+
+def test_tokenize_batches_a_block_itself_and_keeps_every_input(tmp_path):
+    import json
+
+    import pyarrow as pa
+
+    from tokenize_jobs import sources
+    from tokenize_jobs.config import TokenizeJobConfig
+
+    cfg = TokenizeJobConfig(tokenizers=default_tokenizer_config())
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(7)))
+    ctx = sources.corpus_context("text", str(tmp_path / "corpus"))
+    rows = [r for u in sources.list_units(ctx, cfg.input) for r in sources.expand_unit(ctx, u, cfg.input, set())]
+    TokenizerSet.prepare(cfg.tokenizers, str(tmp_path / "tok"), texts=corpus_texts(), wavs=[tone(0.3, 200.0)])
+    kwargs = {"max_tokens": 0, "ctx": ctx, "job": configlib.to_dict(cfg)}
+    whole = pipeline.Tokenize(str(tmp_path / "tok"), configlib.to_dict(cfg.tokenizers), **kwargs)
+    by_3 = pipeline.Tokenize(str(tmp_path / "tok"), configlib.to_dict(cfg.tokenizers), batch_size=3, **kwargs)
+    block = pa.Table.from_pylist(rows, schema=pipeline.EXPAND_SCHEMA)
+
+    out = by_3(block)
+
+    assert out.schema == pipeline.OUT_SCHEMA
+    assert out.to_pylist() == whole(block).to_pylist()
+    assert [r["status"] for r in out.to_pylist()] == ["ok"] * 7 + ["unit"]
+    assert by_3(block.slice(0, 0)).num_rows == 0
+
+
+def test_the_stage_module_imports_without_torch():
+    """An expand or repartition task's worker imports `tokenize_jobs.pipeline` and never encodes: no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, tokenize_jobs.pipeline; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

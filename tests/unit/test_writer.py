@@ -169,3 +169,39 @@ def test_finish_deletes_this_runs_unlisted_attempts_only(tmp_path):
     assert sorted(removed) == sorted([retried["shard"], retried["index"]])
     assert (tmp_path / other["shard"]).exists()
     assert len(list(shards.iter_samples(out))) == 2
+
+
+def test_written_spans_read_off_the_headers_equal_the_full_check():
+    import io
+    import tarfile
+
+    from tokenize_jobs.writer import shard_bytes, wds_sample
+
+    samples = [wds_sample(f"k{i:03d}", np.arange(3 + 700 * i, dtype=np.int32), np.ones(3 + 700 * i, bool),
+                          {"task": "text"}) for i in range(4)]
+    data = shard_bytes(samples)
+    keys = [s["__key__"] for s in samples]
+    assert shards._written_spans(data, keys, "s.tar") == shards._check_structure(data, "s.tar")
+
+    # a pax header (a name too long for ustar) is laid out differently: the full check answers
+    long_key = "k" * 120
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        for suffix in shards.SUFFIXES:
+            info = tarfile.TarInfo(f"{long_key}.{suffix}")
+            info.size = 3
+            tf.addfile(info, io.BytesIO(b"abc"))
+    pax = buf.getvalue()
+    assert shards._written_spans(pax, [long_key], "p.tar") == shards._check_structure(pax, "p.tar")
+    # and bytes cut inside the last sample are refused, as the full check refuses them
+    last_end = shards._check_structure(data, "s.tar")[-1][2]
+    with pytest.raises(shards.ShardError):
+        shards._written_spans(data[:last_end - 100], keys, "cut.tar")
+
+
+def test_the_shard_writer_makes_the_same_bytes_as_a_ustar_tarfile():
+    from bench.tokenize import raw_tarfile_bytes, writer_samples
+    from tokenize_jobs.writer import shard_bytes
+
+    samples = writer_samples(20)
+    assert shard_bytes(samples) == raw_tarfile_bytes(samples)
