@@ -154,10 +154,10 @@ def bare_tokenize(mod: Modality, corpus: Path, artifacts: Path, out_dir: Path) -
     tasks' own `write_shards` (shards and their indexes). What it leaves out is what the ratio is about: Ray
     Data's stages, rows moved between them, the actor pool, the driver's commits. Returns seconds (tokenizer
     loading excluded, reported as start-up), samples and tokens."""
-    from common import configlib
-    from tokenize_jobs import sources
     import pyarrow as pa
 
+    from common import configlib
+    from tokenize_jobs import sources
     from tokenize_jobs.pipeline import EXPAND_SCHEMA, Tokenize
     from tokenize_jobs.writer import write_shards
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from common.configlib import ConfigError
-from model.sampler_options import ALGS, CACHE_MODES, FLOORS, SCHEDULES, Alg, CacheMode, Floor, PenaltyOn, Schedule, Ties
+from model.sampler_options import (ALGS, CACHE_MODES, FLOORS, SCHEDULES, Alg, CacheMode, Floor, PenaltyOn,
+                                   Schedule, Ties)
 from model.vocab import Modality, PromptFormat
 
 IMAGE_PLACEHOLDER = "<|image|>"

@@ -41,7 +41,7 @@ from tokenize_jobs.config import TokenizeJobConfig
 from tokenize_jobs.writer import COMMIT_COLUMNS, pack_samples, write_shards
 
 # Rows between the stages, typed: Ray Data takes and hands on these Arrow tables as they are, with no per-batch
-# conversion to numpy object arrays and back (that cost ~10 ms per 64-row MAGVIT-v2 block, a fifth of the work).
+# conversion to numpy object arrays and back, and no type inference on the way out.
 _ROW_FIELDS = [("fp", pa.string()), ("file", pa.string()), ("unit", pa.string()), ("source", pa.string()),
                ("unit_new", pa.int64()), ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 EXPAND_SCHEMA = pa.schema(_ROW_FIELDS + [("spec", pa.string()), ("data", pa.binary())])
@@ -361,13 +361,16 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     batch_size = r.udf_batch_size(ctx["kind"], cfg.tokenizers)
     per_block = r.rows_per_block(ctx["kind"], cfg.tokenizers)
     expand_kwargs = {"ctx": ctx, "input_cfg": job["input"], "rows_per_block": per_block}
-    if expand_in_actors(units, r.actors):
-        # Units go to the actors whole, `ACTOR_BLOCKS_PER_ACTOR` blocks each (more where the listing is long):
+    in_actors = expand_in_actors(units, r.actors)
+    # Group units (one block per unit, Ray's default for a short list, would cost a task or an actor call per
+    # image pair or text file), but keep several blocks per actor so that the work spreads over them.
+    per_actor = ACTOR_BLOCKS_PER_ACTOR if in_actors else 2
+    n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), per_actor * r.actors))
+    ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
+    if in_actors:
         # Ray fuses `expand` into the actor map that follows it (same resources), so an input is expanded,
         # decoded and encoded in one process, with no task or block between. Against separate expand tasks and a
         # repartition, MAGVIT-v2 tiny went from 0.62-0.69 of the bare loop per core to 0.80-0.91 (2 cores).
-        n_blocks = max(-(-len(units) // UNITS_PER_EXPAND_TASK), ACTOR_BLOCKS_PER_ACTOR * r.actors)
-        ds = ray.data.from_items(units, override_num_blocks=max(1, min(len(units), n_blocks)))
         ds = ds.map_batches(expand, fn_kwargs=expand_kwargs, batch_size=None, batch_format="pyarrow",
                             num_cpus=r.actor_cpus, num_gpus=gpus)
     else:
@@ -375,8 +378,6 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
         # `per_block` rows at a time, and a streaming repartition (no shuffle, no barrier) deals them out in
         # blocks of `per_block` rows, so one file feeds every actor. At most one expand task per actor: each
         # holds a worker process of its own.
-        n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), 2 * r.actors))
-        ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
         ds = ds.map_batches(expand, fn_kwargs=expand_kwargs, batch_size=None, batch_format="pyarrow",
                             num_cpus=r.decode_cpus, concurrency=r.actors)
         ds = ds.repartition(target_num_rows_per_block=per_block)
