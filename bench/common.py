@@ -18,6 +18,7 @@ import numpy as np
 
 GOALS = {
     "tokenize.job_vs_bare_per_core": (">=", 0.90),
+    "tokenize.actors_2_vs_1": (">=", 1.7),
     "tokenize.memory_10x": ("<=", 1.2),
     "read.reader_vs_training": (">=", 10.0),
     "train.ray_vs_bare": (">=", 0.90),
@@ -89,9 +90,9 @@ class Plan:
             return cls()
         if mode == "quick":
             return cls(mode="quick", repeats=3,
-                       tok_n={"text": 20000, "image-pixel": 12000, "image-magvit2-tiny": 2000,
+                       tok_n={"text": 60000, "image-pixel": 12000, "image-magvit2-tiny": 2000,
                               "speech-encodec": 320},
-                       tok_workers_modalities=("speech-encodec",), mem_n=300, demo_images=None,
+                       tok_workers_modalities=("text", "speech-encodec"), mem_n=300, demo_images=None,
                        read_samples=1500, bare_steps=8, ray_steps=12, log_every=3, ranks_steps=4,
                        ranks_per_task=600, ranks_shard_samples=300,
                        magvit_preset="tiny", magvit_repeats=2, matmul_n=1024)

@@ -1,23 +1,31 @@
 """The Ray Data plan: listed units -> inputs -> decoded media -> token ids -> shards -> rows the driver commits.
 
-    from_items(units, blocks)               driver: the listing (plain dicts), one wave at a time, in few blocks
-    .map_batches(expand)                    actors (fused with Tokenize): open JSONL/parquet/transcripts, one row
-                                            per new input; where one unit is too large a share for one actor,
-                                            tasks instead, then
-      .repartition(rows per block)          a streaming split: one big JSONL/parquet unit feeds every actor
-    .map_batches(Tokenize, ActorPool)       actors: read + decode media (image/speech `load`), parse records,
-                                            encode media and text (batched), chat layout -> samples per input
-    .repartition(inputs per shard)          streaming: blocks the size of a shard
-    .map_batches(write)                     tasks: pack (webdataset TarWriter) and upload the shards, each with
-                                            its index (writer.write_shards); one metadata row per shard
+Most listings (many files or image pairs; `expand_in_actors`):
+
+    from_items(units, blocks)               driver: the listing (plain dicts), one wave at a time
+    .map_batches(TokenizeShards, ActorPool) actors, a block of units at a time, streamed as a bare loop would:
+                                            list each unit's new inputs (`expand`), read + decode their media,
+                                            encode media and text (batched), chat layout, pack the samples into
+                                            shards (webdataset TarWriter) and upload them with their indexes
+                                            (writer.ShardStream); one metadata row per shard leaves the actor
     .iter_batches()                         driver: lists each shard and index in the manifest under the lease
                                             (writer.ShardWriter.add_commit)
+
+A listing where one unit is too large a share for one actor (one big JSONL or parquet file):
+
+    from_items(units, blocks)
+    .map_batches(expand)                    tasks: the unit's inputs, a block at a time
+    .repartition(rows per block)            a streaming split: one big file feeds every actor
+    .map_batches(Tokenize, ActorPool)       actors: read, decode, encode, chat layout -> samples per input
+    .repartition(inputs per shard)          streaming: blocks the size of a shard
+    .map_batches(write)                     tasks: pack and upload the shards (writer.write_shards)
+    .iter_batches()                         driver: commits
 
 Each stage passes every input on, tokenized or with a quarantine reason, so the indexes account for all of them.
 Tokenizers are built once per actor from the artifacts the driver saved in `<out>/tokenizers/`, so every worker
 tokenizes with the very same files. Rows carry only scalars (str, int, bytes) in typed Arrow tables
-(`EXPAND_SCHEMA`, `OUT_SCHEMA`): an input's samples leave the actors as concatenated arrays
-(`writer.pack_samples`) and become tar members in the write tasks.
+(`EXPAND_SCHEMA`, `OUT_SCHEMA`): an input's samples leave the tokenizer as concatenated arrays
+(`writer.pack_samples`) and become tar members in the shard writer.
 """
 from __future__ import annotations
 
@@ -38,7 +46,7 @@ from model.tokenizers.base import BadInput
 from model.tokenizers.text import PreEncodedText, text_pieces
 from tokenize_jobs import sources
 from tokenize_jobs.config import TokenizeJobConfig
-from tokenize_jobs.writer import COMMIT_COLUMNS, pack_samples, write_shards
+from tokenize_jobs.writer import COMMIT_COLUMNS, ShardStream, pack_samples, write_shards
 
 # Rows between the stages, typed: Ray Data takes and hands on these Arrow tables as they are, with no per-batch
 # conversion to numpy object arrays and back, and no type inference on the way out.
@@ -50,11 +58,13 @@ OUT_SCHEMA = pa.schema(_ROW_FIELDS + [("ids", pa.binary()), ("mask", pa.binary()
 EXPAND_COLUMNS = tuple(EXPAND_SCHEMA.names)
 OUT_COLUMNS = tuple(OUT_SCHEMA.names)
 
-# Listed units per `expand` task or actor block, at most: expanding a unit is ~0.1-1 ms of work (fingerprint an
-# image pair, or scan a JSONL file's lines), scheduling a task ~0.1-0.3 s on a busy node.
+# Listed units per expand task, at most (a listing with a unit too large for one actor): expanding a unit is
+# ~0.1-1 ms of work (fingerprint an image pair, or scan a JSONL file's lines), scheduling a task ~0.1-0.3 s.
 UNITS_PER_EXPAND_TASK = 256
 # Blocks of whole units per tokenizer actor, at least: the last blocks to finish leave the other actors idle, so
 # a block is at most a sixteenth of an actor's share (a speech listing of 20 files spread over 2 actors at 1.8x one).
+# A block's last shard closes with the block: a corpus of fewer than 16 shards' worth per actor gets smaller
+# shards. A block holds at most `shards.max_samples` units, so a block of image pairs fills a shard or more.
 ACTOR_BLOCKS_PER_ACTOR = 16
 
 # Speech codes kept per Tokenize actor, keyed by the decoded waveform's digest: (n_q, T) int64 is ~1 KB per
@@ -241,9 +251,8 @@ class Tokenize:
 
     def __call__(self, block: pa.Table) -> pa.Table:
         """Expanded input rows (`EXPAND_SCHEMA`) -> the same inputs tokenized or quarantined (`OUT_SCHEMA`), in
-        tokenizer calls of `batch_size` inputs. The block is batched here, not by Ray Data: Ray bundles an
-        actor's input blocks up to its batch size counted in the rows that reach the actor, which are listed
-        units when `expand` runs in it, so a text job's whole listing became one actor task."""
+        tokenizer calls of `batch_size` inputs. The block is batched here, not by Ray Data: `TokenizeShards`
+        gets listed units from Ray, and tokenizes the inputs they expand to."""
         if self.ctx is None or self.cfg is None:
             raise RuntimeError("Tokenize needs ctx= and job= to decode inputs (build_dataset passes them)")
         storage.set_policy(self.ctx["storage"])
@@ -333,6 +342,25 @@ def _media_order(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
 
 
+class TokenizeShards(Tokenize):
+    """The tokenizer actor that also expands its units and writes their shards: a block of listed units in,
+    one commit row per shard out. Within a block it runs the bare loop (expand -> decode -> encode -> pack and
+    upload), so no input, token or sample crosses a process; a block's last shard closes with the block."""
+
+    def __init__(self, input_cfg: dict[str, Any], rows_per_block: int, write: dict[str, Any], **tokenize: Any):
+        super().__init__(**tokenize)
+        self.input_cfg = input_cfg          # InputConfig, as a dict: `expand` parses it
+        self.rows_per_block = rows_per_block
+        self.write = write                  # ShardStream's arguments: output, run id, shard limits, EOS id
+
+    def __call__(self, units: pa.Table) -> dict[str, list]:
+        storage.set_policy(self.ctx["storage"])
+        stream = ShardStream(**self.write)
+        for rows in expand(units, self.ctx, self.input_cfg, self.rows_per_block):
+            stream.add(super().__call__(rows).to_pylist())
+        return _columns(stream.finish(), COMMIT_COLUMNS)
+
+
 # ---- the plan -------------------------------------------------------------------------------------------------
 
 def write(batch: pa.Table, ctx: dict[str, Any], out: str, run_id: str, max_samples: int,
@@ -358,47 +386,47 @@ def build_dataset(units: list[dict[str, Any]], ctx: dict[str, Any], cfg: Tokeniz
     job = configlib.to_dict(cfg)
     r = cfg.ray
     gpus = r.gpus_per_actor if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    batch_size = r.udf_batch_size(ctx["kind"], cfg.tokenizers)
     per_block = r.rows_per_block(ctx["kind"], cfg.tokenizers)
-    expand_kwargs = {"ctx": ctx, "input_cfg": job["input"], "rows_per_block": per_block}
-    in_actors = expand_in_actors(units, r.actors)
-    # Group units (one block per unit, Ray's default for a short list, would cost a task or an actor call per
+    tokenize = {"artifacts_dir": artifacts_dir, "tokenizers": job["tokenizers"], "max_tokens": cfg.input.max_tokens,
+                "ctx": ctx, "job": job, "batch_size": r.udf_batch_size(ctx["kind"], cfg.tokenizers)}
+    shards = {"out": out, "run_id": run_id, "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
+              "eos_id": eos_id, "crash_once": os.environ.get("OMNIDIFF_CRASH_SHARD_WRITER_ONCE", "")}
+    # Four blocks queued per actor (Ray's default is two): the executor refills a queue once per scheduling step
+    # (up to 0.1 s), which left gaps after blocks of ~0.1 s; text with 2 actors went from 1.4x one actor to 1.6x.
+    pool = ray.data.ActorPoolStrategy(size=r.actors, max_tasks_in_flight_per_actor=4)
+    actors = {"compute": pool, "batch_size": None, "batch_format": "pyarrow", "num_cpus": r.actor_cpus,
+              "num_gpus": gpus}
+    # Group units (one block per unit, Ray's default for a short list, would cost an actor call, and a shard, per
     # image pair or text file), but keep several blocks per actor so that the work spreads over them.
-    per_actor = ACTOR_BLOCKS_PER_ACTOR if in_actors else 2
-    n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), per_actor * r.actors))
-    ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
-    if in_actors:
-        # Ray fuses `expand` into the actor map that follows it (same resources), so an input is expanded,
-        # decoded and encoded in one process, with no task or block between. Against separate expand tasks and a
-        # repartition, MAGVIT-v2 tiny went from 0.62-0.69 of the bare loop per core to 0.80-0.91 (2 cores).
-        ds = ds.map_batches(expand, fn_kwargs=expand_kwargs, batch_size=None, batch_format="pyarrow",
-                            num_cpus=r.actor_cpus, num_gpus=gpus)
+    if expand_in_actors(units, r.actors):
+        n_blocks = min(len(units), max(-(-len(units) // max(1, cfg.shards.max_samples)),
+                                       ACTOR_BLOCKS_PER_ACTOR * r.actors))
+        ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
+        # Against expand tasks, a repartition into shard-sized blocks and write tasks between the actors and the
+        # driver, the job went from 0.80-0.96 of the bare loop per core to <MEASURED> (2 cores).
+        ds = ds.map_batches(TokenizeShards, fn_constructor_kwargs={
+            **tokenize, "input_cfg": job["input"], "rows_per_block": per_block, "write": shards}, **actors)
     else:
         # A unit too large for one actor (a big JSONL or parquet file): expand tasks turn it into inputs,
-        # `per_block` rows at a time, and a streaming repartition (no shuffle, no barrier) deals them out in
-        # blocks of `per_block` rows, so one file feeds every actor. At most one expand task per actor: each
-        # holds a worker process of its own.
-        ds = ds.map_batches(expand, fn_kwargs=expand_kwargs, batch_size=None, batch_format="pyarrow",
-                            num_cpus=r.decode_cpus, concurrency=r.actors)
+        # `per_block` rows at a time, and a streaming repartition (no shuffle, no barrier) deals them out in blocks
+        # of `per_block` rows, so one file feeds every actor. At most one expand task per actor: each holds a
+        # worker process of its own.
+        n_blocks = min(len(units), max(-(-len(units) // UNITS_PER_EXPAND_TASK), 2 * r.actors))
+        ds = ray.data.from_items(units, override_num_blocks=max(1, n_blocks))
+        ds = ds.map_batches(expand, fn_kwargs={"ctx": ctx, "input_cfg": job["input"], "rows_per_block": per_block},
+                            batch_size=None, batch_format="pyarrow", num_cpus=r.decode_cpus, concurrency=r.actors)
         ds = ds.repartition(target_num_rows_per_block=per_block)
-    ds = ds.map_batches(
-        Tokenize, fn_constructor_kwargs={"artifacts_dir": artifacts_dir, "tokenizers": job["tokenizers"],
-                                         "max_tokens": cfg.input.max_tokens, "ctx": ctx, "job": job,
-                                         "batch_size": batch_size},
-        compute=ray.data.ActorPoolStrategy(size=r.actors), batch_size=None, batch_format="pyarrow",
-        num_cpus=r.actor_cpus, num_gpus=gpus)
-    # A block per shard (strict: small blocks are combined, not only large ones split): an input gives one
-    # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
-    ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
-    # A write task whose worker dies is retried by Ray (system failures: without limit); the new attempt writes
-    # under new names, and the files of the lost one are orphans (writer.clean_orphans). At most one write task
-    # per actor: each holds a worker process of its own, and webdataset imports torch (~1 s) in each.
-    ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, "out": out, "run_id": run_id,
-                                          "max_samples": cfg.shards.max_samples, "max_bytes": cfg.shards.max_bytes,
-                                          "eos_id": eos_id,
-                                          "crash_once": os.environ.get("OMNIDIFF_CRASH_WRITE_TASK_ONCE", "")},
-                        batch_size=None, batch_format="pyarrow", num_cpus=r.write_cpus, concurrency=r.actors)
-    # Shards are committed in input order, not in the order their write tasks finish: the manifest's shard list
-    # (and so a training run's sample order) is the same on every run of the same corpus. This dataset only.
+        ds = ds.map_batches(Tokenize, fn_constructor_kwargs=tokenize, **actors)
+        # A block per shard (strict: small blocks are combined, not only large ones split): an input gives one
+        # sample or a few (one per task), so a shard's worth of inputs closes one shard or a few.
+        ds = ds.repartition(target_num_rows_per_block=max(1, cfg.shards.max_samples), strict=True)
+        # At most one write task per actor: each holds a worker process of its own, and webdataset imports torch
+        # (~1 s) in each.
+        ds = ds.map_batches(write, fn_kwargs={"ctx": ctx, **shards}, batch_size=None, batch_format="pyarrow",
+                            num_cpus=r.write_cpus, concurrency=r.actors)
+    # A worker that dies is replaced and its task retried by Ray (system failures: without limit); the new attempt
+    # writes under new names, and the files of the lost one are orphans (writer.clean_orphans).
+    # Shards are committed in input order, not in the order their tasks finish: the manifest's shard list (and so
+    # a training run's sample order) is the same on every run of the same corpus. This dataset only.
     ds.context.execution_options.preserve_order = True
     return ds

@@ -15,14 +15,15 @@ Output layout (local folder or s3:// prefix):
     tokenizers/                       tokenizer artifacts (tokenizers.json, vocab.json, text.json, ...)
     _lock.json                        the run lock (tokenize_jobs/lock.py)
 
-A commit is: a worker task uploads a shard and its index (two atomic writes, under a name no other task or
-retried attempt can take: `write_shards`) and hands the driver one metadata row (`COMMIT_COLUMNS`: paths, size,
-sha256, counts, quarantine records); the driver rewrites the manifest listing both (one conditional write:
-`fence`), while it holds the lease. Only the manifest makes a shard exist: a shard of a failed or retried task
-attempt, or of a run killed before its commit, is a file no manifest lists, which the next run deletes before it
-starts (it holds the lock and has fenced the output, so no one else can commit) and a run that finishes deletes
-at its end. Inputs are marked done only through a committed index, so a killed run's inputs are redone exactly
-once. Neither tokens nor fingerprints pass through the driver: it receives O(1) bytes per shard.
+A commit is: a worker (a tokenizer actor, or a write task) uploads a shard and its index (two atomic writes,
+under a name no other task or retried attempt can take: `ShardStream`) and hands the driver one metadata row
+(`COMMIT_COLUMNS`: paths, size, sha256, counts, quarantine records); the driver rewrites the manifest listing
+both (one conditional write: `fence`), while it holds the lease. Only the manifest makes a shard exist: a shard
+of a failed or retried task attempt, or of a run killed before its commit, is a file no manifest lists, which the
+next run deletes before it starts (it holds the lock and has fenced the output, so no one else can commit) and a
+run that finishes deletes at its end. Inputs are marked done only through a committed index, so a killed run's
+inputs are redone exactly once. Neither tokens nor fingerprints pass through the driver: it receives O(1) bytes
+per shard.
 
 Index lines (JSONL):
 
@@ -219,29 +220,57 @@ class _IndexPart:
         self.lines.append(json.dumps({**where, "status": "quarantined", **rec}, ensure_ascii=False))
 
 
-def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int,
-                 eos_id: int | None = None, crash_once: str = "") -> list[dict[str, Any]]:
-    """Worker side of a commit: pack the tokenized inputs of `rows` (in order) into shards of at most
-    `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit); upload each with
+class ShardStream:
+    """Worker side of a commit: pack tokenized inputs (rows, in order, as `add` is given them) into shards of at
+    most `max_samples` samples / `max_bytes` bytes (closing after the input that crosses a limit); upload each with
     the index of the inputs it closes (quarantined ones and unit lines included) under `<run_id>-<uuid>`, a name
-    no other task or attempt can take, and return one `COMMIT_COLUMNS` row per shard, plus one for an index
-    without a shard when inputs follow the last shard (or none was tokenized). The driver commits those rows;
-    files it never commits (a failed or retried attempt, a killed run) are orphans `clean_orphans` deletes.
+    no other task or attempt can take, and keep one `COMMIT_COLUMNS` row per shard, plus (`finish`) one for an
+    index without a shard when inputs follow the last shard (or none was tokenized). The driver commits those
+    rows; files it never commits (a failed or retried attempt, a killed run) are orphans `clean_orphans` deletes.
     With `eos_id` (the vocabulary's), each shard also gets its sample index, built from the shard's own bytes.
-    `crash_once` is fault injection (`crash_task_once`)."""
-    commits: list[dict[str, Any]] = []
-    shard, part = TarShard(), _IndexPart()
-    written: list[tuple[str, np.ndarray, np.ndarray, str]] = []   # the shard's samples, for its sample index
+    Holds one open shard: a worker streams any number of inputs through it. `crash_once` is fault injection
+    (`crash_task_once`)."""
 
-    def close() -> None:
-        nonlocal shard, part, written
-        stem = f"{run_id}-{uuid.uuid4().hex[:12]}"
+    def __init__(self, out: str, run_id: str, max_samples: int, max_bytes: int, eos_id: int | None = None,
+                 crash_once: str = ""):
+        self.out, self.run_id, self.max_samples, self.max_bytes = out, run_id, max_samples, max_bytes
+        self.eos_id, self.crash_once = eos_id, crash_once
+        self.commits: list[dict[str, Any]] = []
+        self._open()
+
+    def _open(self) -> None:
+        self._shard, self._part = TarShard(), _IndexPart()
+        self._written: list[tuple[str, np.ndarray, np.ndarray, str]] = []   # the shard's samples, for its index
+
+    def add(self, rows: Iterable[dict[str, Any]]) -> None:
+        for row in rows:
+            if row["status"] == "ok":
+                stats = json.loads(row["stats"])
+                for (k, ids, mask, line), st in zip(split_samples(row["fp"], row["ids"], row["mask"], row["metas"],
+                                                                  [st["n_tokens"] for st in stats]), stats):
+                    self._shard.write(wds_sample(k, ids, mask, line.encode("utf-8")))
+                    if self.eos_id is not None:
+                        self._written.append((k, ids, mask, st["task"]))
+            self._part.add(row)
+            if self._shard.samples >= self.max_samples or self._shard.size >= self.max_bytes:
+                self._close()
+
+    def finish(self) -> list[dict[str, Any]]:
+        """Close the open shard (or the index of inputs after the last one) and hand over every commit row."""
+        if self._shard.samples or self._part.lines:
+            self._close()
+        commits, self.commits = self.commits, []
+        return commits
+
+    def _close(self) -> None:
+        shard, part, out = self._shard, self._part, self.out
+        stem = f"{self.run_id}-{uuid.uuid4().hex[:12]}"
         entry = {"shard": "", "samples": 0, "bytes": 0, "sha256": "", "samples_index": ""}
         if shard.samples:
             data = shard.close()
             rel = f"{SHARDS_DIR}/{stem}.tar"
-            if eos_id is not None:
-                blob = build_sample_index(data, rel, eos_id, written)
+            if self.eos_id is not None:
+                blob = build_sample_index(data, rel, self.eos_id, self._written)
                 samples_rel = f"{INDEX_DIR}/{stem}{SAMPLE_INDEX_SUFFIX}"
                 storage.write_bytes_atomic(storage.join(out, samples_rel), blob)
                 entry["samples_index"] = json.dumps({"path": samples_rel, "bytes": len(blob),
@@ -251,28 +280,21 @@ def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples:
                           "sha256": hashlib.sha256(data).hexdigest()})
         index_rel = f"{INDEX_DIR}/{stem}.jsonl"
         storage.write_text_atomic(storage.join(out, index_rel), "".join(line + "\n" for line in part.lines))
-        commits.append({**entry, "index": index_rel, "inputs": part.tokenized + part.quarantined,
-                        "tokenized": part.tokenized, "quarantined": part.quarantined,
-                        "counts": json.dumps({k: dict(v) for k, v in part.counts.items()}, ensure_ascii=False),
-                        "quarantine": "\n".join(part.quarantine)})
-        shard, part, written = TarShard(), _IndexPart(), []
-        if crash_once:
-            crash_task_once(crash_once)
+        self.commits.append({**entry, "index": index_rel, "inputs": part.tokenized + part.quarantined,
+                             "tokenized": part.tokenized, "quarantined": part.quarantined,
+                             "counts": json.dumps({k: dict(v) for k, v in part.counts.items()}, ensure_ascii=False),
+                             "quarantine": "\n".join(part.quarantine)})
+        self._open()
+        if self.crash_once:
+            crash_task_once(self.crash_once)
 
-    for row in rows:
-        if row["status"] == "ok":
-            stats = json.loads(row["stats"])
-            for (k, ids, mask, line), st in zip(split_samples(row["fp"], row["ids"], row["mask"], row["metas"],
-                                                              [st["n_tokens"] for st in stats]), stats):
-                shard.write(wds_sample(k, ids, mask, line.encode("utf-8")))
-                if eos_id is not None:
-                    written.append((k, ids, mask, st["task"]))
-        part.add(row)
-        if shard.samples >= max_samples or shard.size >= max_bytes:
-            close()
-    if shard.samples or part.lines:
-        close()
-    return commits
+
+def write_shards(rows: list[dict[str, Any]], out: str, run_id: str, max_samples: int, max_bytes: int,
+                 eos_id: int | None = None, crash_once: str = "") -> list[dict[str, Any]]:
+    """`rows` through one `ShardStream`: their shards and indexes uploaded, their commit rows returned."""
+    stream = ShardStream(out, run_id, max_samples, max_bytes, eos_id, crash_once)
+    stream.add(rows)
+    return stream.finish()
 
 
 # ---- state of an output folder --------------------------------------------------------------------------------
@@ -403,9 +425,10 @@ def clean_orphans(out: str, manifest: dict[str, Any] | None, prefix: str = "") -
 
 
 def crash_task_once(marker: str) -> None:
-    """Fault injection for retry tests (OMNIDIFF_CRASH_WRITE_TASK_ONCE=<marker file>, passed to the write tasks
-    by the driver): the first write task to upload a shard creates `marker` and kills its worker process, as a
-    lost node would; Ray retries the task, whose new attempt writes under new names."""
+    """Fault injection for retry tests (OMNIDIFF_CRASH_SHARD_WRITER_ONCE=<marker file>, passed to the shard
+    writers by the driver): the first worker to upload a shard creates `marker` and kills its process, as a lost
+    node would; Ray restarts the actor (or worker) and retries the task, whose new attempt writes under new
+    names."""
     try:
         fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:

@@ -417,18 +417,17 @@ def test_interrupted_runs_resume_to_exactly_the_full_sample_set(tokenized, corpu
     assert [r["status"] for r in m["runs"]] == ["running", "done"]  # the killed run never finished
 
 
-def test_a_write_task_whose_worker_dies_is_retried_and_its_files_are_orphans(tokenized, corpus, tmp_path,
-                                                                            monkeypatch):
-    """A write task's worker process dies right after uploading a shard and its index (as on a lost node): Ray
-    retries the task, the new attempt writes under new names and is committed, and the run deletes the dead
-    attempt's files at its end. Exactly the full sample set, and nothing unlisted left."""
+def test_a_shard_writer_that_dies_is_retried_and_its_files_are_orphans(tokenized, corpus, tmp_path, monkeypatch):
+    """The tokenizer actor that writes the shards dies right after uploading a shard and its index (as on a lost
+    node): Ray restarts it and retries its task, the new attempt writes under new names and is committed, and the
+    run deletes the dead attempt's files at its end. Exactly the full sample set, and nothing unlisted left."""
     out, _ = tokenized
     want = Counter(k for k in _sample_set(out) if k[0].startswith(("a.jsonl", "b.txt")))
     dst = tmp_path / "out"
     dst.mkdir()
     _seed_tokenizers(out, dst)
     marker = tmp_path / "crashed"
-    monkeypatch.setenv("OMNIDIFF_CRASH_WRITE_TASK_ONCE", str(marker))
+    monkeypatch.setenv("OMNIDIFF_CRASH_SHARD_WRITER_ONCE", str(marker))
     s = _run("text", corpus["text"], dst, "shards.max_samples=2")
     assert marker.exists()
     assert s["orphans_removed"] and all(p.split("/")[1].startswith(s["run_id"]) for p in s["orphans_removed"])

@@ -110,3 +110,39 @@ def test_the_stage_module_imports_without_torch():
     code = "import sys, tokenize_jobs.pipeline; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_shard_actor_streams_its_units_into_the_shards_of_one_bare_loop(tmp_path):
+    """TokenizeShards on a block of listed units: expand in chunks, tokenize, and one shard stream across the
+    chunks, so its shards are byte for byte those of Tokenize + write_shards over the same inputs at once."""
+    import json
+
+    import pyarrow as pa
+
+    from tokenize_jobs import sources
+    from tokenize_jobs.config import TokenizeJobConfig
+    from tokenize_jobs.writer import COMMIT_COLUMNS, write_shards
+
+    cfg = TokenizeJobConfig(tokenizers=default_tokenizer_config())
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(7)))
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "one more"}) + "\n" + "{broken\n")
+    ctx = sources.corpus_context("text", str(corpus))
+    units = sources.list_units(ctx, cfg.input)
+    TokenizerSet.prepare(cfg.tokenizers, str(tmp_path / "tok"), texts=corpus_texts(), wavs=[tone(0.3, 200.0)])
+    tokenize = {"artifacts_dir": str(tmp_path / "tok"), "tokenizers": configlib.to_dict(cfg.tokenizers),
+                "max_tokens": 0, "ctx": ctx, "job": configlib.to_dict(cfg), "batch_size": 2}
+    write = {"run_id": "r", "max_samples": 4, "max_bytes": 1 << 30, "eos_id": 0}
+    actor = pipeline.TokenizeShards(configlib.to_dict(cfg.input), rows_per_block=3,
+                                    write={**write, "out": str(tmp_path / "actor")}, **tokenize)
+
+    out = actor(pa.Table.from_pylist([{**u, "done": []} for u in units]))
+
+    rows = [r for u in units for r in sources.expand_unit(ctx, dict(u), cfg.input, set())]
+    tokenized = pipeline.Tokenize(**tokenize)(pa.Table.from_pylist(rows, schema=pipeline.EXPAND_SCHEMA))
+    want = write_shards(tokenized.to_pylist(), str(tmp_path / "bare"), **write)
+    assert set(out) == set(COMMIT_COLUMNS)
+    assert out["samples"] == [c["samples"] for c in want] == [4, 4, 0]    # 8 lines; the last index has no shard
+    assert out["sha256"] == [c["sha256"] for c in want]                   # the same shard bytes
+    assert out["quarantined"] == [0, 0, 1] and sum(out["inputs"]) == 9    # the broken line is accounted for
