@@ -71,8 +71,9 @@ MODEL_BATCH = 16    # for inputs a neural tokenizer encodes (EnCodec, MAGVIT-v2)
 
 @dataclass
 class RayConfig:
-    """Ray Data execution. The actors must leave one CPU free: Ray Data's shard-sized repartition tasks take a
-    whole CPU each, and so do the write tasks. Fractional actors keep a 2-CPU machine from deadlocking."""
+    """Ray Data execution. Fractional actors keep a 2-CPU machine from deadlocking: where a unit is too large for
+    one actor, expand tasks, Ray Data's shard-sized repartition tasks (a whole CPU each) and the write tasks need
+    CPUs beside the actors."""
     actors: int = 1                 # tokenizer actor pool size
     actor_cpus: float = 0.5
     gpus_per_actor: float = 1.0     # used only when the cluster has GPUs; 0 keeps actors on CPU

@@ -354,8 +354,7 @@ class TokenizeShards(Tokenize):
         self.write = write                  # ShardStream's arguments: output, run id, shard limits, EOS id
 
     def __call__(self, units: pa.Table) -> dict[str, list]:
-        storage.set_policy(self.ctx["storage"])
-        stream = ShardStream(**self.write)
+        stream = ShardStream(**self.write)          # `expand` sets the storage policy before any read or write
         for rows in expand(units, self.ctx, self.input_cfg, self.rows_per_block):
             stream.add(super().__call__(rows).to_pylist())
         return _columns(stream.finish(), COMMIT_COLUMNS)

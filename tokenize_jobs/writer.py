@@ -235,7 +235,7 @@ class ShardStream:
                  crash_once: str = ""):
         self.out, self.run_id, self.max_samples, self.max_bytes = out, run_id, max_samples, max_bytes
         self.eos_id, self.crash_once = eos_id, crash_once
-        self.commits: list[dict[str, Any]] = []
+        self._commits: list[dict[str, Any]] = []
         self._open()
 
     def _open(self) -> None:
@@ -259,7 +259,7 @@ class ShardStream:
         """Close the open shard (or the index of inputs after the last one) and hand over every commit row."""
         if self._shard.samples or self._part.lines:
             self._close()
-        commits, self.commits = self.commits, []
+        commits, self._commits = self._commits, []
         return commits
 
     def _close(self) -> None:
@@ -280,7 +280,7 @@ class ShardStream:
                           "sha256": hashlib.sha256(data).hexdigest()})
         index_rel = f"{INDEX_DIR}/{stem}.jsonl"
         storage.write_text_atomic(storage.join(out, index_rel), "".join(line + "\n" for line in part.lines))
-        self.commits.append({**entry, "index": index_rel, "inputs": part.tokenized + part.quarantined,
+        self._commits.append({**entry, "index": index_rel, "inputs": part.tokenized + part.quarantined,
                              "tokenized": part.tokenized, "quarantined": part.quarantined,
                              "counts": json.dumps({k: dict(v) for k, v in part.counts.items()}, ensure_ascii=False),
                              "quarantine": "\n".join(part.quarantine)})
