@@ -43,9 +43,10 @@ LINES_PER_FILE = 100
 
 
 def _per_file(n: int, most: int) -> int:
-    """Lines per file of an `n`-input corpus: at most `most`, and at least 4 files, so that the one-batch corpus
-    (the fixed-cost run) takes the same plan with 2 actors as the full one (`pipeline.expand_in_actors`)."""
-    return min(most, max(1, n // 4))
+    """Lines per file of an `n`-input corpus: at most `most`, and at least 16 files, so that the one-batch corpus
+    (the fixed-cost run) takes the same plan with 2 actors as the full one: no file over half an actor's share
+    of the bytes (`pipeline.expand_in_actors`; 4 files of uneven lines took the split path)."""
+    return min(most, max(1, n // 16))
 
 
 def write_text_corpus(root: Path, n: int, seed: int = 0) -> None:

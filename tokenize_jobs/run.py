@@ -83,7 +83,7 @@ def _wav_24k(data: bytes, max_seconds: float) -> np.ndarray:
     import soundfile as sf
     import torch
 
-    from model.tokenizers.speech import SAMPLE_RATE
+    from model.tokenizers.encodec_spec import SAMPLE_RATE
 
     wav, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True, frames=int(max_seconds * 48_000))
     mono = wav.mean(axis=1)  # (N, C) -> (N,)
@@ -98,7 +98,7 @@ def _wav_24k(data: bytes, max_seconds: float) -> np.ndarray:
 
 def _synthetic_wavs(n: int = 8) -> Iterator[np.ndarray]:
     """Seeded tones + noise: codebooks fitted on these make a valid but weak codec."""
-    from model.tokenizers.speech import SAMPLE_RATE
+    from model.tokenizers.encodec_spec import SAMPLE_RATE
 
     rng = np.random.default_rng(0)
     t = np.arange(SAMPLE_RATE, dtype=np.float32) / SAMPLE_RATE

@@ -1,5 +1,7 @@
 import json
 import socket
+import subprocess
+import sys
 
 import boto3
 import numpy as np
@@ -65,6 +67,59 @@ def test_load_restores_identical_tokenizers(prepared):
     np.testing.assert_array_equal(t.speech.encode(probe), s.speech.encode(probe))
     img = np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1)
     np.testing.assert_array_equal(t.image.encode(img), s.image.encode(img))
+
+
+def test_lazy_media_load_builds_image_and_speech_on_first_use(prepared, monkeypatch):
+    s, out = prepared
+    import model.tokenizers as tokenizers
+
+    built = []
+    for name in ("_build_image", "_build_speech"):
+        def counted(*args, _real=getattr(tokenizers, name), _name=name):
+            built.append(_name)
+            return _real(*args)
+        monkeypatch.setattr(tokenizers, name, counted)
+    t = TokenizerSet.load(out, lazy_media=True)
+    assert t.vocab == s.vocab and built == []   # the vocabulary comes whole from the saved one
+    assert t.text.encode(TEXTS[0]) == s.text.encode(TEXTS[0]) and built == []
+    probe = wavs(1, 0.4)[0]
+    np.testing.assert_array_equal(t.speech.encode(probe), s.speech.encode(probe))
+    assert built == ["_build_speech"]
+    t.speech.encode(probe)
+    img = np.arange(64, dtype=np.uint8).reshape(1, 8, 8, 1)
+    np.testing.assert_array_equal(t.image.encode(img), s.image.encode(img))
+    assert built == ["_build_speech", "_build_image"]   # each built once
+    assert t.fingerprints() == s.fingerprints()
+
+
+def test_lazy_media_load_checks_a_tokenizer_when_it_is_built(prepared, tmp_path):
+    s, _ = prepared
+    out = str(tmp_path / "tok")
+    s.save(out)
+    other = EncodecTokenizer.fit_offline(wavs(2, 0.3)[::-1], fit_samples=2, seed=1)
+    other.save_offline(f"{out}/encodec.safetensors")
+    t = TokenizerSet.load(out, lazy_media=True)    # text and vocabulary check out: a text-only step goes on
+    assert t.text.encode(TEXTS[0]) == s.text.encode(TEXTS[0])
+    with pytest.raises(TokenizerMismatch, match="speech tokenizer loaded from .* differs"):
+        t.speech
+    with pytest.raises(TokenizerMismatch, match="speech: recorded"):
+        TokenizerSet.load(out)
+
+
+def test_tokenizer_configs_and_a_lazy_text_load_need_no_torch(prepared):
+    """Validating configs and tokenizing text import no torch: EnCodec's code layout lives apart from the
+    model (model/tokenizers/encodec_spec.py), and EnCodec is built only for speech."""
+    s, out = prepared
+    code = ("import sys\n"
+            "from common import configlib\n"
+            "from model.tokenizers import TokenizerConfig, TokenizerSet\n"
+            "cfg = configlib.load(TokenizerConfig, overrides=['preset=demo', 'speech.bandwidth=3.0'])\n"
+            f"t = TokenizerSet.load({out!r}, lazy_media=True)\n"
+            f"print(json.dumps([t.text.encode({TEXTS[0]!r}), t.vocab.fingerprint()]))\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    r = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout) == [s.text.encode(TEXTS[0]), s.vocab.fingerprint()]
 
 
 def test_prepare_again_loads_without_refitting(prepared, monkeypatch):
