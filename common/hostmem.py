@@ -2,9 +2,9 @@
 
 glibc serves each allocation above its mmap threshold (128 KB at start) with a fresh mmap, and unmaps it on free.
 A conv model's activations are such allocations, so every forward on CPU page-faults its working memory afresh.
-glibc raises the threshold by itself once the process frees a large mapped block, so a process's speed depended on
-what it happened to free before: MAGVIT-v2 tiny encoded its images 2x faster after EnCodec had been built and
-dropped in the same process. Fixing the thresholds makes that the rule.
+glibc raises the threshold by itself once the process frees a large mapped block, so a process's speed depends on
+what it happened to free before: MAGVIT-v2 tiny encodes its images 2x faster once EnCodec has been built and
+dropped in the same process. Fixing the thresholds makes the fast case the rule.
 """
 from __future__ import annotations
 
