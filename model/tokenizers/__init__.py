@@ -18,7 +18,7 @@ import dataclasses
 import itertools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 
@@ -216,7 +216,7 @@ class _Deferred:
     tokenize actor builds no EnCodec (0.35 s and ~220 MB of peak RSS less per actor). Built, it must match its
     recorded fingerprint and the saved vocabulary, as an eager load checks."""
 
-    def __init__(self, modality: str, build: Any, fingerprint: str | None, artifacts_dir: str):
+    def __init__(self, modality: str, build: Callable[[], Any], fingerprint: str | None, artifacts_dir: str):
         self.modality, self.build, self.fingerprint, self.artifacts_dir = modality, build, fingerprint, artifacts_dir
 
     def resolve(self, vocab: Vocab) -> Any:
